@@ -1,0 +1,754 @@
+"""The node: the thin Trio shell around the pure mesh (STYLE.md section 3).
+
+Theory of operation
+-------------------
+:class:`Node` owns one :class:`p2pcloud.proto.mesh.Mesh` (all protocol state, no I/O, no
+clock), the transports, and four kinds of tasks in one nursery:
+
+* each transport's reader pushes ``(packet, path)`` into one inbox;
+* the **receive loop** takes packets from the inbox and feeds ``mesh.receive_datagram`` with
+  ``trio.current_time()``; when the inbox is momentarily empty it *pumps*: dispatches the
+  mesh's events, wakes the flusher and re-arms the timer;
+* the **flusher** sends what ``mesh.datagrams_to_send`` hands out, each packet to the
+  transport its path names (udp4, tcp4, or the in-memory network in tests);
+* the **timer** sleeps until ``mesh.get_timer()`` and calls ``mesh.handle_timer``.
+
+Application calls (``link``, ``open_channel``, stream sends) call the mesh synchronously and
+then pump, so the mesh is only ever touched from one thread and never across an ``await``.
+Events become Trio-side state: ``LinkUp`` wakes ``link()`` waiters, ``ChannelOpened`` hands a
+new :class:`ChannelStream` to the handler or acceptor registered for its type,
+``ChannelData`` / ``ChannelEnded`` / ``ChannelClosed`` feed the stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket as _stdlib_socket
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+import trio
+
+from p2pcloud import _keyfile
+from p2pcloud._crypto import LocalIdentity
+from p2pcloud._ids import ChannelId, Hashname
+from p2pcloud._node.memory import MemoryEndpoint, MemoryNetwork
+from p2pcloud._node.stream import ChannelStream, UnreliableChannel
+from p2pcloud._node.transport import TcpTransport, TransportError, UdpTransport
+from p2pcloud._wire import MAX_PACKET, MAX_UDP_PACKET, b32decode
+from p2pcloud.errors import (
+    BadURI,
+    KeyFileError,
+    LinkError,
+    LocalProtocolError,
+    MalformedPacket,
+)
+from p2pcloud.proto import events as ev
+from p2pcloud.proto.mesh import Mesh
+from p2pcloud.proto.path import Path
+from p2pcloud.uri import LinkInfo, format_link_uri, parse_link_uri
+
+__all__ = [
+    "IDENTITY_FILE",
+    "Node",
+    "NodeStatistics",
+    "TransportError",
+    "default_data_dir",
+    "open_node",
+]
+
+IDENTITY_FILE = "identity.key"  # the key file inside a node's data dir
+INBOX_SIZE = 1024  # packets read but not yet given to the mesh; readers wait when it is full
+MAX_ACCEPT_BACKLOG = 64  # incoming channels queued for an acceptor before new ones are refused
+
+Channel = ChannelStream | UnreliableChannel
+ChannelHandler = Callable[[Any], Awaitable[None]]  # takes a ChannelStream (or an
+# UnreliableChannel for unreliable channel types)
+
+
+def default_data_dir() -> FsPath:
+    """The data dir used when none is given.
+
+    Returns:
+        ``$P2PCLOUD_HOME``, else ``$XDG_DATA_HOME/p2pcloud``, else
+        ``~/.local/share/p2pcloud`` (the XDG base directory default).
+    """
+    home = os.environ.get("P2PCLOUD_HOME")
+    if home:
+        return FsPath(home).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = FsPath(xdg).expanduser() if xdg else FsPath.home() / ".local" / "share"
+    return base / "p2pcloud"
+
+
+def load_or_create_identity(data_dir: FsPath, passphrase: str | None = None) -> LocalIdentity:
+    """Load the node's identity from ``data_dir``, creating both on first start.
+
+    Args:
+        data_dir: the node's data dir (created with mode 0700 if missing).
+        passphrase: the key file's passphrase, if it is (or is to be) sealed.
+
+    Returns:
+        The identity.
+
+    Raises:
+        KeyFileError: the key file exists but cannot be read (never overwritten), or the
+            data dir cannot be created.
+    """
+    data_dir = data_dir.expanduser()
+    key_path = data_dir / IDENTITY_FILE
+    if key_path.exists():
+        return _keyfile.load_identity(key_path, passphrase)
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KeyFileError(f"{data_dir}: cannot create the data dir: {exc.strerror}") from exc
+    identity = LocalIdentity.generate(os.urandom)
+    try:
+        _keyfile.save_identity(key_path, identity, passphrase)
+    except KeyFileError:
+        if key_path.exists():  # another process created it first: use theirs
+            return _keyfile.load_identity(key_path, passphrase)
+        raise
+    return identity
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatistics:
+    """A snapshot of a node's counters (``Node.statistics()``).
+
+    Attributes:
+        hashname: this endpoint.
+        links_up: hashnames whose link is Up.
+        channels: open channel handles.
+        events: mesh events seen, by type name.
+        dropped: dropped packets by reason (``PacketDropped`` events).
+        transports: each transport's counters (``udp``, ``tcp``, ``memory``).
+        mesh: the mesh's own statistics.
+    """
+
+    hashname: Hashname
+    links_up: frozenset[Hashname]
+    channels: int
+    events: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    transports: dict[str, dict[str, int]] = field(default_factory=dict)
+    mesh: Any = None
+
+
+class _LinkWaiter:
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.down_reason: str | None = None
+
+
+class Node:
+    """A running p2pcloud endpoint; open it with :func:`open_node`.
+
+    Attributes:
+        identity: this endpoint's keys.
+        hashname: this endpoint's address.
+        data_dir: where its key file lives (None for an in-memory test node).
+        paths: the local paths peers can reach it on.
+    """
+
+    def __init__(
+        self,
+        identity: LocalIdentity,
+        *,
+        data_dir: FsPath | None,
+        accept: Callable[[Hashname], bool] | None,
+    ) -> None:
+        """Create the node; :func:`open_node` does this and starts it."""
+        self.identity = identity
+        self.data_dir = data_dir
+        # Default policy: any endpoint that completes a handshake may link (the handshake
+        # authenticates its hashname; channels still need a registered type to open).
+        self._mesh = Mesh(identity, entropy=os.urandom, accept=accept or _accept_all)
+        self.hashname: Hashname = self._mesh.hashname
+        self.paths: list[Path] = []
+        self._udp: UdpTransport | None = None
+        self._tcp: TcpTransport | None = None
+        self._memory: MemoryEndpoint | None = None
+        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[bytes, Path]](INBOX_SIZE)
+        self._nursery: trio.Nursery | None = None
+        self._flush_wanted = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None
+        self._channels: dict[tuple[Hashname, ChannelId], Channel] = {}
+        self._handlers: dict[str, ChannelHandler] = {}
+        self._acceptors: dict[str, trio.MemorySendChannel[Any]] = {}
+        self._link_waiters: dict[Hashname, list[_LinkWaiter]] = {}
+        self._links_up: set[Hashname] = set()
+        self._link_paths: dict[Hashname, Path] = {}
+        self._blocked_senders: set[ChannelStream] = set()
+        self._events: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()
+        self._closed = False
+        self._pumping = False
+        self._public_host: str | None = None
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def link_uri(self) -> str:
+        """A ``link://`` URI with this endpoint's key and paths, for another node to link."""
+        return format_link_uri(
+            self.identity, [p.to_json() for p in self.paths], host=self._public_host or ""
+        )
+
+    @property
+    def link_json(self) -> dict[str, Any]:
+        """The v3 link JSON (``{"hashname","keys","paths"}``), as telehash-js takes it."""
+        return {
+            "hashname": self.hashname,
+            "keys": self.identity.keys(),
+            "paths": [p.to_json() for p in self.paths],
+        }
+
+    @property
+    def links(self) -> frozenset[Hashname]:
+        """Hashnames whose link is Up now."""
+        return frozenset(self._links_up)
+
+    def link_path(self, hashname: Hashname) -> Path | None:
+        """The path the mesh last reported for ``hashname`` (``PathChanged``/``LinkUp``)."""
+        return self._link_paths.get(hashname)
+
+    # -- start and stop ----------------------------------------------------------------
+
+    async def _start(
+        self,
+        nursery: trio.Nursery,
+        *,
+        bind: str,
+        port: int,
+        tcp_port: int | None,
+        network: MemoryNetwork | None,
+        offer_frames: bool,
+        max_frame: int | None,
+    ) -> None:
+        self._nursery = nursery
+        if network is not None:
+            self._memory = network.endpoint(port or None)
+            self._add_path(self._memory.path)
+            nursery.start_soon(self._memory_reader, self._memory)
+        else:
+            self._udp = await UdpTransport.bind(bind, port)
+            try:
+                if tcp_port is not None:
+                    kwargs: dict[str, Any] = {"offer_frames": offer_frames}
+                    if max_frame is not None:
+                        kwargs["max_frame"] = max_frame
+                    self._tcp = await TcpTransport.bind(
+                        bind, tcp_port, on_frames=self._on_frames, **kwargs
+                    )
+            except BaseException:
+                self._udp.close()
+                raise
+            self._add_path(self._udp.path)
+            nursery.start_soon(self._udp.run, self._inbox_send)
+            if self._tcp is not None:
+                self._add_path(self._tcp.path)
+                nursery.start_soon(self._tcp.run, self._inbox_send)
+            if bind == "0.0.0.0":  # noqa: S104  (a wildcard bind: name a real address)
+                self._public_host = await trio.to_thread.run_sync(_guess_host)
+        nursery.start_soon(self._receive_loop)
+        nursery.start_soon(self._flush_loop)
+        nursery.start_soon(self._timer_loop)
+
+    def _add_path(self, path: Path) -> None:
+        if path.ip == "0.0.0.0":  # noqa: S104
+            path = Path(path.type, ip=_guess_host(), port=path.port)
+        self.paths.append(path)
+        self._mesh.add_local_path(path)
+
+    async def aclose(self) -> None:
+        """Stop the node: close every channel handle and transport. Idempotent."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        for channel in list(self._channels.values()):
+            channel._on_closed("node closed")
+        for acceptor in self._acceptors.values():
+            acceptor.close()
+        for waiters in self._link_waiters.values():
+            for waiter in waiters:
+                waiter.down_reason = "node closed"
+                waiter.event.set()
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        if self._memory is not None:
+            self._memory.close()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        await trio.lowlevel.checkpoint()
+
+    # -- the shell: receive, flush, timer ----------------------------------------------
+
+    async def _memory_reader(self, endpoint: MemoryEndpoint) -> None:
+        async for item in endpoint:
+            await self._inbox_send.send(item)
+
+    async def _receive_loop(self) -> None:
+        mesh = self._mesh
+        inbox = self._inbox
+        while True:
+            data, path = await inbox.receive()
+            mesh.receive_datagram(data, path, trio.current_time())
+            # Pump once per burst: events and flushing batch up while packets keep coming.
+            while True:
+                try:
+                    data, path = inbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                mesh.receive_datagram(data, path, trio.current_time())
+            self._pump()
+
+    def _pump(self) -> None:
+        """Dispatch the mesh's events, wake senders and the flusher, re-arm the timer."""
+        if self._pumping:
+            return  # called again from an event handler: the running loop picks it up
+        self._pumping = True
+        try:
+            mesh = self._mesh
+            while (event := mesh.next_event()) is not None:
+                self._dispatch(event)
+        finally:
+            self._pumping = False
+        for stream in list(self._blocked_senders):
+            stream._on_progress()
+        self._flush_wanted.set()
+        self._rearm_timer()
+
+    def _rearm_timer(self) -> None:
+        if self._timer_scope is not None:
+            deadline = self._mesh.get_timer()
+            self._timer_scope.deadline = math.inf if deadline is None else deadline
+
+    async def _flush_loop(self) -> None:
+        mesh = self._mesh
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            sent = False
+            for data, path in mesh.datagrams_to_send(trio.current_time()):
+                await self._send_datagram(data, path)
+                sent = True
+            if sent:
+                # Sending may start retransmit timers and free window space.
+                self._rearm_timer()
+
+    async def _send_datagram(self, data: bytes, path: Path) -> None:
+        if self._memory is not None:
+            await self._memory.send(data, path)
+        elif path.is_udp and self._udp is not None:
+            await self._udp.send(data, path)
+        elif path.is_tcp and self._tcp is not None:
+            await self._tcp.send(data, path)
+        else:
+            self._dropped["no transport for path"] += 1
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                self._rearm_timer()
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            deadline = self._mesh.get_timer()
+            if deadline is not None and deadline <= now:
+                self._mesh.handle_timer(now)
+                self._pump()
+
+    def _on_frames(self, path: Path, max_frame: int) -> None:
+        # A TCP connection turned on large frames: let the mesh send bigger packets there.
+        if max_frame > MAX_UDP_PACKET:
+            self._mesh.set_path_mtu(path, min(max_frame, MAX_PACKET))
+
+    # -- events ------------------------------------------------------------------------
+
+    def _dispatch(self, event: ev.MeshEvent) -> None:
+        self._events[type(event).__name__] += 1
+        if isinstance(event, ev.ChannelData):
+            channel = self._channels.get((event.hashname, event.cid))
+            if channel is not None:
+                channel._on_data(event.json, event.body)
+        elif isinstance(event, ev.ChannelOpened):
+            self._on_channel_opened(event)
+        elif isinstance(event, ev.ChannelEnded):
+            channel = self._channels.get((event.hashname, event.cid))
+            if channel is not None:
+                channel._on_end()
+        elif isinstance(event, ev.ChannelClosed):
+            channel = self._channels.pop((event.hashname, event.cid), None)
+            if channel is not None:
+                channel._on_closed(event.err)
+        elif isinstance(event, ev.LinkUp):
+            self._links_up.add(event.hashname)
+            self._link_paths[event.hashname] = event.path
+            for waiter in self._link_waiters.pop(event.hashname, []):
+                waiter.event.set()
+        elif isinstance(event, ev.LinkDown):
+            self._links_up.discard(event.hashname)
+            for waiter in self._link_waiters.pop(event.hashname, []):
+                waiter.down_reason = event.reason
+                waiter.event.set()
+            for key, channel in list(self._channels.items()):
+                if key[0] == event.hashname:
+                    del self._channels[key]
+                    channel._on_closed("link down")
+        elif isinstance(event, ev.PathChanged):
+            self._link_paths[event.hashname] = event.path
+        elif isinstance(event, ev.PacketDropped):
+            self._dropped[event.reason] += 1
+
+    def _on_channel_opened(self, event: ev.ChannelOpened) -> None:
+        key = (event.hashname, event.cid)
+        stream: Channel
+        if event.reliable:
+            stream = ChannelStream(self, event.hashname, event.cid, event.type, event.json)
+        else:
+            stream = UnreliableChannel(self, event.hashname, event.cid, event.type)
+            if event.body or event.json:
+                stream._on_data(dict(event.json), event.body)
+        self._channels[key] = stream
+        handler = self._handlers.get(event.type)
+        acceptor = self._acceptors.get(event.type)
+        if handler is not None and self._nursery is not None:
+            self._nursery.start_soon(self._run_handler, handler, stream)
+            return
+        if acceptor is not None:
+            try:
+                acceptor.send_nowait(stream)
+                return
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        # telehash-js answers an unknown type with {"err":"unknown type"}; so do we.
+        del self._channels[key]
+        self._close_channel(event.hashname, event.cid, "unknown type")
+
+    async def _run_handler(self, handler: ChannelHandler, stream: Channel) -> None:
+        try:
+            await handler(stream)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # -- calls from channel handles ----------------------------------------------------
+
+    def _spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn()`` in the node's nursery (background work of a channel handle)."""
+        if self._nursery is not None and not self._closed:
+            self._nursery.start_soon(fn)
+
+    def _capacity(self, hashname: Hashname, cid: ChannelId) -> int:
+        """Packets the channel accepts now; -1 when the channel or its link is gone."""
+        try:
+            return self._mesh.send_capacity(hashname, cid)
+        except (LinkError, LocalProtocolError):
+            return -1
+
+    def _max_body(self, hashname: Hashname) -> int:
+        return self._mesh.max_body(hashname)
+
+    def _send(
+        self,
+        hashname: Hashname,
+        cid: ChannelId,
+        body: bytes,
+        *,
+        json: Mapping[str, Any] | None = None,
+        end: bool = False,
+    ) -> bool:
+        """Queue one packet; False when the channel or link is gone (nothing was sent)."""
+        try:
+            self._mesh.send(hashname, cid, body, json=json, end=end, now=trio.current_time())
+        except LinkError:
+            return False
+        except LocalProtocolError:
+            if self._capacity(hashname, cid) < 0:
+                return False
+            raise
+        self._pump()
+        return True
+
+    def _close_channel(self, hashname: Hashname, cid: ChannelId, err: str | None) -> None:
+        try:
+            self._mesh.close_channel(hashname, cid, err=err, now=trio.current_time())
+        except LocalProtocolError:
+            return  # already gone in the mesh: nothing to tell the peer
+        self._pump()
+
+    # -- public API --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the node is closed")
+
+    async def link(self, target: str | LinkInfo | Mapping[str, Any]) -> Hashname:
+        """Link to an endpoint and wait until the link is Up.
+
+        The mesh gives up after 30 s without an answer (telehash v3 handshake timers);
+        wrap the call in ``trio.move_on_after`` / ``trio.fail_after`` to wait less.
+
+        Args:
+            target: a link URI (``link://...``), a :class:`LinkInfo`, or v3 link JSON
+                (``{"keys": {"3a": b32}, "paths": [...]}``).
+
+        Returns:
+            The peer's hashname.
+
+        Raises:
+            BadURI: the URI or link JSON does not parse.
+            LinkError: no handshake came back in time, or the link went down.
+            LocalProtocolError: the target is this node itself, or keys are unusable.
+            trio.ClosedResourceError: the node is closed.
+        """
+        self._check_open()
+        info = _link_info(target)
+        hashname = self._mesh.link(info, now=trio.current_time())
+        self._pump()
+        await self.wait_link_up(hashname)
+        return hashname
+
+    async def wait_link_up(self, hashname: Hashname) -> None:
+        """Wait until the link to ``hashname`` is Up (e.g. when the peer links to us).
+
+        Args:
+            hashname: the peer.
+
+        Raises:
+            LinkError: the link went down (the mesh timed it out, or it was closed).
+            trio.ClosedResourceError: the node is closed.
+        """
+        self._check_open()
+        if hashname in self._links_up:
+            await trio.lowlevel.checkpoint()
+            return
+        waiter = _LinkWaiter()
+        self._link_waiters.setdefault(hashname, []).append(waiter)
+        try:
+            await waiter.event.wait()
+        finally:
+            waiters = self._link_waiters.get(hashname, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+        if waiter.down_reason is not None:
+            if self._closed:
+                raise trio.ClosedResourceError("the node is closed")
+            raise LinkError(f"link to {hashname[:8]} went down: {waiter.down_reason}")
+
+    async def open_channel(
+        self,
+        hashname: Hashname,
+        type: str,
+        *,
+        reliable: bool = True,
+        json: Mapping[str, Any] | None = None,
+        body: bytes = b"",
+    ) -> Any:
+        """Open a channel to a linked peer.
+
+        Args:
+            hashname: the peer (link to it first).
+            type: the channel type the peer serves.
+            reliable: a reliable stream (default) or an unreliable packet channel.
+            json: extra fields for the open packet's head.
+            body: the open packet's body.
+
+        Returns:
+            A :class:`ChannelStream` (reliable) or :class:`UnreliableChannel`.
+
+        Raises:
+            LinkError: the link to ``hashname`` is not Up.
+            LocalProtocolError: a bad type or head.
+            trio.ClosedResourceError: the node is closed.
+        """
+        self._check_open()
+        if hashname not in self._links_up:
+            raise LinkError(f"no link to {hashname[:8]}; call node.link() first")
+        cid = self._mesh.open_channel(
+            hashname, type, reliable=reliable, json=json, body=body, now=trio.current_time()
+        )
+        channel: Channel
+        if reliable:
+            channel = ChannelStream(self, hashname, cid, type, dict(json or {}))
+        else:
+            channel = UnreliableChannel(self, hashname, cid, type)
+        self._channels[(hashname, cid)] = channel
+        self._pump()
+        await trio.lowlevel.checkpoint()
+        return channel
+
+    def serve_channel(self, type: str, handler: ChannelHandler) -> None:
+        """Run ``handler(stream)`` in the node for every incoming reliable channel of ``type``.
+
+        The stream is closed when the handler returns.
+
+        Args:
+            type: the channel type.
+            handler: an async function taking the :class:`ChannelStream`.
+
+        Raises:
+            LocalProtocolError: a handler or acceptor for ``type`` exists already.
+        """
+        if type in self._handlers or type in self._acceptors:
+            raise LocalProtocolError(f"channel type {type!r} is already served")
+        self._handlers[type] = handler
+        self._register_type(type)
+
+    @asynccontextmanager
+    async def accept_channels(
+        self, type: str
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Any]]:
+        """Receive incoming reliable channels of ``type`` while the block runs.
+
+        Args:
+            type: the channel type.
+
+        Yields:
+            A receive channel of :class:`ChannelStream` objects.
+
+        Raises:
+            LocalProtocolError: a handler or acceptor for ``type`` exists already.
+        """
+        if type in self._handlers or type in self._acceptors:
+            raise LocalProtocolError(f"channel type {type!r} is already served")
+        send, receive = trio.open_memory_channel[Any](MAX_ACCEPT_BACKLOG)
+        self._acceptors[type] = send
+        self._register_type(type)
+        try:
+            async with receive:
+                yield receive
+        finally:
+            self._acceptors.pop(type, None)
+            send.close()
+
+    def _register_type(self, type: str) -> None:
+        self._mesh.handle_types(type)
+
+    def statistics(self) -> NodeStatistics:
+        """Return a snapshot of the node's counters."""
+        transports: dict[str, dict[str, int]] = {}
+        if self._udp is not None:
+            transports["udp"] = dict(self._udp.counts)
+        if self._tcp is not None:
+            transports["tcp"] = dict(self._tcp.counts)
+        return NodeStatistics(
+            hashname=self.hashname,
+            links_up=frozenset(self._links_up),
+            channels=len(self._channels),
+            events=dict(self._events),
+            dropped=dict(self._dropped),
+            transports=transports,
+            mesh=self._mesh.statistics(),
+        )
+
+
+def _accept_all(hashname: Hashname) -> bool:
+    return True
+
+
+def _guess_host() -> str:
+    """An address of this machine for link URIs when bound to 0.0.0.0 (no traffic sent)."""
+    try:
+        return _stdlib_socket.gethostbyname(_stdlib_socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _link_info(target: str | LinkInfo | Mapping[str, Any]) -> LinkInfo:
+    if isinstance(target, LinkInfo):
+        return target
+    if isinstance(target, str):
+        return parse_link_uri(target)
+    keys_json = target.get("keys")
+    if not isinstance(keys_json, Mapping) or not keys_json:
+        raise BadURI("link JSON needs a non-empty 'keys' object")
+    try:
+        keys = {str(csid): b32decode(str(key)) for csid, key in keys_json.items()}
+    except MalformedPacket as exc:
+        raise BadURI(f"link JSON key is not base32: {exc}") from exc
+    paths = target.get("paths") or []
+    if not isinstance(paths, list):
+        raise BadURI("link JSON 'paths' must be a list")
+    from p2pcloud._crypto import hashname_from_keys
+
+    try:
+        hashname = hashname_from_keys(keys)
+    except (MalformedPacket, ValueError) as exc:
+        raise BadURI(f"link JSON keys do not make a hashname: {exc}") from exc
+    return LinkInfo(hashname=hashname, keys=keys, paths=[dict(p) for p in paths])
+
+
+@asynccontextmanager
+async def open_node(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    port: int = 0,
+    tcp_port: int | None = 0,
+    bind: str = "127.0.0.1",
+    accept: Callable[[Hashname], bool] | None = None,
+    passphrase: str | None = None,
+    identity: LocalIdentity | None = None,
+    network: MemoryNetwork | None = None,
+    large_frames: bool = True,
+    max_frame: int | None = None,
+) -> AsyncIterator[Node]:
+    """Start a node and stop it when the block ends.
+
+    Args:
+        path: the data dir (its key file is created on first start); None with
+            ``identity`` given keeps nothing on disk; None without it uses
+            :func:`default_data_dir`.
+        port: the UDP port (0: any free port).
+        tcp_port: the TCP port (0: any free port; None: no TCP).
+        bind: the local address to bind (``"127.0.0.1"`` by default, ``"0.0.0.0"`` for all).
+        accept: decides whether an unknown endpoint that sends us a handshake may link;
+            None accepts every endpoint (its hashname is authenticated by the handshake).
+        passphrase: the key file's passphrase.
+        identity: use these keys instead of the key file.
+        network: run on an in-memory network (tests) instead of sockets.
+        large_frames: negotiate large frames on TCP (False: plain v3 chunking).
+        max_frame: the largest TCP frame offered (default: ``_framing.DEFAULT_MAX_FRAME``).
+
+    Yields:
+        The running :class:`Node`.
+
+    Raises:
+        KeyFileError: the key file cannot be read or created.
+        WrongPassphrase: the key file is sealed and the passphrase is wrong.
+        TransportError: a port cannot be bound (in use, not a local address).
+    """
+    data_dir: FsPath | None = None
+    if identity is None:
+        data_dir = FsPath(path) if path is not None else default_data_dir()
+        identity = await trio.to_thread.run_sync(load_or_create_identity, data_dir, passphrase)
+    elif path is not None:
+        data_dir = FsPath(path)
+    node = Node(identity, data_dir=data_dir, accept=accept)
+    async with trio.open_nursery() as nursery:
+        await node._start(
+            nursery,
+            bind=bind,
+            port=port,
+            tcp_port=tcp_port,
+            network=network,
+            offer_frames=large_frames,
+            max_frame=max_frame,
+        )
+        try:
+            yield node
+        finally:
+            with trio.CancelScope(shield=True):
+                await node.aclose()
+
