@@ -70,8 +70,22 @@ SF_OL_PREV = 0x02  # origin_left is the last character of the previous run
 SF_OL_NONE = 0x04  # origin_left is the start of the text
 SF_OR_NEXT = 0x08  # origin_right is the first character of the next run
 SF_OR_NONE = 0x10  # origin_right is the end of the text
+SF_OR_SAME = SF_OR_NEXT | SF_OR_NONE  # both bits: origin_right is the previous run's
 SF_SAME_AGENT = 0x20  # same replica as the previous run
 SF_BITS = 6
+
+# the columns of a state snapshot, in their order in the body
+COL_HEAD = 0  # item run: uint(length << SF_BITS | flags)
+COL_AGENT = 1  # item run: uint(replica index), unless SF_SAME_AGENT
+COL_COUNTER = 2  # item run: sint(counter - end of this replica's previous run)
+COL_ORIGIN_AGENT = 3  # explicit origin: uint(replica index)
+COL_ORIGIN_COUNTER = 4  # explicit origin: sint(counter - the run's counter)
+COL_DEL_HEAD = 5  # delete run: uint(replica index << 1 | backward)
+COL_DEL_GAP = 6  # delete run: uint(counter - end of the previous run of this replica)
+COL_DEL_LENGTH = 7  # delete run: uint(length)
+COL_DEL_TARGET_AGENT = 8  # delete run: uint(target replica index)
+COL_DEL_TARGET = 9  # delete run: sint(first target - previous run's first target)
+N_COLUMNS = 10
 
 CHUNK_MAX = 512  # items per chunk of the twin's list; splits keep lookups near sqrt(n)
 
@@ -881,7 +895,10 @@ class Text:
         """Returns: a snapshot of the whole text (items, delete ops, held ops).
 
         Layout (docs/text.md): format, flags, then the body ``agents, n_item_runs,
-        item runs in document order, n_delete_runs, delete runs, held delta, content``.
+        n_delete_runs, the N_COLUMNS columns (each uint(byte length) + varints), held delta
+        (uint(length) + bytes), content (uint(byte length) + UTF-8 of every item in
+        document order)``. Item runs are in document order; delete runs in (agent, counter)
+        order. Keeping each field in its own column lets deflate find the repetitions.
         """
         items = [item for chunk in self._chunks for item in chunk.items]
         runs: list[list[_Item]] = []
@@ -904,6 +921,8 @@ class Text:
         body = bytearray()
         index = _put_agents(body, sorted(names))
         _put_uint(body, len(runs))
+        _put_uint(body, len(deletes))
+        col = [bytearray() for _ in range(N_COLUMNS)]
         expected: dict[bytes, int] = {}
         content: list[str] = []
         for number, run in enumerate(runs):
@@ -917,12 +936,14 @@ class Text:
                 flags |= SF_OR_NONE
             elif number + 1 < len(runs) and first.origin_right == runs[number + 1][0].ident():
                 flags |= SF_OR_NEXT
+            elif number and first.origin_right == runs[number - 1][0].origin_right:
+                flags |= SF_OR_SAME
             if number and runs[number - 1][0].agent == first.agent:
                 flags |= SF_SAME_AGENT
-            _put_uint(body, len(run) << SF_BITS | flags)
+            _put_uint(col[COL_HEAD], len(run) << SF_BITS | flags)
             if not flags & SF_SAME_AGENT:
-                _put_uint(body, index[first.agent])
-            _put_sint(body, first.counter - expected.get(first.agent, 1))
+                _put_uint(col[COL_AGENT], index[first.agent])
+            _put_sint(col[COL_COUNTER], first.counter - expected.get(first.agent, 1))
             expected[first.agent] = last.counter + 1
             for ident, skip in (
                 (first.origin_left, SF_OL_PREV | SF_OL_NONE),
@@ -930,21 +951,23 @@ class Text:
             ):
                 if not flags & skip:
                     assert ident is not None
-                    _put_uint(body, index[ident[0]])
-                    _put_sint(body, ident[1] - first.counter)
+                    _put_uint(col[COL_ORIGIN_AGENT], index[ident[0]])
+                    _put_sint(col[COL_ORIGIN_COUNTER], ident[1] - first.counter)
             content.append("".join(item.char for item in run))
-        _put_uint(body, len(deletes))
         previous_agent, previous_end, previous_target = b"", 1, 0
         for op_run in deletes:
             assert isinstance(op_run, DeleteRun)
             if op_run.agent != previous_agent:
                 previous_agent, previous_end = op_run.agent, 1
-            _put_uint(body, index[op_run.agent] << 1 | (op_run.step < 0))
-            _put_uint(body, op_run.counter - previous_end)
-            _put_uint(body, op_run.length)
-            _put_uint(body, index[op_run.target_agent])
-            _put_sint(body, op_run.target - previous_target)
+            _put_uint(col[COL_DEL_HEAD], index[op_run.agent] << 1 | (op_run.step < 0))
+            _put_uint(col[COL_DEL_GAP], op_run.counter - previous_end)
+            _put_uint(col[COL_DEL_LENGTH], op_run.length)
+            _put_uint(col[COL_DEL_TARGET_AGENT], index[op_run.target_agent])
+            _put_sint(col[COL_DEL_TARGET], op_run.target - previous_target)
             previous_end, previous_target = op_run.end(), op_run.target
+        for column in col:
+            _put_uint(body, len(column))
+            body += column
         _put_uint(body, len(held))
         body += held
         text = "".join(content).encode("utf-8", "surrogatepass")
@@ -971,32 +994,37 @@ class Text:
         text = cls(replica_id)
         reader = _Reader(_unframe(FORMAT_STATE, data))
         agents = _read_agents(reader)
+        n_runs = reader.count("item run")
+        n_deletes = reader.count("delete run")
+        col = [_Reader(reader.take(reader.uint())) for _ in range(N_COLUMNS)]
         expected: dict[bytes, int] = {}
         # (agent, counter, length, deleted, origin_left, origin_right) in document order
         rows: list[tuple[bytes, int, int, bool, Id | None, Id | None]] = []
         agent = b""
         next_first: list[int] = []  # rows whose origin_right is the next row's first char
-        for number in range(reader.count("item run")):
-            head = reader.uint()
+        for number in range(n_runs):
+            head = col[COL_HEAD].uint()
             flags, length = head & ((1 << SF_BITS) - 1), head >> SF_BITS
-            if (
-                flags & SF_OL_PREV
-                and flags & SF_OL_NONE
-                or flags & SF_OR_NEXT
-                and flags & SF_OR_NONE
-            ):
+            if flags & SF_OL_PREV and flags & SF_OL_NONE:
                 raise DecodeError("contradictory run flags")
             if flags & SF_SAME_AGENT:
                 if number == 0:
                     raise DecodeError("first run cannot repeat the previous replica")
             else:
-                agent = _agent(agents, reader.uint())
-            counter = expected.get(agent, 1) + reader.sint()
+                agent = _agent(agents, col[COL_AGENT].uint())
+            counter = expected.get(agent, 1) + col[COL_COUNTER].sint()
             _check_span(counter, length)
             expected[agent] = counter + length
             ids: list[Id | None] = []
             for prev_next, none in ((SF_OL_PREV, SF_OL_NONE), (SF_OR_NEXT, SF_OR_NONE)):
-                if flags & none:
+                if prev_next == SF_OR_NEXT and flags & SF_OR_SAME == SF_OR_SAME:
+                    if number == 0:
+                        raise DecodeError("first run has no previous run")
+                    if next_first and next_first[-1] == number - 1:
+                        ids.append((agent, counter))  # the previous run's is this run's first
+                    else:
+                        ids.append(rows[-1][5])
+                elif flags & none:
                     ids.append(None)
                 elif flags & prev_next:
                     if prev_next == SF_OL_PREV:
@@ -1008,8 +1036,8 @@ class Text:
                         ids.append(None)  # filled in when the next row is read
                         next_first.append(number)
                 else:
-                    ref_agent = _agent(agents, reader.uint())
-                    ref = counter + reader.sint()
+                    ref_agent = _agent(agents, col[COL_ORIGIN_AGENT].uint())
+                    ref = counter + col[COL_ORIGIN_COUNTER].sint()
                     _check_span(ref, 1)
                     ids.append((ref_agent, ref))
             rows.append((agent, counter, length, bool(flags & SF_DELETED), ids[0], ids[1]))
@@ -1020,22 +1048,24 @@ class Text:
             rows[number] = (*row[:5], (nxt[0], nxt[1]))
         deletes: list[DeleteRun] = []
         previous_agent, previous_end, previous_target = b"", 1, 0
-        for _ in range(reader.count("delete run")):
-            head = reader.uint()
+        for _ in range(n_deletes):
+            head = col[COL_DEL_HEAD].uint()
             del_agent = _agent(agents, head >> 1)
             if del_agent != previous_agent:
                 previous_agent, previous_end = del_agent, 1
-            counter = previous_end + reader.uint()
-            length = reader.uint()
+            counter = previous_end + col[COL_DEL_GAP].uint()
+            length = col[COL_DEL_LENGTH].uint()
             _check_span(counter, length)
-            target_agent = _agent(agents, reader.uint())
-            target = previous_target + reader.sint()
+            target_agent = _agent(agents, col[COL_DEL_TARGET_AGENT].uint())
+            target = previous_target + col[COL_DEL_TARGET].sint()
             step = -1 if head & 1 else 1
             last = target + (length - 1) * step
             if min(target, last) < 1 or max(target, last) > MAX_COUNTER:
                 raise DecodeError("delete target out of range")
             deletes.append(DeleteRun(del_agent, counter, length, target_agent, target, step))
             previous_end, previous_target = counter + length, target
+        if not all(column.done() for column in col):
+            raise DecodeError("trailing bytes in a column")
         held_bytes = reader.take(reader.uint())
         held_runs = _decode_delta(held_bytes) if held_bytes else []
         content = _read_text(reader, sum(row[2] for row in rows))
