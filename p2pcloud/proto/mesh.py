@@ -174,6 +174,14 @@ MAX_RECENT_SESSIONS = 4
 """Past ephemeral keys remembered per link, so a replayed handshake of an old session is
 recognised as stale instead of resetting the live session."""
 
+REPLAY_WINDOW = 256
+"""Channel packets per link whose nonces we remember to drop exact replays (and network
+duplicates) before they reach a channel. v3 channel packets have random nonces and no
+counter, so older replays are left to the channels (a reliable channel drops a seen seq);
+256 nonce prefixes cost 4 KiB per link."""
+
+NONCE_PREFIX = 16  # bytes of the 24-byte random nonce kept per packet: 2**-128 collisions
+
 MAX_INTERMEDIATES = 8
 """Cipher-set intermediates read from a plaintext intro (v3 defines four cipher sets)."""
 
@@ -197,7 +205,9 @@ DROP_REASONS = (
     "stale handshake",  # an older at or an old session's handshake (replay)
     "unknown token",  # channel packet for no exchange and no relay entry
     "relay refused",  # relay entry exists but the packet came from the wrong endpoint
+    "no session",  # channel packet for an exchange whose peer handshake has not arrived
     "decrypt failed",  # channel packet with our token that does not open
+    "replayed",  # a channel packet seen moments ago (replay or network duplicate)
     "bad channel packet",  # decrypted inner packet that is not a channel packet
     "bad channel id",  # c missing, out of range, or of our parity in an open
     "stale channel",  # an open for a channel id at or below the floor (replay)
@@ -252,6 +262,7 @@ class _PathInfo:
     path: Path
     seen: float | None = None
     cloaked: bool = True  # telehash v3 cloaking: reply cloaked to a peer that cloaks
+    probed: int = 0  # the at of the last handshake we sent on this path
 
 
 @dataclass(slots=True)
@@ -277,6 +288,18 @@ class _Link:
     channels: dict[ChannelId, _ch.Channel] = field(default_factory=dict)
     cid_floor: int = 0  # highest channel id the peer opened in this session
     ping_cids: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_PING_CIDS))
+    recent: deque[bytes] = field(default_factory=deque)  # nonce prefixes, oldest first
+    recent_set: set[bytes] = field(default_factory=set)
+
+    def seen_nonce(self, nonce: bytes) -> bool:
+        """Remember a channel packet's nonce; True if it was seen in the replay window."""
+        if nonce in self.recent_set:
+            return True
+        self.recent.append(nonce)
+        self.recent_set.add(nonce)
+        if len(self.recent) > REPLAY_WINDOW:
+            self.recent_set.discard(self.recent.popleft())
+        return False
 
     def path_info(self, path: Path) -> _PathInfo | None:
         for info in self.paths:
@@ -802,7 +825,7 @@ class Mesh:
                     link.state.value,
                     link.key,
                     link.best,
-                    tuple((p.path, p.seen, p.cloaked) for p in link.paths),
+                    tuple((p.path, p.seen, p.cloaked, p.probed) for p in link.paths),
                     None if link.exchange is None else link.exchange.token,
                     link.at,
                     link.hs_packet,
@@ -891,7 +914,14 @@ class Mesh:
             return
         for path in paths:
             self._handshakes_sent += 1
+            self._note_probe(link, path)
             self._send_on_path(link, link.hs_packet, path)
+
+    @staticmethod
+    def _note_probe(link: _Link, path: Path) -> None:
+        info = link.path_info(path)
+        if info is not None:
+            info.probed = link.at
 
     def _make_handshake(self, link: _Link, at: int) -> None:
         """Make (and cache, to resend unchanged) our handshake with ``at``."""
@@ -913,6 +943,8 @@ class Mesh:
             link.hs_packet = None
             link.received = False
             link.cid_floor = 0
+            link.recent.clear()
+            link.recent_set.clear()
         return link.exchange
 
     def _start_round(self, link: _Link, now: float) -> None:
@@ -1172,17 +1204,25 @@ class Mesh:
                 self._error_channels(link, "new session")
             link.peer_ephemeral = hs.ephemeral
             link.cid_floor = 0
+            link.recent.clear()
+            link.recent_set.clear()
         was_up = link.state is LinkState.UP
         link.received = True
         link.last_rx = now
-        new_path = self._path_seen(link, path, cloaked, now)
+        info = link.path_info(path)
+        probed = info is not None and info.probed == exchange.at
+        new_path = self._path_seen(link, path, cloaked, now) and not probed
         if verdict.current:
             link.round_start = None  # our handshake is answered: stop resending
             link.resends = 0
         reply_at = verdict.reply_at
-        if reply_at is None and (new_path or link.hs_packet is None):
-            # in sync, but on a path we had not trusted yet: answer on it so the peer
-            # trusts it too (a sync reaches us on every path it tries)
+        if reply_at is None and (new_path or link.hs_packet is None or not exchange.is_ours(hs.at)):
+            # In sync, but: on a path we had not trusted yet (answer on it so the peer
+            # trusts it too: a sync reaches us on every path it tries), or the peer resent
+            # its own at that we already echoed, so our echo was lost and the peer is still
+            # waiting (a handshake resent "unchanged" at 1/3/7/15 s must get an answer, or
+            # one lost echo would drop the link after 30 s). An echo of our own at is the
+            # answer we wanted and needs none, so this cannot loop.
             reply_at = exchange.at
         if reply_at is not None:
             self._send_reply(link, reply_at, path)
@@ -1200,6 +1240,7 @@ class Mesh:
             self._make_handshake(link, at)
         self._handshakes_sent += 1
         assert link.hs_packet is not None
+        self._note_probe(link, path)
         self._send_on_path(link, link.hs_packet, path)
 
     def _send_path_ping(self, link: _Link) -> None:
@@ -1227,6 +1268,10 @@ class Mesh:
             self._relay_packet(token, plain, path, now)
             return
         assert link.exchange is not None
+        if not link.exchange.is_ready():
+            # reordering: the peer's first channel packet overtook its handshake
+            self._drop("no session", path)
+            return
         try:
             inner = link.exchange.decrypt_channel(body)
             packet = decode_packet(inner)
@@ -1235,6 +1280,9 @@ class Mesh:
             return
         except MalformedPacket:
             self._drop("bad channel packet", path)
+            return
+        if link.seen_nonce(body[TOKEN_SIZE : TOKEN_SIZE + NONCE_PREFIX]):
+            self._drop("replayed", path)
             return
         json = packet.json
         c = None if json is None else json.get("c")
@@ -1426,9 +1474,7 @@ class Mesh:
             return
         self._receive_intro(attached.json, attached.body, via, now)
 
-    def _receive_intro(
-        self, head: dict[str, Any], body: bytes, via: Path, now: float
-    ) -> None:
+    def _receive_intro(self, head: dict[str, Any], body: bytes, via: Path, now: float) -> None:
         """A plaintext intro (keys) through a router: link back if we know or accept it."""
         if head.get("type", "link") != "link" or head.get("csid", "3a") != "3a":
             self._drop("unsupported handshake", via)
@@ -1473,4 +1519,3 @@ class Mesh:
         link.state = LinkState.DOWN
         if link.round_start is None:
             self._start_round(link, now)
-
