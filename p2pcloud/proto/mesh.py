@@ -285,6 +285,7 @@ class _Link:
     old_ephemerals: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_RECENT_SESSIONS))
     last_rx: float = 0.0
     last_sync: float = -1e18
+    last_catchup: float = -1e18  # last answer to a restarted peer's stale handshake
     channels: dict[ChannelId, _ch.Channel] = field(default_factory=dict)
     cid_floor: int = 0  # highest channel id the peer opened in this session
     ping_cids: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_PING_CIDS))
@@ -653,10 +654,9 @@ class Mesh:
         if path is None:
             return MAX_INNER_PACKET
         if path.type == "peer":
-            router = self._links.get(path.hn) if path.hn else None
-            # a relayed packet must fit every hop: the router's own path to us is the
-            # first, the router's path to the peer we cannot see, so stay at v3's size.
-            return MAX_INNER_PACKET if router is None else MAX_INNER_PACKET
+            # a relayed packet must fit every hop, and we cannot see the router's path to
+            # the peer: stay at the v3 size whatever our path to the router allows.
+            return MAX_INNER_PACKET
         mtu = self._path_mtu(path)
         if mtu <= MAX_UDP_PACKET:
             return MAX_INNER_PACKET
@@ -1188,10 +1188,20 @@ class Mesh:
         trusted = link.path_info(path)
         if not verdict.new_session and (hs.ephemeral != link.peer_ephemeral or not verdict.current):
             # telehash v3 e3x/handshake: an older at (or a key the exchange did not adopt)
-            # is stale. A genuine one means the peer missed our latest handshake, so answer
-            # on a path we already trust; never on a new one (a replay from elsewhere must
-            # change nothing).
-            if trusted is not None and trusted.seen is not None and verdict.reply_at:
+            # is stale, and changes nothing. A genuine one means the peer missed our latest
+            # handshake, so we answer with our best at (it echoes it, which is current):
+            # * same session: only on a path we already trust (a replay from elsewhere
+            #   must not make us talk to a new address);
+            # * an ephemeral key we never saw: the peer restarted, its clock (hence its at)
+            #   is behind ours and it may have a new address; answer there, at most once
+            #   per MIN_SYNC_INTERVAL, so its echo starts the new session.
+            trusted_path = trusted is not None and trusted.seen is not None
+            restarted = hs.ephemeral != link.peer_ephemeral
+            if verdict.reply_at and (
+                trusted_path or (restarted and link.last_catchup + MIN_SYNC_INTERVAL <= now)
+            ):
+                if not trusted_path:
+                    link.last_catchup = now
                 self._send_reply(link, verdict.reply_at, path)
             self._drop("stale handshake", path)
             return

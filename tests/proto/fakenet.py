@@ -52,6 +52,7 @@ class FakeNode:
     events: list[MeshEvent] = field(default_factory=list)
     sent: int = 0
     received: int = 0
+    offset: float = 0.0  # this process's monotonic clock minus the network's (each differs)
 
     @property
     def hashname(self) -> Hashname:
@@ -139,8 +140,13 @@ class FakeNetwork:
         relay: bool = True,
         identity: LocalIdentity | None = None,
         types: tuple[str, ...] = ("test",),
+        offset: float = 0.0,
     ) -> FakeNode:
-        """Create a mesh with a fresh identity on a new address ``127.0.0.1:<port>``."""
+        """Create a mesh with a fresh identity on a new address ``127.0.0.1:<port>``.
+
+        ``offset`` shifts the node's clock: real processes have unrelated monotonic clocks
+        (Trio even adds a random offset), and the mesh must not care.
+        """
         entropy = self.entropy_for(name)
         ident = identity if identity is not None else LocalIdentity.generate(entropy)
         mesh = Mesh(ident, entropy=entropy, accept=accept, relay=relay)
@@ -148,14 +154,20 @@ class FakeNetwork:
             mesh.handle_types(*types)
         addr = Path.udp4("127.0.0.1", next(self._ports))
         mesh.add_local_path(addr)
-        node = FakeNode(name, mesh, addr)
+        node = FakeNode(name, mesh, addr, offset=offset)
         self.nodes[addr] = node
         return node
 
-    def replace(self, node: FakeNode, mesh: Mesh) -> None:
-        """Swap a node's mesh (a restart with the same address)."""
+    def replace(self, node: FakeNode, mesh: Mesh, *, offset: float | None = None) -> None:
+        """Swap a node's mesh (a process restart), optionally with another clock offset."""
         node.mesh = mesh
+        if offset is not None:
+            node.offset = offset
         mesh.add_local_path(node.addr)
+
+    def time_of(self, node: FakeNode) -> float:
+        """``now`` as the node's own monotonic clock reads it."""
+        return self.now + node.offset
 
     def move(self, node: FakeNode, addr: Path) -> None:
         """Give a node a new address (a NAT rebinding or a network change)."""
@@ -177,7 +189,7 @@ class FakeNetwork:
 
     def flush(self, node: FakeNode) -> None:
         """Take a node's outgoing datagrams and put them on the wire; collect its events."""
-        for data, target in node.mesh.datagrams_to_send(self.now):
+        for data, target in node.mesh.datagrams_to_send(self.now + node.offset):
             assert target.is_direct, f"mesh handed a non-direct path to the network: {target}"
             node.sent += 1
             self._transmit(data, node.addr, target)
@@ -189,7 +201,7 @@ class FakeNetwork:
 
     def inject(self, node: FakeNode, data: bytes, source: Path) -> None:
         """Deliver ``data`` to ``node`` now, as if it came from ``source``."""
-        node.mesh.receive_datagram(data, source, self.now)
+        node.mesh.receive_datagram(data, source, self.now + node.offset)
         self.flush(node)
 
     def _transmit(self, data: bytes, source: Path, target: Path) -> None:
@@ -214,8 +226,11 @@ class FakeNetwork:
 
     def next_time(self) -> float | None:
         """When the next delivery or mesh timer is due."""
-        times = [n.mesh.get_timer() for n in self.nodes.values()]
-        candidates = [t for t in times if t is not None]
+        candidates = []
+        for node in self.nodes.values():
+            timer = node.mesh.get_timer()
+            if timer is not None:
+                candidates.append(timer - node.offset)
         if self._heap:
             candidates.append(self._heap[0].at)
         return min(candidates) if candidates else None
@@ -233,13 +248,14 @@ class FakeNetwork:
             if node is not None:
                 self.delivered += 1
                 node.received += 1
-                node.mesh.receive_datagram(item.data, item.source, self.now)
+                node.mesh.receive_datagram(item.data, item.source, self.now + node.offset)
                 self.flush(node)
             return True
         for node in list(self.nodes.values()):
             timer = node.mesh.get_timer()
-            if timer is not None and timer <= self.now:
-                node.mesh.handle_timer(self.now)
+            if timer is not None and timer - node.offset <= self.now:
+                # max(): with an offset, float rounding could land a hair before the timer
+                node.mesh.handle_timer(max(self.now + node.offset, timer))
                 self.flush(node)
         return True
 

@@ -469,3 +469,26 @@ def transfer(seed: int, size: int = 1 << 20) -> FakeNetwork:
 def test_one_mib_reliable_transfer_over_a_bad_network(seed: int) -> None:
     net = transfer(seed)
     assert net.lost > 0  # the network really lost datagrams
+
+
+def test_peer_restart_with_a_clock_behind_and_a_new_address() -> None:
+    # Monotonic clocks of two processes are unrelated; a restarted peer's at can be far below
+    # the at its previous session reached, and its UDP port is new.
+    net = FakeNetwork(17)
+    a, b = linked_pair(net)
+    cid = a.mesh.open_channel(b.hashname, "test", reliable=True, body=b"x", now=net.now)
+    net.run_until(lambda: b.of(ChannelData))
+    net.run_for(3 * KEEPALIVE_UDP)  # keepalive syncs raise the at of the session
+    assert up(a, b)
+    fresh = Mesh(b.mesh.identity, entropy=random.Random(77).randbytes, accept=accept_all)
+    fresh.handle_types("test")
+    net.move(b, Path.udp4("127.0.0.1", 50002))
+    net.replace(b, fresh, offset=-900.0)
+    b.mesh.link(a.keys(), net.time_of(b), paths=[a.addr])
+    net.run_until(lambda: [e for e in a.of(ChannelClosed) if e.cid == cid], timeout=10)
+    assert [e for e in a.of(ChannelClosed) if e.cid == cid][0].err == "new session"
+    net.run_until(lambda: up(a, b) and up(b, a), timeout=10)
+    assert a.mesh.link_path(b.hashname) == b.addr
+    cid2 = b.mesh.open_channel(a.hashname, "test", reliable=True, body=b"back", now=net.time_of(b))
+    net.run_until(lambda: [e for e in a.of(ChannelData) if e.cid == cid2 and e.body == b"back"])
+    assert "stale handshake" in a.mesh.statistics().drops  # the first try was too old
