@@ -93,6 +93,9 @@ RESEND_INTERVAL: Final = 2.0
 MISS_RESEND_INTERVAL: Final = 1.0
 """v3 reliable.md: a packet named in ``miss`` is resent at most once per second."""
 
+MISS_THRESHOLD: Final = 3
+"""Out-of-order packets held before a miss goes out at once: fewer is likely reordering."""
+
 ACK_DELAY: Final = 1.0
 """Seconds within which delivered data is acked; e3x ``chan_autoack`` and reliable.md."""
 
@@ -733,7 +736,9 @@ class ReliableChannel(Channel):
         self._next_unsent = 1  # lowest seq never transmitted
         self._acked = 0  # highest seq the peer acked
         self._progress_at = now  # last time the peer's ack advanced (or data went out idle)
+        self._feedback_at = now  # last ack advance or loss report (miss) from the peer
         self._resend: list[int] = []  # seqs to resend on the next packets_to_send
+        self._min_rtt: float | None = None  # smallest ack round trip seen (None: no sample)
         self._end_seq: int | None = None  # seq of our end
         self._closing = False
         # receiving side
@@ -742,6 +747,7 @@ class ReliableChannel(Channel):
         self._in_max = 0  # highest seq in _inbuf
         self._in_end: int | None = None  # seq of the peer's end, once seen
         self._ack_sent = 0  # last ack value we sent
+        self._ack_repeated = 0  # last ack value we sent twice (see packets_to_send)
         self._ack_due: float | None = None  # when a (bare) ack must go out
         self._ack_every = max(1, min(window, DEFAULT_WINDOW) // 4)  # see _set_peer_window
         # ours: a non-default window is advertised as a lone edge delta on every ack
@@ -875,14 +881,23 @@ class ReliableChannel(Channel):
             self._sent += count
         if out:
             self._mark_sent()
-            self._ack_sent = in_done
-            self._ack_due = now + ACK_DELAY if self._inbuf else None
         elif self._ack_due is not None and now >= self._ack_due:
+            if in_done == self._ack_sent:
+                self._ack_repeated = in_done  # this bare ack is the repeat
             out.append((self._ack_head(miss), b""))
             self._acks_sent += 1
             self._mark_sent()
-            self._ack_sent = in_done
-            self._ack_due = now + ACK_DELAY if self._inbuf else None
+        else:
+            return out
+        self._ack_sent = in_done
+        if self._inbuf:
+            self._ack_due = now + ACK_DELAY  # repeat the miss every second while gaps last
+        elif in_done != self._ack_repeated:
+            # ours: say the last ack once more after ACK_DELAY, so a lost ack does not
+            # leave the sender stalled until its RESEND_INTERVAL resends a whole window
+            self._ack_due = now + ACK_DELAY
+        else:
+            self._ack_due = None
         return out
 
     def _ack_head(self, miss: list[int] | None) -> dict[str, Any]:
@@ -901,9 +916,11 @@ class ReliableChannel(Channel):
             if seq not in inbuf:
                 out.append(seq - last)
                 last = seq
+        # reliable.md example: the edge is the highest acceptable seq (ack + buffer size);
+        # a JS peer's overshoot into the slack moves it up to what we really hold
         edge = self._in_done + self._window
-        if edge <= self._in_max:
-            edge = self._in_max + 1  # slack packets beyond the edge are buffered too
+        if edge < self._in_max:
+            edge = self._in_max
         out.append(edge - last)
         return out
 
@@ -948,6 +965,7 @@ class ReliableChannel(Channel):
                 return
             if ack > self._acked:
                 self._on_ack(ack, now)
+                self._feedback_at = now
             miss = json.get("miss")
             if miss is not None:
                 self._on_miss(ack, miss, now)
@@ -988,6 +1006,7 @@ class ReliableChannel(Channel):
             self._deliver(json, body, end is True)
             if self._inbuf:
                 self._drain()
+                self._ack_due = now  # a gap was filled: tell the sender at once
             if self._peer_ended:
                 self._ack_due = now  # ack the end at once, then maybe close cleanly
                 self._check_done(now)
@@ -999,8 +1018,12 @@ class ReliableChannel(Channel):
         self._inbuf[seq] = (json, body)
         if seq > self._in_max:
             self._in_max = seq
-        if len(self._inbuf) * 2 > self._window:
-            self._ack_due = now  # v3 reliable.md: over half full, send a miss
+        held = len(self._inbuf)
+        if held * 2 > self._window or held == MISS_THRESHOLD:
+            # v3 reliable.md: over half full, send a miss; ours: also once a few packets
+            # wait behind a gap (TCP's three duplicate acks), so one lost packet costs a
+            # round trip, not ACK_DELAY (or a RESEND_INTERVAL if that miss is lost)
+            self._ack_due = now
         elif self._ack_due is None:
             self._ack_due = now + ACK_DELAY
 
@@ -1030,6 +1053,12 @@ class ReliableChannel(Channel):
 
     def _on_ack(self, ack: int, now: float) -> None:
         outq = self._out
+        newest = outq[ack]
+        if newest.resent_at is None:
+            # Karn: time only packets sent once; the minimum filters out ack delays
+            sample = now - newest.sent_at
+            if self._min_rtt is None or sample < self._min_rtt:
+                self._min_rtt = sample
         for seq in range(self._acked + 1, ack + 1):
             del outq[seq]
         self._acked = ack
@@ -1048,11 +1077,16 @@ class ReliableChannel(Channel):
             self._drop("bad miss")
             return
         seqs, edge = decoded
+        if seqs:
+            # the peer is alive and names its losses: misses, not RESEND_INTERVAL, drive
+            # the resends until it goes quiet (ours; saves resending what it holds)
+            self._feedback_at = now
         capacity = edge - ack
         # v3 reliable.md: the total delta is the peer's window; never send beyond it
         self._set_peer_window(capacity if capacity <= MAX_WINDOW else MAX_WINDOW)
         sent_max = self._next_unsent - 1
         outq = self._out
+        rtt = self._min_rtt or 0.0  # without a sample, resend at once as e3x does
         for seq in seqs:
             if seq > sent_max:
                 self._drop("miss out of range")
@@ -1060,8 +1094,10 @@ class ReliableChannel(Channel):
             entry = outq.get(seq)
             if entry is None or entry.queued:
                 continue  # acked already (or stale), or queued for resend already
-            if entry.resent_at is not None and now - entry.resent_at < MISS_RESEND_INTERVAL:
+            if entry.resent_at is not None and entry.resent_at + MISS_RESEND_INTERVAL > now:
                 continue  # v3 reliable.md: at most once per second
+            if entry.sent_at + rtt > now:
+                continue  # ours: sent less than a round trip ago, this miss predates it
             entry.resent_at = now
             entry.queued = True
             self._resend.append(seq)
@@ -1084,6 +1120,8 @@ class ReliableChannel(Channel):
             self._duplicates += 1
             self._ack_due = now
             return
+        if self._discard_at is not None and seq is None:
+            return  # a late bare ack while lingering: normal, nothing to do
         self._drop("closed")
 
     def _check_done(self, now: float) -> None:
@@ -1107,8 +1145,8 @@ class ReliableChannel(Channel):
         self._resend.clear()
         self._inbuf.clear()
         self._in_max = 0
-        if self._discard_at is None:
-            self._ack_due = None
+        if self._discard_at is None or self._in_done == self._ack_sent:
+            self._ack_due = None  # gone, or lingering with nothing owed: no repeats
 
     def _in_flight(self) -> int:
         return len(self._out)
@@ -1134,7 +1172,7 @@ class ReliableChannel(Channel):
         deadline = self._ack_due
         if self._next_unsent - 1 > self._acked:
             # something in flight: resend the oldest after RESEND_INTERVAL, give up after timeout
-            resend = self._out[self._acked + 1].sent_at + RESEND_INTERVAL
+            resend = max(self._out[self._acked + 1].sent_at, self._feedback_at) + RESEND_INTERVAL
             if deadline is None or resend < deadline:
                 deadline = resend
             give_up = self._progress_at + self._timeout
@@ -1175,14 +1213,20 @@ class ReliableChannel(Channel):
         ) + timeout:
             self.close("timeout", now=now)
             return
-        if sent_max > self._acked and now >= self._out[self._acked + 1].sent_at + RESEND_INTERVAL:
-            # unacked for RESEND_INTERVAL: resend every packet that old (once per second)
+        feedback = self._feedback_at
+        if (
+            sent_max > self._acked
+            and now >= max(self._out[self._acked + 1].sent_at, feedback) + RESEND_INTERVAL
+        ):
+            # unacked and no word from the peer for RESEND_INTERVAL: resend every packet
+            # that old (a lost ack costs a window; the repeated ack makes that rare)
             outq = self._out
             for seq in range(self._acked + 1, sent_max + 1):
                 entry = outq[seq]
-                if entry.queued or now - entry.sent_at < RESEND_INTERVAL:
+                # deadlines are compared as sums, exactly as get_timer computes them
+                if entry.queued or max(entry.sent_at, feedback) + RESEND_INTERVAL > now:
                     continue
-                if entry.resent_at is not None and now - entry.resent_at < MISS_RESEND_INTERVAL:
+                if entry.resent_at is not None and entry.resent_at + MISS_RESEND_INTERVAL > now:
                     continue
                 entry.resent_at = now
                 entry.queued = True
