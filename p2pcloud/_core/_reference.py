@@ -69,7 +69,9 @@ __all__ = [
 
 HLC_LOGICAL_BITS: Final = 16  # 65,536 events per millisecond before borrowing the next ms
 HLC_LOGICAL_MASK: Final = (1 << HLC_LOGICAL_BITS) - 1
-MAX_PHYSICAL_MS: Final = (1 << 48) - 1  # 48 bits of milliseconds last until the year 10889
+# 48 bits hold the milliseconds, but now_ms stays below 2^47 (the year 6429) so every accepted
+# HLC is below 2^63 and the difference of two fits a signed 64-bit integer (ADVANCE ops)
+MAX_PHYSICAL_MS: Final = (1 << 47) - 1
 MAX_HLC: Final = (1 << 64) - 1  # the packed clock is one unsigned 64-bit integer
 MAX_CLOCK_SKEW_MS: Final = 5 * 60 * 1000
 """How far a remote clock may run ahead of ours (5 minutes, Kerberos' default tolerance).
@@ -131,7 +133,7 @@ def hlc_pack(physical_ms: int, logical: int) -> int:
     """Pack a hybrid logical clock reading into 64 bits.
 
     Args:
-        physical_ms: milliseconds since the Unix epoch, 0..2^48-1.
+        physical_ms: milliseconds since the Unix epoch, 0..2^47-1.
         logical: the logical counter, 0..65535.
 
     Returns:
@@ -164,7 +166,7 @@ def hlc_unpack(hlc: int) -> tuple[int, int]:
 
 def _check_now(now_ms: int) -> None:
     if not isinstance(now_ms, int) or not 0 <= now_ms <= MAX_PHYSICAL_MS:
-        raise CoreUsageError("now_ms must be an int of milliseconds in 0..2^48-1")
+        raise CoreUsageError("now_ms must be an int of milliseconds in 0..2^47-1")
 
 
 class HybridClock:
