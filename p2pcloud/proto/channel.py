@@ -837,7 +837,12 @@ class ReliableChannel(Channel):
             return last
         out: list[tuple[dict[str, Any], bytes]] = []
         in_done = self._in_done
-        miss = self._miss() if self._inbuf else self._advert
+        if self._inbuf:
+            miss: list[int] | None = self._miss()
+        elif not self._has_sent:
+            miss = self._advert  # our first packet announces a non-default window
+        else:
+            miss = None
         with_ack = in_done > 0 or miss is not None  # a miss is read relative to its ack
         # resends first: they are what the peer is waiting for
         if self._resend:
@@ -884,7 +889,7 @@ class ReliableChannel(Channel):
         elif self._ack_due is not None and now >= self._ack_due:
             if in_done == self._ack_sent:
                 self._ack_repeated = in_done  # this bare ack is the repeat
-            out.append((self._ack_head(miss), b""))
+            out.append((self._ack_head(self._advert if miss is None else miss), b""))
             self._acks_sent += 1
             self._mark_sent()
         else:
@@ -1067,6 +1072,11 @@ class ReliableChannel(Channel):
             self._check_done(now)
 
     def _on_miss(self, ack: int, miss: object, now: float) -> None:
+        if type(miss) is list and len(miss) == 1 and type(miss[0]) is int and miss[0] > 0:
+            # fast path: only the window edge (a window advertisement, or JS's [50])
+            capacity = miss[0]
+            self._set_peer_window(capacity if capacity <= MAX_WINDOW else MAX_WINDOW)
+            return
         if type(miss) is not list:
             self._drop("bad miss")
             return
