@@ -78,3 +78,11 @@ class CoreUsageError(CoreError):
 
 class StoreError(P2PCloudError):
     """Raised when the LMDB store fails; wraps ``lmdb.Error``."""
+
+
+class StoreUsageError(StoreError, ValueError):
+    """Raised by the store on a wrong type or a broken size limit; nothing is written."""
+
+
+class StoreFull(StoreError):
+    """Raised by the store when its map hit its size cap or the disk is full; nothing written."""
