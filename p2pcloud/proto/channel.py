@@ -752,6 +752,8 @@ class ReliableChannel(Channel):
         self._ack_every = max(1, min(window, DEFAULT_WINDOW) // 4)  # see _set_peer_window
         # ours: a non-default window is advertised as a lone edge delta on every ack
         self._advert: list[int] | None = None if window == DEFAULT_WINDOW else [window]
+        # content packets carry it until the peer acks one (they all carried it till then)
+        self._advertising = self._advert is not None
         self._recv_limit = window + RECEIVE_SLACK
 
     # -- sending -------------------------------------------------------------------------
@@ -839,8 +841,8 @@ class ReliableChannel(Channel):
         in_done = self._in_done
         if self._inbuf:
             miss: list[int] | None = self._miss()
-        elif not self._has_sent:
-            miss = self._advert  # our first packet announces a non-default window
+        elif self._advertising:
+            miss = self._advert  # announce a non-default window until a packet with it is acked
         else:
             miss = None
         with_ack = in_done > 0 or miss is not None  # a miss is read relative to its ack
@@ -1068,6 +1070,7 @@ class ReliableChannel(Channel):
             del outq[seq]
         self._acked = ack
         self._progress_at = now
+        self._advertising = False  # the peer got a packet with our window: stop repeating it
         if self._end_seq is not None and ack >= self._end_seq:
             self._check_done(now)
 

@@ -94,6 +94,7 @@ class Pipe:
             "a": send_window_a or min(window_a, window_b),
             "b": send_window_b or min(window_a, window_b),
         }
+        self.timeout = CHANNEL_TIMEOUT  # given to accept_channel
         self.flight: list[tuple[float, int, str, bytes, bytes]] = []
         self.fifo = {"a": 0.0, "b": 0.0}  # a link keeps order unless a packet is reordered
         self.counter = 0
@@ -150,7 +151,9 @@ class Pipe:
         if dst.channel is None:
             if "type" not in head:
                 return  # the mesh drops packets for unknown channels that are not opens
-            dst.channel = accept_channel(head, body, self.now, window=dst.window)
+            dst.channel = accept_channel(
+                head, body, self.now, window=dst.window, timeout=self.timeout
+            )
         else:
             dst.channel.receive(head, body, self.now)
         ack = head.get("ack")
@@ -252,15 +255,17 @@ def transfer(
     both_ways: bool = False,
     window_a: int = DEFAULT_WINDOW,
     window_b: int = DEFAULT_WINDOW,
+    timeout: float = CHANNEL_TIMEOUT,
 ) -> Pipe:
     """Send ``size`` random bytes from a to b (and b to a) over a bad link; both end."""
     rng = random.Random(seed)
     payload_a = rng.randbytes(size)
     payload_b = rng.randbytes(size // 2) if both_ways else b""
-    a = open_channel(CID, "bulk", reliable=True, now=0.0, window=window_a)
+    a = open_channel(CID, "bulk", reliable=True, now=0.0, window=window_a, timeout=timeout)
     pipe = Pipe(
         a, seed=seed, loss=loss, dup=dup, reorder=reorder, window_a=window_a, window_b=window_b
     )
+    pipe.timeout = timeout
     writer_a = Writer(pipe.a, payload_a, random.Random(seed + 1), lambda: pipe.now)
     writer_b = Writer(pipe.b, payload_b, random.Random(seed + 2), lambda: pipe.now)
 
