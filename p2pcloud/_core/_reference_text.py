@@ -411,7 +411,8 @@ def _encode_delta(runs: list[OpRun]) -> bytes:
             _put_id(body, index, run.origin_right)
             content.append(run.content)
         else:
-            kind = KIND_DELETE_BACK if run.step < 0 else KIND_DELETE_FWD
+            # a one-op run has no direction: always written forward
+            kind = KIND_DELETE_BACK if run.step < 0 and run.length > 1 else KIND_DELETE_FWD
             _put_uint(body, index[run.agent] << 2 | kind)
             _put_uint(body, run.counter)
             _put_uint(body, run.length)
@@ -799,6 +800,17 @@ class Text:
     def _is_item(self, ident: Id | None) -> bool:
         return ident is None or ident in self._items
 
+    def _can_insert(self, op: InsertRun) -> bool:
+        """Returns: True when both origins of ``op`` are here, left before right.
+
+        A valid op's origin_right follows its origin_left in every replica, because items
+        never move; an op breaking that came from a broken peer and stays held for ever.
+        """
+        left, right = op.origin_left, op.origin_right
+        if not (self._is_item(left) and self._is_item(right)):
+            return False
+        return left is None or right is None or self._position(left) < self._position(right)
+
     def _integrate_held(self) -> bool:
         """Integrates every held op whose predecessors are present. Returns: text changed."""
         changed = False
@@ -812,9 +824,7 @@ class Text:
                     done = 0
                     for op in _single_ops(run):
                         if isinstance(op, InsertRun):
-                            if not (
-                                self._is_item(op.origin_left) and self._is_item(op.origin_right)
-                            ):
+                            if not self._can_insert(op):
                                 break
                             item = _Item(
                                 op.agent,
@@ -959,7 +969,8 @@ class Text:
             assert isinstance(op_run, DeleteRun)
             if op_run.agent != previous_agent:
                 previous_agent, previous_end = op_run.agent, 1
-            _put_uint(col[COL_DEL_HEAD], index[op_run.agent] << 1 | (op_run.step < 0))
+            backward = op_run.step < 0 and op_run.length > 1
+            _put_uint(col[COL_DEL_HEAD], index[op_run.agent] << 1 | backward)
             _put_uint(col[COL_DEL_GAP], op_run.counter - previous_end)
             _put_uint(col[COL_DEL_LENGTH], op_run.length)
             _put_uint(col[COL_DEL_TARGET_AGENT], index[op_run.target_agent])
