@@ -55,6 +55,8 @@ __all__ = [
     "ACK_DELAY",
     "CHANNEL_TIMEOUT",
     "DEFAULT_WINDOW",
+    "HEAD_OVERHEAD",
+    "MAX_MISS_SENT",
     "MAX_WINDOW",
     "MISS_RESEND_INTERVAL",
     "RESEND_INTERVAL",
@@ -114,6 +116,15 @@ MAX_ERR_LENGTH: Final = 256
 MAX_MISS: Final = MAX_WINDOW + RECEIVE_SLACK + 1
 """digest §10.5: a ``miss`` cannot name more seqs than the largest receive buffer holds,
 plus the window edge; longer lists are cut here so a hostile list costs bounded work."""
+
+MAX_MISS_SENT: Final = 40
+"""Longest ``miss`` we send: the gaps beyond it are reported once the first ones are filled.
+It keeps our heads small (see HEAD_OVERHEAD) so a miss fits beside a full-size body."""
+
+HEAD_OVERHEAD: Final = 360
+"""Most bytes of JSON this layer adds to an application head (``c``, ``seq``, ``ack``,
+``end`` and a ``MAX_MISS_SENT`` miss, with json.dumps' default separators; the open's
+``type`` is not included). The mesh subtracts it when it computes the largest body."""
 
 MAX_UNRELIABLE_QUEUE: Final = 256
 """Unreliable packets queued between two :meth:`Channel.packets_to_send` calls."""
@@ -509,7 +520,7 @@ class Channel(abc.ABC):
     def _finish(self, err: str | None, now: float) -> None:
         """Enter CLOSED and emit the one ChannelClosed."""
         self._state = ChannelState.CLOSED
-        if err is None:
+        if err is None and self.reliable:
             self._discard_at = now + self._timeout  # before _drop_buffers: keep the last ack
         self._drop_buffers()
         self._events.append(ChannelClosed(err))
@@ -923,6 +934,8 @@ class ReliableChannel(Channel):
             if seq not in inbuf:
                 out.append(seq - last)
                 last = seq
+                if len(out) == MAX_MISS_SENT - 1:
+                    break  # the rest next time; the edge below stays right
         # reliable.md example: the edge is the highest acceptable seq (ack + buffer size);
         # a JS peer's overshoot into the slack moves it up to what we really hold
         edge = self._in_done + self._window

@@ -24,8 +24,12 @@ from p2pcloud.proto.channel import (
     ACK_DELAY,
     CHANNEL_TIMEOUT,
     DEFAULT_WINDOW,
+    HEAD_OVERHEAD,
     MAX_MISS,
+    MAX_MISS_SENT,
+    MAX_WINDOW,
     MISS_RESEND_INTERVAL,
+    RECEIVE_SLACK,
     RESEND_INTERVAL,
     Channel,
     ChannelClosed,
@@ -387,6 +391,21 @@ def test_miss_is_sent_at_once_behind_a_gap_and_when_over_half_full() -> None:
     feed(b, [({"c": CID, "seq": 14}, b"x")], 0.4)  # still over half: a miss per arrival
     assert b.packets_to_send(0.4) == [({"c": CID, "ack": 1, "miss": [1, 19]}, b"")]
     assert b.get_timer() == 0.4 + ACK_DELAY  # and every second while the gap lasts
+
+
+def test_our_miss_is_capped_so_heads_stay_small() -> None:
+    b = accept_channel({"c": CID, "type": "t", "seq": 1}, b"", 0.0, window=MAX_WINDOW)
+    feed(b, [({"c": CID, "seq": s}, b"x") for s in range(3, MAX_WINDOW, 2)], 0.1)  # 500 gaps
+    [(head, _)] = b.packets_to_send(0.1)
+    assert len(head["miss"]) == MAX_MISS_SENT
+    seqs, edge = decode_miss(head["ack"], head["miss"])  # type: ignore[misc]
+    assert seqs == list(range(2, 2 + 2 * (MAX_MISS_SENT - 1), 2))
+    assert edge == 1 + MAX_WINDOW
+    # the worst head this layer can add stays within HEAD_OVERHEAD
+    widest = len(str(MAX_WINDOW + RECEIVE_SLACK))
+    worst = {"c": 2**32 - 1, "seq": 2**32 - 1, "ack": 2**32 - 1, "end": True,
+             "miss": [10**widest - 1] * MAX_MISS_SENT}
+    assert len(jsonlib.dumps(worst)) <= HEAD_OVERHEAD
 
 
 def sender_with(n: int, now: float = 0.0, window: int = DEFAULT_WINDOW) -> ReliableChannel:
