@@ -86,3 +86,25 @@ class StoreUsageError(StoreError, ValueError):
 
 class StoreFull(StoreError):
     """Raised by the store when its map hit its size cap or the disk is full; nothing written."""
+
+
+# -- sync -----------------------------------------------------------------------------------
+
+
+class DeltaRejected(RemoteProtocolError):
+    """Raised by ``p2pcloud.sync.envelope.open_envelope`` when a signed delta must not be applied.
+
+    ``reason`` is one of the ``p2pcloud.sync.envelope.REJECT_*`` strings (forged signature,
+    key binding, write rights, unknown sub-cloud, replica id mismatch, malformed).
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        """Record why the delta was refused.
+
+        Args:
+            reason: a ``REJECT_*`` constant of ``p2pcloud.sync.envelope``.
+            detail: free text for logs.
+        """
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
