@@ -268,16 +268,23 @@ def _err_text(value: object) -> str:
     return "unknown error"
 
 
-def _check_json(json: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Validate application head keys; raise LocalProtocolError on reserved ones."""
-    if not json:
-        return {}
-    bad = RESERVED_KEYS.intersection(json)
-    if bad:
-        raise LocalProtocolError(
-            f"head keys {sorted(bad)} are set by the channel layer; rename them"
-        )
-    return dict(json)
+def _new_head(
+    cid: ChannelId, json: Mapping[str, Any] | None, type: str | None = None
+) -> dict[str, Any]:
+    """A head with ``c`` (and ``type``) first, then the application's keys.
+
+    Raises:
+        LocalProtocolError: ``json`` uses a key the channel layer sets itself.
+    """
+    head: dict[str, Any] = {"c": cid} if type is None else {"c": cid, "type": type}
+    if json:
+        bad = RESERVED_KEYS.intersection(json)
+        if bad:
+            raise LocalProtocolError(
+                f"head keys {sorted(bad)} are set by the channel layer; rename them"
+            )
+        head.update(json)
+    return head
 
 
 def _has_content(json: dict[str, Any], body: bytes) -> bool:
@@ -582,8 +589,7 @@ class UnreliableChannel(Channel):
             raise LocalProtocolError(f"channel {self.cid} already sent end")
         if len(self._queue) >= MAX_UNRELIABLE_QUEUE:
             raise LocalProtocolError("send queue full: wait until send_capacity() > 0")
-        head = _check_json(json)
-        head["c"] = self.cid
+        head = _new_head(self.cid, json)
         if end:
             head["end"] = True
             self._sent_end = True
@@ -761,7 +767,7 @@ class ReliableChannel(Channel):
         self._ack_repeated = 0  # last ack value we sent twice (see packets_to_send)
         self._ack_due: float | None = None  # when a (bare) ack must go out
         self._ack_every = max(1, min(window, DEFAULT_WINDOW) // 4)  # see _set_peer_window
-        # ours: a non-default window is advertised as a lone edge delta on every ack
+        # ours: a non-default window is advertised as a lone edge delta (see packets_to_send)
         self._advert: list[int] | None = None if window == DEFAULT_WINDOW else [window]
         # content packets carry it until the peer acks one (they all carried it till then)
         self._advertising = self._advert is not None
@@ -795,11 +801,7 @@ class ReliableChannel(Channel):
             raise LocalProtocolError(f"channel {self.cid} already sent end")
         if self.send_capacity() <= 0:
             raise LocalProtocolError("send buffer full: wait until send_capacity() > 0")
-        if json:
-            head = _check_json(json)
-            head["c"] = self.cid
-        else:
-            head = {"c": self.cid}
+        head = _new_head(self.cid, json) if json else {"c": self.cid}
         self._queue_packet(head, body if type(body) is bytes else bytes(body), end)
 
     def _queue_packet(self, head: dict[str, Any], body: bytes, end: bool) -> None:
@@ -1302,9 +1304,7 @@ def open_channel(
         raise LocalProtocolError(f"channel type must be 1..{MAX_TYPE_LENGTH} characters")
     if not isinstance(cid, int) or isinstance(cid, bool) or not 1 <= cid <= MAX_CHANNEL_ID:
         raise LocalProtocolError("channel id must be a uint32 >= 1")
-    head = _check_json(json)
-    head["c"] = cid
-    head["type"] = type
+    head = _new_head(cid, json, type)
     channel: ReliableChannel | UnreliableChannel
     if reliable:
         channel = ReliableChannel(

@@ -544,6 +544,20 @@ def test_telehash_js_packet_shapes_are_understood() -> None:
     assert drain(a) == [ChannelClosed("unknown type")]
 
 
+def test_telehash_js_partial_miss_is_covered_by_the_resend_timer() -> None:
+    # e3x lists gaps only from its lowest buffered seq: holding 3 and 4 with ack 1 it sends
+    # "miss":[50] and never names 2; our resend timer must bring 2 (and the lost 5) anyway
+    a = sender_with(5)
+    a.packets_to_send(0.0)
+    for now in (0.1, 0.2, 0.3):
+        feed(a, [({"c": CID, "ack": 1, "miss": [50]}, b"")], now)
+        assert a.packets_to_send(now) == []
+    timer = a.get_timer()
+    assert timer == 0.1 + RESEND_INTERVAL  # two seconds after the last ack progress
+    a.handle_timer(timer)
+    assert [h["seq"] for h, _ in a.packets_to_send(timer)] == [2, 3, 4, 5]
+
+
 # -- end, err, timeouts -----------------------------------------------------------------
 
 
