@@ -108,3 +108,18 @@ class DeltaRejected(RemoteProtocolError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+# -- blobs and folder sync ------------------------------------------------------------------
+
+
+class BlobError(P2PCloudError):
+    """Base of the errors raised by ``p2pcloud.blobs`` and ``p2pcloud.files``."""
+
+
+class BadManifest(BlobError, ValueError):
+    """Raised by ``p2pcloud.blobs.decode_manifest`` when manifest bytes are malformed or too big."""
+
+
+class UnsafePath(BlobError, ValueError):
+    """Raised by ``p2pcloud.files`` for a path that must not be synced (``..``, absolute, unsafe)."""

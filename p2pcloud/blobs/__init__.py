@@ -1,0 +1,96 @@
+"""Blobs: content-defined chunks, manifests, the fetch planner and the ``blob`` channel.
+
+Pure: no I/O, no clock (DESIGN.md section 3). ``p2pcloud.files`` reads files and feeds
+buffers in; the node plugs a chunk store and a message sender in. docs/files.md explains it.
+"""
+
+from p2pcloud.blobs.chunking import (
+    CHUNK_AVG,
+    CHUNK_MAX,
+    CHUNK_MIN,
+    HASH_SIZE,
+    ChunkSpan,
+    chunk_buffer,
+    chunk_hash,
+    iter_chunks,
+)
+from p2pcloud.blobs.fetch import (
+    MAX_IN_FLIGHT_PER_PEER,
+    MAX_STRIKES,
+    REQUEST_TIMEOUT,
+    BlobFetch,
+    ChunkRejected,
+    ChunkVerified,
+    FetchCompleted,
+    FetchEvent,
+    FetchProgress,
+    PeerBanned,
+)
+from p2pcloud.blobs.manifest import (
+    MAX_BLOB_SIZE,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_CHUNKS,
+    ChunkRef,
+    Manifest,
+    decode_manifest,
+    manifest_of,
+)
+from p2pcloud.blobs.messages import (
+    BLOB_CHANNEL,
+    MAX_BLOB_MESSAGE,
+    BlobMessage,
+    ChunkData,
+    ChunkError,
+    Have,
+    ManifestAssembler,
+    ManifestPiece,
+    ManifestWant,
+    Want,
+    decode_blob_message,
+    encode_blob_message,
+    manifest_pieces,
+)
+from p2pcloud.blobs.serve import ChunkStore, answer
+
+__all__ = [
+    "BLOB_CHANNEL",
+    "CHUNK_AVG",
+    "CHUNK_MAX",
+    "CHUNK_MIN",
+    "HASH_SIZE",
+    "MAX_BLOB_MESSAGE",
+    "MAX_BLOB_SIZE",
+    "MAX_IN_FLIGHT_PER_PEER",
+    "MAX_MANIFEST_BYTES",
+    "MAX_MANIFEST_CHUNKS",
+    "MAX_STRIKES",
+    "REQUEST_TIMEOUT",
+    "BlobFetch",
+    "BlobMessage",
+    "ChunkData",
+    "ChunkError",
+    "ChunkRef",
+    "ChunkRejected",
+    "ChunkSpan",
+    "ChunkStore",
+    "ChunkVerified",
+    "FetchCompleted",
+    "FetchEvent",
+    "FetchProgress",
+    "Have",
+    "Manifest",
+    "ManifestAssembler",
+    "ManifestPiece",
+    "ManifestWant",
+    "PeerBanned",
+    "Want",
+    "answer",
+    "chunk_buffer",
+    "chunk_hash",
+    "decode_blob_message",
+    "decode_manifest",
+    "encode_blob_message",
+    "iter_chunks",
+    "manifest_of",
+    "manifest_pieces",
+]
