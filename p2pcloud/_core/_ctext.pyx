@@ -31,6 +31,7 @@ from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcpy, memmove
 
+import bisect
 import zlib
 from collections.abc import Mapping
 
@@ -988,6 +989,8 @@ cdef class Text:
         ola = olc = ora = orc = NONE
         if p == 0:
             o = i = 0
+            self._cur_ord = 0  # block 0 grows: the cursor's count of chars before it would not
+            self._cur_start = 0
             if self._n_blocks:
                 nr = self._blocks[self._order[0]].runs[0]
                 ora = self._runs[nr].agent
@@ -1213,7 +1216,7 @@ cdef class Text:
             raise DecodeError("too many ops waiting for their predecessors (MAX_HELD_RUNS)")
         for run in runs:
             self._hold(run)
-        return self._integrate_held()
+        return self._integrate_held() == 1
 
     cdef _hold(self, list run):
         """Adds the part of ``run`` that is neither integrated nor already held."""
@@ -1226,19 +1229,22 @@ cdef class Text:
             run = _tail(run, done + 1 - run[2])
         held = self._held.setdefault(run[1], [])
         pieces = []
-        for other in held:  # first arrival wins for every counter
-            if _run_end(other) <= run[2] or other[2] >= _run_end(run):
-                continue
+        # held runs are sorted and disjoint: visit those overlapping ``run``; for every
+        # counter the first arrival wins
+        at = bisect.bisect_right(held, run[2], key=_end_of)
+        while at < len(held) and held[at][2] < _run_end(run):
+            other = held[at]
             if other[2] > run[2]:
                 pieces.append(_head(run, other[2] - run[2]))
             if _run_end(other) >= _run_end(run):
                 run = _head(run, 0)
                 break
-            run = _tail(run, max(0, _run_end(other) - run[2]))
+            run = _tail(run, _run_end(other) - run[2])
+            at += 1
         if run[3]:
             pieces.append(run)
-        held.extend(pieces)
-        held.sort(key=_counter_of)
+        for piece in pieces:
+            bisect.insort(held, piece, key=_counter_of)
 
     cdef bint _can_insert(self, list run):
         """Both origins are here, origin_left before origin_right (see the twin)."""
@@ -1261,14 +1267,17 @@ cdef class Text:
         cdef bint changed = False, progress = True
         cdef int32_t a
         cdef int64_t done
+        cdef Py_ssize_t taken
         cdef list held, run
         while progress:
             progress = False
             for agent in sorted(self._held):
                 held = self._held[agent]
                 a = self._agent(agent)
-                while held and held[0][2] == <int64_t>self._agents[a].version + 1:
-                    run = held[0]
+                taken = 0
+                while taken < len(held) and (
+                        held[taken][2] == <int64_t>self._agents[a].version + 1):
+                    run = held[taken]
                     if run[0] == 0:
                         if not self._can_insert(run):
                             break
@@ -1284,9 +1293,10 @@ cdef class Text:
                         break
                     progress = True
                     if done < run[3]:
-                        held[0] = _tail(run, done)
+                        held[taken] = _tail(run, done)
                         break
-                    held.pop(0)
+                    taken += 1
+                del held[:taken]
                 if not held:
                     del self._held[agent]
         # remote edits change block totals anywhere: restart the cursor cache
@@ -1897,6 +1907,10 @@ cdef bint _covered(Span *spans, int64_t n, int64_t agent, int64_t start, int64_t
 
 def _counter_of(run):
     return run[2]
+
+
+def _end_of(run):
+    return run[2] + run[3]
 
 
 def _merge_lists(list runs):

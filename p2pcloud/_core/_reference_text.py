@@ -37,6 +37,7 @@ This module does no I/O and reads no clock (DESIGN.md section 3).
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -209,6 +210,14 @@ def _merge_runs(chars: list[OpRun]) -> list[OpRun]:
                 continue
         out.append(op.tail(0))  # a copy: merging must not change the caller's runs
     return out
+
+
+def _run_end(run: OpRun) -> int:
+    return run.end()
+
+
+def _run_counter(run: OpRun) -> int:
+    return run.counter
 
 
 def _single_ops(run: OpRun) -> Iterator[OpRun]:
@@ -783,19 +792,22 @@ class Text:
             run = run.tail(done + 1 - run.counter)
         held = self._held.setdefault(run.agent, [])
         pieces: list[OpRun] = []
-        for other in held:  # first arrival wins for every counter
-            if other.end() <= run.counter or other.counter >= run.end():
-                continue
+        # held runs are sorted and disjoint: visit those overlapping ``run``; for every
+        # counter the first arrival wins
+        at = bisect.bisect_right(held, run.counter, key=_run_end)
+        while at < len(held) and held[at].counter < run.end():
+            other = held[at]
             if other.counter > run.counter:
                 pieces.append(run.head(other.counter - run.counter))
             if other.end() >= run.end():
                 run = run.head(0)
                 break
-            run = run.tail(max(0, other.end() - run.counter))
+            run = run.tail(other.end() - run.counter)
+            at += 1
         if run.length:
             pieces.append(run)
-        held.extend(pieces)
-        held.sort(key=lambda r: r.counter)
+        for piece in pieces:
+            bisect.insort(held, piece, key=_run_counter)
 
     def _is_item(self, ident: Id | None) -> bool:
         return ident is None or ident in self._items
@@ -819,8 +831,9 @@ class Text:
             progress = False
             for agent in sorted(self._held):
                 held = self._held[agent]
-                while held and held[0].counter == self._version.get(agent, 0) + 1:
-                    run = held[0]
+                taken = 0
+                while taken < len(held) and held[taken].counter == self._version.get(agent, 0) + 1:
+                    run = held[taken]
                     done = 0
                     for op in _single_ops(run):
                         if isinstance(op, InsertRun):
@@ -848,9 +861,10 @@ class Text:
                         break
                     progress = True
                     if done < run.length:
-                        held[0] = run.tail(done)
+                        held[taken] = run.tail(done)
                         break
-                    held.pop(0)
+                    taken += 1
+                del held[:taken]
                 if not held:
                     del self._held[agent]
         return changed
