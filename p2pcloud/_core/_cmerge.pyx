@@ -27,13 +27,15 @@ imported from the reference, so values and errors are the very same objects.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_GetItem
+from cpython.dict cimport PyDict_GetItem, PyDict_SetDefault
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy
+
+cimport cython
 
 from bisect import bisect_right
 
@@ -599,14 +601,24 @@ cdef class CausalContext:
 # -- state ---------------------------------------------------------------------------------
 
 
+@cython.no_gc
+@cython.freelist(64)
 cdef class Entry:
-    """One live entry of a dot store (see the reference)."""
+    """One live entry of a dot store (see the reference).
+
+    Not tracked by the garbage collector: an entry refers only to the next entry of its
+    field and to a stored value (scalars, or containers the core copied), so it is never
+    part of a reference cycle; millions of entries would otherwise make every collection
+    walk them. ``gen`` is the apply() call that inserted it (0 for local writes): it lets
+    the change report skip fields already reported without a dictionary of every change.
+    """
     cdef public int kind
     cdef public int rep
     cdef public uint64_t ctr
     cdef public uint64_t hlc
     cdef public object value
     cdef public Entry next
+    cdef uint64_t gen
 
 
 cdef inline Entry new_entry(int kind, int rep, uint64_t ctr, uint64_t hlc, object value):
@@ -617,7 +629,52 @@ cdef inline Entry new_entry(int kind, int rep, uint64_t ctr, uint64_t hlc, objec
     e.hlc = hlc
     e.value = value
     e.next = None
+    e.gen = 0
     return e
+
+
+cdef class _Changes:
+    """The change report of one apply() call: each place once, in first-touch order.
+
+    The reference keeps a dict of every change. Here an insertion marks its entry with the
+    call's generation, so a field whose head carries that mark was already reported; the
+    rarer touches (kills, text, logs) go through the ``rare`` set, which an insertion
+    consults only when it is not empty.
+    """
+    cdef list order
+    cdef set rare
+    cdef uint64_t gen
+    cdef bint on
+
+    def __cinit__(self, uint64_t gen, bint on):
+        self.order = []
+        self.rare = set()
+        self.gen = gen
+        self.on = on
+
+    cdef int touch(self, object coll, object doc, object field, Entry head) except -1:
+        """A kill, text or log touch of a place whose field head is ``head`` (or None)."""
+        if not self.on:
+            return 0
+        key = (coll, doc, field)
+        if key in self.rare:
+            return 0
+        if head is None or head.gen != self.gen:
+            self.order.append(key)
+        self.rare.add(key)
+        return 0
+
+    cdef inline int inserted(self, Doc d, object field, Entry old_head) except -1:
+        """An insertion in front of ``old_head`` (None if the field was empty)."""
+        if not self.on:
+            return 0
+        if old_head is not None and old_head.gen == self.gen:
+            return 0
+        key = (d.coll, d.id, field)
+        if self.rare and key in self.rare:
+            return 0
+        self.order.append(key)
+        return 0
 
 
 cdef class Doc:
@@ -699,11 +756,13 @@ cdef class _Names:
         self.last = _Buf()
 
     cdef int put(self, _Buf buf, str name) except -1:
-        cdef PyObject* pi = PyDict_GetItem(self.index, name)
-        cdef Py_ssize_t n, p, limit
+        cdef Py_ssize_t count = len(self.index)
+        cdef PyObject* pi = PyDict_SetDefault(self.index, name, count)
+        cdef Py_ssize_t n, p, limit, found
         cdef const unsigned char* raw
-        if pi != NULL:
-            buf.varint((<uint64_t>(<object>pi)) << 1)
+        found = <object>pi
+        if found != count:
+            buf.varint((<uint64_t>found) << 1)
             return 0
         raw = <const unsigned char*>PyUnicode_AsUTF8AndSize(name, &n)
         limit = n if n < self.last.n else self.last.n
@@ -713,7 +772,6 @@ cdef class _Names:
         buf.varint(((<uint64_t>p) << 1) | 1)
         buf.varint(<uint64_t>(n - p))
         buf.raw(raw + p, n - p)
-        self.index[name] = len(self.index)
         self.last.n = p
         self.last.raw(raw + p, n - p)
         return 0
@@ -934,6 +992,7 @@ cdef class Replica:
     cdef uint64_t _txn_start
     cdef uint64_t _own_flushed
     cdef _Buf _scratch
+    cdef uint64_t _gen
 
     def __init__(self, replica_id):
         """Create an empty replica.
@@ -955,6 +1014,7 @@ cdef class Replica:
         self._txn_start = 0
         self._own_flushed = 0
         self._scratch = _Buf()
+        self._gen = 1
 
     cdef int _flush_own(self) except -1:
         # the open transaction's own dots join the context as one range
@@ -1114,11 +1174,13 @@ cdef class Replica:
         d = self._doc_w(t, coll, doc)
         if isinstance(value, (list, tuple, dict)):
             value = decode_value(s.tobytes())
-        ph = PyDict_GetItem(d.fields, field)
-        head = None if ph == NULL else <Entry>ph
         ctr = self._new_dot()
         e = new_entry(op, 0, ctr, self._txn_hlc, value)
-        d.fields[field] = e
+        ph = PyDict_SetDefault(d.fields, field, e)
+        head = None
+        if ph != <PyObject*>e:
+            head = <Entry>ph
+            d.fields[field] = e
         # header byte, then the names that changed, the field, the value, the kills
         h = op
         if head is not None:
@@ -1654,7 +1716,8 @@ cdef class Replica:
                 exc.delta_index = i
                 raise
         self._flush_own()
-        changes = {}
+        changes = _Changes(self._gen, report)
+        self._gen += 1
         for d in decoded:
             self._merge(d, changes)
             if d.max_hlc > self.clock.last:
@@ -1662,7 +1725,7 @@ cdef class Replica:
         m = self._ctx.max(0) + 1
         if m > self._next:
             self._next = m
-        return list(changes) if report else []
+        return changes.order
 
     @classmethod
     def load(cls, snapshot, replica_id, now_ms):
@@ -1684,7 +1747,7 @@ cdef class Replica:
         self._rep_index[rid] = idx
         return idx
 
-    cdef int _merge(self, _Decoded d, dict changes) except -1:
+    cdef int _merge(self, _Decoded d, _Changes changes) except -1:
         cdef Py_ssize_t i, k, nrep = len(d.reps)
         cdef int* rmap = <int*>malloc((nrep if nrep else 1) * sizeof(int))
         if rmap == NULL:
@@ -1697,7 +1760,7 @@ cdef class Replica:
             free(rmap)
         return 0
 
-    cdef int _merge_inner(self, _Decoded d, dict changes, int* rmap) except -1:
+    cdef int _merge_inner(self, _Decoded d, _Changes changes, int* rmap) except -1:
         cdef Py_ssize_t i, k, oi
         cdef RunRec* run
         cdef OpRec* op
@@ -1769,7 +1832,7 @@ cdef class Replica:
                         text = self._texts[key] = _text_class()(self.replica_id)
                     payload = payloads[oi]
                     if payload and text.apply(payload):
-                        changes[key] = None
+                        changes.touch(key[0], key[1], key[2], self._field_head(key[0], key[1], key[2]))
                 if not fresh:
                     continue
                 if kind == OP_APPEND:
@@ -1778,7 +1841,7 @@ cdef class Replica:
                     if es is None:
                         es = self._logs[coll_s] = []
                     es.append(new_entry(kind, r, dot, op.hlc, payloads[oi]))
-                    changes[(coll_s, None, None)] = None
+                    changes.touch(coll_s, None, None, None)
                     continue
                 if doc_obj is None or op.coll != doc_coll or op.doc != doc_doc:
                     doc_obj = self._doc_for_write(names[op.coll], names[op.doc])
@@ -1786,11 +1849,12 @@ cdef class Replica:
                     doc_doc = op.doc
                 field_s = names[op.field]
                 e = new_entry(kind, r, dot, op.hlc, payloads[oi])
-                ph = PyDict_GetItem(doc_obj.fields, field_s)
-                if ph != NULL:
+                e.gen = changes.gen
+                ph = PyDict_SetDefault(doc_obj.fields, field_s, e)
+                if ph != <PyObject*>e:
                     e.next = <Entry>ph
-                doc_obj.fields[field_s] = e
-                changes[(doc_obj.coll, doc_obj.id, field_s)] = None
+                    doc_obj.fields[field_s] = e
+                changes.inserted(doc_obj, field_s, e.next)
             if have_piece:
                 ctx.add_range(r, plo, phi)
         # 3. the context ranges join the local context
@@ -1806,7 +1870,7 @@ cdef class Replica:
                 return d.runs[k].rep
         return 0
 
-    cdef int _apply_kills(self, _Decoded d, OpRec* op, int* rmap, dict changes) except -1:
+    cdef int _apply_kills(self, _Decoded d, OpRec* op, int* rmap, _Changes changes) except -1:
         cdef Py_ssize_t i
         cdef Entry e
         dots = []
@@ -1830,15 +1894,15 @@ cdef class Replica:
             es = _chain_list(head)
             keep = [e for e in es if (e.rep, e.ctr) not in dead]
             if len(keep) != len(es):
+                changes.touch(coll, doc, f, head)
                 _relink(dd, f, keep)
-                changes[(coll, doc, f)] = None
         if not fields:
             del self._colls[coll][(<Doc>dd).id]
             if not self._colls[coll]:
                 del self._colls[coll]
         return 0
 
-    cdef _kill_covered(self, CausalContext kctx, set hit, set rundots, dict changes):
+    cdef _kill_covered(self, CausalContext kctx, set hit, set rundots, _Changes changes):
         cdef Entry e
         for coll in list(self._colls):
             docs = self._colls[coll]
@@ -1849,8 +1913,8 @@ cdef class Replica:
                     keep = [e for e in es if not (e.rep in hit and kctx.contains(e.rep, e.ctr)
                                                   and (e.rep, e.ctr) not in rundots)]
                     if len(keep) != len(es):
+                        changes.touch(coll, doc_id, f, d.fields[f])
                         _relink(d, f, keep)
-                        changes[(coll, doc_id, f)] = None
                 if not d.fields:
                     del docs[doc_id]
             if not docs:
@@ -1860,7 +1924,7 @@ cdef class Replica:
             keep = [e for e in es if not (e.rep in hit and kctx.contains(e.rep, e.ctr)
                                           and (e.rep, e.ctr) not in rundots)]
             if len(keep) != len(es):
-                changes[(name, None, None)] = None
+                changes.touch(name, None, None, None)
                 if keep:
                     self._logs[name] = keep
                 else:
