@@ -286,6 +286,7 @@ class _Link:
     last_rx: float = 0.0
     last_sync: float = -1e18
     last_catchup: float = -1e18  # last answer to a restarted peer's stale handshake
+    last_reply: float = -1e18  # last handshake sent in answer to one (rate of re-echoes)
     channels: dict[ChannelId, _ch.Channel] = field(default_factory=dict)
     cid_floor: int = 0  # highest channel id the peer opened in this session
     ping_cids: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_PING_CIDS))
@@ -455,7 +456,12 @@ class Mesh:
         if isinstance(target, LinkInfo):
             hashname = Hashname(target.hashname)
             key = target.keys.get("3a")
-            all_paths.extend(self._coerce_path(p) for p in target.paths)
+            for raw in target.paths:
+                try:
+                    all_paths.append(Path.from_json(raw))
+                except MalformedPacket:
+                    # a v3 URI may list transports we lack (http, webrtc): skip those
+                    log.debug("%s: skipping unusable path %r", self._short, raw)
         elif isinstance(target, str):
             if not is_hashname(target):
                 raise LocalProtocolError(f"not a hashname: {target!r}")
@@ -1202,7 +1208,7 @@ class Mesh:
             ):
                 if not trusted_path:
                     link.last_catchup = now
-                self._send_reply(link, verdict.reply_at, path)
+                self._send_reply(link, verdict.reply_at, path, now)
             self._drop("stale handshake", path)
             return
         if verdict.new_session:
@@ -1226,16 +1232,20 @@ class Mesh:
             link.round_start = None  # our handshake is answered: stop resending
             link.resends = 0
         reply_at = verdict.reply_at
-        if reply_at is None and (new_path or link.hs_packet is None or not exchange.is_ours(hs.at)):
+        resent = not exchange.is_ours(hs.at) and link.last_reply + MIN_SYNC_INTERVAL <= now
+        if reply_at is None and (new_path or link.hs_packet is None or resent):
             # In sync, but: on a path we had not trusted yet (answer on it so the peer
             # trusts it too: a sync reaches us on every path it tries), or the peer resent
             # its own at that we already echoed, so our echo was lost and the peer is still
             # waiting (a handshake resent "unchanged" at 1/3/7/15 s must get an answer, or
             # one lost echo would drop the link after 30 s). An echo of our own at is the
-            # answer we wanted and needs none, so this cannot loop.
+            # answer we wanted and needs none. Re-echoes are at most one per
+            # MIN_SYNC_INTERVAL: an EVEN telehash-js peer refuses an even at from its ODD
+            # peer and answers our echo at once with its handshake again (e3x.js x.sync),
+            # which must not start a ping-pong.
             reply_at = exchange.at
         if reply_at is not None:
-            self._send_reply(link, reply_at, path)
+            self._send_reply(link, reply_at, path, now)
         link.at = exchange.at
         if not was_up or verdict.new_session:
             link.state = LinkState.UP
@@ -1243,7 +1253,7 @@ class Mesh:
             log.info("%s: link to %s up via %s", self._short, link.hashname[:8], path)
             self._send_path_ping(link)
 
-    def _send_reply(self, link: _Link, at: int, path: Path) -> None:
+    def _send_reply(self, link: _Link, at: int, path: Path, now: float) -> None:
         """Answer a handshake on the path it came from (e3x/handshake: echo or catch up)."""
         assert link.exchange is not None
         if link.hs_packet is None or at != link.at:
@@ -1252,6 +1262,7 @@ class Mesh:
         assert link.hs_packet is not None
         self._note_probe(link, path)
         self._send_on_path(link, link.hs_packet, path)
+        link.last_reply = now
 
     def _send_path_ping(self, link: _Link) -> None:
         """Open a ``path`` channel advertising our paths (telehash-js pings on link up)."""

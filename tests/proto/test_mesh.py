@@ -8,6 +8,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pcloud._crypto import LocalIdentity
 from p2pcloud._wire import MAX_INNER_PACKET, MAX_UDP_PACKET, cloak, decloak, decode_packet
@@ -23,6 +25,7 @@ from p2pcloud.proto.events import (
     PacketDropped,
     PathChanged,
 )
+from p2pcloud.proto.exchange import Exchange, Handshake, HandshakeVerdict
 from p2pcloud.proto.mesh import (
     HANDSHAKE_RESENDS,
     HANDSHAKE_TIMEOUT,
@@ -492,3 +495,101 @@ def test_peer_restart_with_a_clock_behind_and_a_new_address() -> None:
     cid2 = b.mesh.open_channel(a.hashname, "test", reliable=True, body=b"back", now=net.time_of(b))
     net.run_until(lambda: [e for e in a.of(ChannelData) if e.cid == cid2 and e.body == b"back"])
     assert "stale handshake" in a.mesh.statistics().drops  # the first try was too old
+
+
+def test_link_info_with_unusable_paths_skips_them() -> None:
+    from p2pcloud.uri import LinkInfo
+
+    net = FakeNetwork(18)
+    a = net.add("a")
+    b = net.add("b", accept=accept_all)
+    info = LinkInfo(
+        hashname=b.hashname,
+        keys=b.keys(),
+        paths=[{"type": "http", "url": "http://x"}, {"type": "webrtc"}, b.addr.to_json()],
+    )
+    assert a.mesh.link(info, net.now) == b.hashname
+    assert a.mesh.link_paths(b.hashname) == [b.addr]
+    net.run_until(lambda: up(a, b) and up(b, a))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_fuzzed_datagrams_never_raise_and_change_nothing(data: st.DataObject) -> None:
+    net, a, b, captured = _fuzz_pair()
+    choice = data.draw(st.integers(0, 2))
+    if choice == 0:
+        blob = data.draw(st.binary(max_size=1600))
+    else:
+        original = data.draw(st.sampled_from(captured))
+        plain, _ = decloak(original)
+        mutated = bytearray(plain)
+        if choice == 1 and mutated:
+            i = data.draw(st.integers(0, len(mutated) - 1))
+            mutated[i] ^= data.draw(st.integers(1, 255))
+        else:
+            cut = data.draw(st.integers(0, max(0, len(mutated) - 1)))
+            extra = data.draw(st.binary(max_size=8))
+            mutated = mutated[:cut] + bytearray(extra)
+        blob = bytes(mutated)
+        if blob == plain:
+            return
+    before = b.mesh.debug_state()
+    drops = sum(b.mesh.statistics().drops.values())
+    net.inject(b, blob, a.addr)
+    assert b.mesh.debug_state() == before
+    assert sum(b.mesh.statistics().drops.values()) == drops + 1
+
+
+_FUZZ: dict[str, tuple[FakeNetwork, FakeNode, FakeNode, list[bytes]]] = {}
+
+
+def _fuzz_pair() -> tuple[FakeNetwork, FakeNode, FakeNode, list[bytes]]:
+    # one linked pair shared by every example: each example only injects bad datagrams,
+    # which (as the test asserts) change nothing
+    if "pair" not in _FUZZ:
+        net = FakeNetwork(19)
+        captured: list[bytes] = []
+        a = net.add("a")
+        b = net.add("b", accept=accept_all)
+        net.taps.append(lambda d, s, t: captured.append(d) if s == a.addr else None)
+        a.mesh.link(b.keys(), net.now, paths=[b.addr])
+        net.run_until(lambda: up(a, b) and up(b, a))
+        a.mesh.open_channel(b.hashname, "test", reliable=True, body=b"x" * 100, now=net.now)
+        net.settle()
+        _FUZZ["pair"] = (net, a, b, captured)
+    return _FUZZ["pair"]
+
+
+def test_no_handshake_ping_pong_with_a_js_style_even_peer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """telehash-js (e3x.js x.sync) on the EVEN side refuses an even at from its ODD peer
+    and answers at once with its own handshake again; our echo of its at is exactly that, so
+    re-echoes must be rate limited or the two loop (seen against telehash-js 0.4.18)."""
+    monkeypatch.setattr(mesh_mod, "Exchange", JsStyleExchange)  # both meshes; only EVEN acts
+    net = FakeNetwork(20)
+    a = net.add("a", accept=accept_all)
+    # b must be the EVEN side (lower key); its clock reads epoch seconds, as JS's at does
+    b = net.add("b", offset=1.8e9)
+    while not b.mesh.identity.cs3a_public < a.mesh.identity.cs3a_public:
+        b = net.add("b", offset=1.8e9)
+    counts: list[float] = []
+    net.taps.append(lambda d, s, t: counts.append(net.now) if is_handshake(d) else None)
+    b.mesh.link(a.keys(), net.time_of(b), paths=[a.addr])
+    net.run_until(lambda: up(a, b) and up(b, a), timeout=10)
+    net.run_for(10)
+    assert len(counts) <= 6, f"{len(counts)} handshakes: a ping-pong"
+    assert up(a, b) and up(b, a)
+
+
+class JsStyleExchange(Exchange):
+    """An exchange that judges handshakes as e3x.js does on the EVEN side."""
+
+    def receive_handshake(self, hs: Handshake) -> HandshakeVerdict:
+        verdict = super().receive_handshake(hs)
+        if not self.is_odd and hs.at % 2 == 0:
+            # an even at from the ODD peer: JS sends its handshake again at once (it has no
+            # resend timers, so the link is as good as answered)
+            return HandshakeVerdict(True, verdict.new_session, self.at, self.at)
+        return verdict
