@@ -282,11 +282,17 @@ async def open_memory_network(
         The running network.
     """
     network = MemoryNetwork(conditions, seed=seed)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(network._run)
-        try:
-            yield network
-        finally:
-            for endpoint in list(network._endpoints.values()):
-                endpoint.close()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(network._run)
+            try:
+                yield network
+            finally:
+                for endpoint in list(network._endpoints.values()):
+                    endpoint.close()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Let an error from the ``async with`` body leave as itself, not wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise

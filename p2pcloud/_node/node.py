@@ -417,9 +417,8 @@ class Node:
         if event.reliable:
             stream = ChannelStream(self, event.hashname, event.cid, event.type, event.json)
         else:
+            # The open packet itself arrives next as the first ChannelData.
             stream = UnreliableChannel(self, event.hashname, event.cid, event.type)
-            if event.body or event.json:
-                stream._on_data(dict(event.json), event.body)
         self._channels[key] = stream
         handler = self._handlers.get(event.type)
         acceptor = self._acceptors.get(event.type)
@@ -736,19 +735,26 @@ async def open_node(
     elif path is not None:
         data_dir = FsPath(path)
     node = Node(identity, data_dir=data_dir, accept=accept)
-    async with trio.open_nursery() as nursery:
-        await node._start(
-            nursery,
-            bind=bind,
-            port=port,
-            tcp_port=tcp_port,
-            network=network,
-            offer_frames=large_frames,
-            max_frame=max_frame,
-        )
-        try:
-            yield node
-        finally:
-            with trio.CancelScope(shield=True):
-                await node.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            await node._start(
+                nursery,
+                bind=bind,
+                port=port,
+                tcp_port=tcp_port,
+                network=network,
+                offer_frames=large_frames,
+                max_frame=max_frame,
+            )
+            try:
+                yield node
+            finally:
+                with trio.CancelScope(shield=True):
+                    await node.aclose()
+    except BaseExceptionGroup as group:
+        # The nursery is an implementation detail: an error from the ``async with`` body
+        # (or from starting) leaves as itself, not wrapped in a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
 
