@@ -489,12 +489,11 @@ class Mesh:
             link.key = key
         for path in all_paths:
             self._add_path(link, path)
-        if link.key is not None and link.state is not LinkState.UP:
-            link.state = LinkState.DOWN
+        if link.state is not LinkState.UP:
+            if link.key is not None:
+                link.state = LinkState.DOWN
             if link.round_start is None:
                 self._start_round(link, now)
-        elif link.key is None and link.round_start is None:
-            self._send_intros(link, now)
         return hashname
 
     def unlink(self, hashname: Hashname, now: float) -> None:
@@ -916,6 +915,9 @@ class Mesh:
             self._send_on_path(link, outer, path)
 
     def _send_handshake(self, link: _Link, paths: Iterable[Path]) -> None:
+        if link.key is None:
+            self._send_intros(link)  # no keys yet: no handshake, introduce ourselves
+            return
         if link.hs_packet is None:
             return
         for path in paths:
@@ -954,18 +956,21 @@ class Mesh:
         return link.exchange
 
     def _start_round(self, link: _Link, now: float) -> None:
-        """Send a fresh handshake (new at) to every path and arm the resend timers."""
-        if link.key is None:
-            return
-        self._ensure_exchange(link)
-        self._make_handshake(link, self._next_at(link, now))
+        """Send a fresh handshake (new at) to every path and arm the resend timers.
+
+        A keyless (Unresolved) link sends plaintext intros through its routers instead, on
+        the same schedule.
+        """
+        if link.key is not None:
+            self._ensure_exchange(link)
+            self._make_handshake(link, self._next_at(link, now))
+            log.debug("%s: handshake at=%d to %s", self._short, link.at, link.hashname[:8])
         link.round_start = now
         link.resends = 0
         link.last_sync = now
-        log.debug("%s: handshake at=%d to %s", self._short, link.at, link.hashname[:8])
         self._send_handshake(link, [p.path for p in link.paths])
 
-    def _send_intros(self, link: _Link, now: float) -> None:
+    def _send_intros(self, link: _Link) -> None:
         """For a keyless link reached through routers: send our keys as a plaintext intro.
 
         telehash-js ext/peer.js: with no exchange, a ``peer`` carries
@@ -983,8 +988,8 @@ class Mesh:
             if router is None or router.state is not LinkState.UP or router.exchange is None:
                 continue
             cid = router.exchange.next_channel_id()
+            self._handshakes_sent += 1
             self._send_inner(router, {"c": cid, "type": "peer", "peer": link.hashname}, intro)
-        link.last_sync = now
 
     # -- internals: timers ----------------------------------------------------------------
 

@@ -248,3 +248,19 @@ def test_relay_table_unit() -> None:
     assert table.expire(2.0 + RELAY_IDLE_TIMEOUT) == 1
     assert len(table) == 1
     assert table.forget(x) == 1 and len(table) == 0
+
+
+def test_intros_follow_the_handshake_schedule_and_time_out() -> None:
+    net, r, a, b = triangle(9)
+    intros: list[float] = []
+    net.taps.append(lambda d, s, t: intros.append(net.now) if s == a.addr and t == r.addr else None)
+    net.block(r.addr, b.addr)  # r can no longer reach b: intros vanish
+    net.settle()
+    intros.clear()
+    start = net.now
+    a.mesh.link(b.hashname, net.now, paths=[Path.peer(r.hashname)])
+    net.run_until(lambda: a.of(LinkDown), timeout=HANDSHAKE_TIMEOUT + 1)
+    sends = sorted({round(t - start, 6) for t in intros})
+    assert sends[:5] == [0.0, 1.0, 3.0, 7.0, 15.0]
+    assert a.of(LinkDown)[-1] == LinkDown(b.hashname, "timeout")
+    assert a.mesh.link_state(b.hashname) is LinkState.UNRESOLVED
