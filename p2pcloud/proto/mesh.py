@@ -174,6 +174,11 @@ MAX_RECENT_SESSIONS = 4
 """Past ephemeral keys remembered per link, so a replayed handshake of an old session is
 recognised as stale instead of resetting the live session."""
 
+MAX_QUEUED_DROP_EVENTS = 1024
+"""PacketDropped events kept waiting for next_event(); past this a flood of bad datagrams
+is only counted in statistics(), so a shell that drains events late cannot be made to
+buffer without bound."""
+
 REPLAY_WINDOW = 256
 """Channel packets per link whose nonces we remember to drop exact replays (and network
 duplicates) before they reach a channel. v3 channel packets have random nonces and no
@@ -352,6 +357,7 @@ class Mesh:
         self._outbox: list[tuple[bytes, Path]] = []
         self._events: deque[MeshEvent] = deque()
         self._drops: Counter[str] = Counter()
+        self._queued_drops = 0
         self._datagrams_in = 0
         self._datagrams_out = 0
         self._bytes_in = 0
@@ -789,7 +795,12 @@ class Mesh:
 
     def next_event(self) -> MeshEvent | None:
         """Return the next event, or None when there is none."""
-        return self._events.popleft() if self._events else None
+        if not self._events:
+            return None
+        event = self._events.popleft()
+        if isinstance(event, PacketDropped):
+            self._queued_drops -= 1
+        return event
 
     def statistics(self) -> MeshStatistics:
         """Return a snapshot of the counters."""
@@ -861,7 +872,9 @@ class Mesh:
 
     def _drop(self, reason: str, path: Path) -> None:
         self._drops[reason] += 1
-        self._events.append(PacketDropped(reason, path))
+        if self._queued_drops < MAX_QUEUED_DROP_EVENTS:
+            self._queued_drops += 1
+            self._events.append(PacketDropped(reason, path))
         log.debug("%s: dropped packet from %s: %s", self._short, path, reason)
 
     def _emit(self, event: MeshEvent) -> None:

@@ -377,6 +377,12 @@ def test_flood_of_bogus_handshakes_keeps_memory_bounded(monkeypatch: pytest.Monk
         net.inject(a, data, Path.udp4("127.0.0.1", 1000 + i))
     assert a.mesh.table_sizes()["links"] == 1
     assert a.mesh.table_sizes()["paths"] == 1
+    # a shell that does not drain events meanwhile: drop events are capped, counts go on
+    for _ in range(mesh_mod.MAX_QUEUED_DROP_EVENTS + 50):
+        b.mesh.receive_datagram(b"\x00\x01\x3a" + bytes(10), src, net.now)
+    assert b.mesh.table_sizes()["events"] == mesh_mod.MAX_QUEUED_DROP_EVENTS
+    net.flush(b)
+    assert b.mesh.table_sizes()["events"] == 0
     assert b.mesh.table_sizes()["links"] == 1
     assert a.mesh.statistics().drops["not accepted"] == 100
     # 3) with accept-all on b, strangers are capped by MAX_LINKS / MAX_PENDING_LINKS
