@@ -117,7 +117,8 @@ def translate(exc: BaseException, path: str, doing: str) -> StoreError:
     if err is None and isinstance(exc, lmdb.Error) and exc.args:
         # py-lmdb reports OS failures as lmdb.Error with the errno's text
         text = str(exc)
-        for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                     errno.ENOENT, errno.ENOTDIR):
             if os.strerror(code) in text:
                 err = code
     if err in (errno.ENOSPC, errno.EDQUOT):
@@ -127,8 +128,11 @@ def translate(exc: BaseException, path: str, doing: str) -> StoreError:
             f"no permission for {where} while {doing} ({exc}): check the directory's owner "
             "and mode, and that the disk is not read-only"
         )
-    if err == errno.ENOENT:
-        return StoreError(f"{where} does not exist ({exc}) while {doing}")
+    if err in (errno.ENOENT, errno.ENOTDIR):
+        return StoreError(
+            f"{where} does not exist or is not a directory ({exc}) while {doing}: check the "
+            "path (a read-only open never creates a store)"
+        )
     return StoreError(f"{where} failed while {doing}: {exc}; check the disk and retry")
 
 
@@ -200,7 +204,8 @@ class Environment:
         self.path = os.fspath(path)
         self.max_map_size = max_map_size
         self.readonly = readonly
-        self.growths = 0
+        self.growths = 0  # map growths made by this handle
+        self.adopted = 0  # map sizes adopted from another process (MapResizedError)
         self._gate = _Gate()
         self._write_lock = threading.Lock()
         self._closed = False
@@ -234,11 +239,13 @@ class Environment:
                 self._env.set_mapsize(initial_map_size)
             self.dbs: dict[bytes, Any] = {}
             if readonly:
+                # py-lmdb keeps a handle opened inside a read transaction only for that
+                # transaction; opened on its own, it lives as long as the environment
                 with self._env.begin() as txn:
                     existing = set(self._env.dbs(txn))
-                    for name in names:
-                        if name in existing:
-                            self.dbs[name] = self._env.open_db(name, txn=txn, create=False)
+                for name in names:
+                    if name in existing:
+                        self.dbs[name] = self._env.open_db(name, create=False)
             else:
                 with self._env.begin(write=True) as txn:
                     for name in names:
@@ -331,6 +338,7 @@ class Environment:
         try:
             with self._gate.exclusive():
                 self._env.set_mapsize(0)  # LMDB: 0 adopts the size another process set
+            self.adopted += 1
         except lmdb.Error as exc:
             raise translate(exc, self.path, doing) from exc
 

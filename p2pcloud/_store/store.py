@@ -209,6 +209,7 @@ class StoreStatistics:
     max_map_size: int
     used_bytes: int  # pages in use up to the highest one, as in the data file
     growths: int  # map growths by this handle
+    adopted: int  # map sizes this handle adopted after another process grew the map
     tables: dict[str, TableStatistics]
 
 
@@ -406,7 +407,7 @@ class Store:
                 ok = cur.set_range(prefix)
                 while ok and cur.key().startswith(prefix):
                     found = True
-                    ok = cur.delete()  # moves to the next entry
+                    ok = _delete(cur)  # moves to the next entry
             return bool(found)
 
         return self._env.write(work, "removing a sub-cloud")
@@ -769,7 +770,7 @@ class Store:
                     if not key.startswith(okey) or U64.unpack(key[-8:])[0] > cut:
                         break
                     if U64.unpack(cur.value()[:8])[0] <= cut:
-                        ok = cur.delete()
+                        ok = _delete(cur)
                         removed += 1
                     else:
                         ok = cur.next()
@@ -988,7 +989,7 @@ class Store:
                         nbytes += len(data)
                         freed += 1
                         txn.delete(digest, db=chunks)
-                ok = cur.delete()
+                ok = _delete(cur)
             return GarbageCollected(freed, nbytes, bool(ok))
 
         return self._env.write(work, "collecting garbage")
@@ -1083,29 +1084,39 @@ class Store:
         Raises:
             StoreError: LMDB failed.
         """
-        info = self._env.info()
+        def work(txn: Any) -> dict[str, Any]:
+            return {name.decode(): txn.stat(db) for name, db in self._db.items()}
+
+        raw = self._env.read(work, "reading statistics")
+        info = self._env.info()  # after the read: it may have adopted a grown map
         psize = info["psize"]
-
-        def work(txn: Any) -> dict[str, TableStatistics]:
-            out = {}
-            for name, db in self._db.items():
-                st = txn.stat(db)
-                pages = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-                out[name.decode()] = TableStatistics(st["entries"], pages * psize)
-            return out
-
-        tables = self._env.read(work, "reading statistics")
+        tables = {
+            name: TableStatistics(
+                st["entries"],
+                (st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]) * psize,
+            )
+            for name, st in raw.items()
+        }
         return StoreStatistics(
             schema=self.schema,
             map_size=info["map_size"],
             max_map_size=self._env.max_map_size,
             used_bytes=(info["last_pgno"] + 1) * psize,
             growths=self._env.growths,
+            adopted=self._env.adopted,
             tables=tables,
         )
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def _delete(cur: Any) -> bool:
+    """Delete the cursor's entry; return whether it now stands on a next entry.
+
+    py-lmdb's ``Cursor.delete`` returns True after deleting the last entry too, leaving the
+    cursor unpositioned (an empty key, which no table of ours holds)."""
+    return bool(cur.delete()) and cur.key() != b""
 
 
 def _check_item(origin: object, envelope: object, first: object, last: object
