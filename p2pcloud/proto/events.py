@@ -40,9 +40,9 @@ class LinkUp:
 class LinkDown:
     """A link went Down.
 
-    ``reason`` is ``"timeout"`` (no handshake answered within 30 s), ``"closed"`` (the
-    application called :meth:`Mesh.unlink`) or ``"router gone"`` (the only path went through a
-    router whose own link went down).
+    ``reason`` is ``"timeout"`` (no handshake answered within 30 s of the first send or of a
+    keepalive) or ``"closed"`` (the application called :meth:`Mesh.unlink`). A link whose
+    only path went through a router that went down times out the same way.
     """
 
     hashname: Hashname
