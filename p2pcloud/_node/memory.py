@@ -99,6 +99,20 @@ class MemoryEndpoint:
         self._send, self._receive = trio.open_memory_channel[tuple[bytes, Path]](MEMORY_QUEUE)
         self.closed = False
 
+    def send_nowait(self, data: bytes, path: Path) -> bool:
+        """Send one datagram to ``path`` (it may be lost; nothing tells).
+
+        Args:
+            data: the datagram.
+            path: the target endpoint's address.
+
+        Returns:
+            True: the network never pushes back (a full receiver queue drops instead).
+        """
+        if not self.closed:
+            self._network._submit(bytes(data), self.path, path)
+        return True
+
     async def send(self, data: bytes, path: Path) -> None:
         """Send one datagram to ``path`` (it may be lost; nothing tells).
 
@@ -111,8 +125,17 @@ class MemoryEndpoint:
         """
         if self.closed:
             raise trio.ClosedResourceError("memory endpoint is closed")
-        self._network._submit(bytes(data), self.path, path)
+        self.send_nowait(data, path)
         await trio.lowlevel.checkpoint()
+
+    def receive_nowait(self) -> tuple[bytes, Path]:
+        """Take a datagram that already arrived.
+
+        Raises:
+            trio.WouldBlock: none is waiting.
+            trio.EndOfChannel: the endpoint is closed.
+        """
+        return self._receive.receive_nowait()
 
     async def receive(self) -> tuple[bytes, Path]:
         """Wait for the next datagram.

@@ -3,15 +3,17 @@
 Theory of operation
 -------------------
 :class:`Node` owns one :class:`p2pcloud.proto.mesh.Mesh` (all protocol state, no I/O, no
-clock), the transports, and four kinds of tasks in one nursery:
+clock), the transports, and a few tasks in one nursery:
 
-* each transport's reader pushes ``(packet, path)`` into one inbox;
-* the **receive loop** takes packets from the inbox and feeds ``mesh.receive_datagram`` with
-  ``trio.current_time()``; when the inbox is momentarily empty it *pumps*: dispatches the
-  mesh's events, wakes the flusher and re-arms the timer;
-* the **flusher** sends what ``mesh.datagrams_to_send`` hands out, each packet to the
-  transport its path names (udp4, tcp4, or the in-memory network in tests);
-* the **timer** sleeps until ``mesh.get_timer()`` and calls ``mesh.handle_timer``.
+* each transport's **receive loop** (one per UDP socket, one per TCP connection, one for the
+  in-memory endpoint in tests) reads a burst of packets, feeds each to
+  ``mesh.receive_datagram`` with ``trio.current_time()``, then *pumps* once;
+* a **pump** dispatches the mesh's events, sends what ``mesh.datagrams_to_send`` hands out
+  (non-blocking sends straight to the transport the path names: udp4, tcp4, or the memory
+  network), wakes senders waiting for window space and re-arms the timer;
+* the **flusher** task only runs when a socket's buffer was full: it waits for room and sends
+  the backlog in order;
+* the **timer** task sleeps until ``mesh.get_timer()`` and calls ``mesh.handle_timer``.
 
 Application calls (``link``, ``open_channel``, stream sends) call the mesh synchronously and
 then pump, so the mesh is only ever touched from one thread and never across an ``await``.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import socket as _stdlib_socket
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -63,7 +65,8 @@ __all__ = [
 ]
 
 IDENTITY_FILE = "identity.key"  # the key file inside a node's data dir
-INBOX_SIZE = 1024  # packets read but not yet given to the mesh; readers wait when it is full
+MAX_BACKLOG = 4096  # packets waiting for socket buffer room; beyond that they are dropped,
+# as a full UDP socket buffer drops them (the reliable channels retransmit)
 MAX_ACCEPT_BACKLOG = 64  # incoming channels queued for an acceptor before new ones are refused
 
 Channel = ChannelStream | UnreliableChannel
@@ -175,7 +178,7 @@ class Node:
         self._udp: UdpTransport | None = None
         self._tcp: TcpTransport | None = None
         self._memory: MemoryEndpoint | None = None
-        self._inbox_send, self._inbox = trio.open_memory_channel[tuple[bytes, Path]](INBOX_SIZE)
+        self._backlog: deque[tuple[bytes, Path]] = deque()
         self._nursery: trio.Nursery | None = None
         self._flush_wanted = trio.Event()
         self._timer_scope: trio.CancelScope | None = None
@@ -226,7 +229,7 @@ class Node:
         nursery: trio.Nursery,
         *,
         bind: str,
-        port: int,
+        port: int | None,
         tcp_port: int | None,
         network: MemoryNetwork | None,
         offer_frames: bool,
@@ -238,7 +241,10 @@ class Node:
             self._add_path(self._memory.path)
             nursery.start_soon(self._memory_reader, self._memory)
         else:
-            self._udp = await UdpTransport.bind(bind, port)
+            if port is None and tcp_port is None:
+                raise LocalProtocolError("a node needs UDP or TCP (port and tcp_port are None)")
+            if port is not None:
+                self._udp = await UdpTransport.bind(bind, port)
             try:
                 if tcp_port is not None:
                     kwargs: dict[str, Any] = {"offer_frames": offer_frames}
@@ -248,16 +254,17 @@ class Node:
                         bind, tcp_port, on_frames=self._on_frames, **kwargs
                     )
             except BaseException:
-                self._udp.close()
+                if self._udp is not None:
+                    self._udp.close()
                 raise
-            self._add_path(self._udp.path)
-            nursery.start_soon(self._udp.run, self._inbox_send)
+            if self._udp is not None:
+                self._add_path(self._udp.path)
+                nursery.start_soon(self._udp.run, self._deliver, self._pump)
             if self._tcp is not None:
                 self._add_path(self._tcp.path)
-                nursery.start_soon(self._tcp.run, self._inbox_send)
+                await nursery.start(self._tcp.run, self._deliver, self._pump)
             if bind == "0.0.0.0":  # noqa: S104  (a wildcard bind: name a real address)
                 self._public_host = await trio.to_thread.run_sync(_guess_host)
-        nursery.start_soon(self._receive_loop)
         nursery.start_soon(self._flush_loop)
         nursery.start_soon(self._timer_loop)
 
@@ -294,39 +301,61 @@ class Node:
     # -- the shell: receive, flush, timer ----------------------------------------------
 
     async def _memory_reader(self, endpoint: MemoryEndpoint) -> None:
-        async for item in endpoint:
-            await self._inbox_send.send(item)
-
-    async def _receive_loop(self) -> None:
-        mesh = self._mesh
-        inbox = self._inbox
-        while True:
-            data, path = await inbox.receive()
-            mesh.receive_datagram(data, path, trio.current_time())
-            # Pump once per burst: events and flushing batch up while packets keep coming.
-            while True:
+        async for data, path in endpoint:
+            self._deliver(data, path)
+            while True:  # the rest of the burst, then one pump
                 try:
-                    data, path = inbox.receive_nowait()
-                except trio.WouldBlock:
+                    data, path = endpoint.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
                     break
-                mesh.receive_datagram(data, path, trio.current_time())
+                self._deliver(data, path)
             self._pump()
 
+    def _deliver(self, data: bytes, path: Path) -> None:
+        """Feed one received packet to the mesh (transports call this; never raises)."""
+        self._mesh.receive_datagram(data, path, trio.current_time())
+
     def _pump(self) -> None:
-        """Dispatch the mesh's events, wake senders and the flusher, re-arm the timer."""
+        """Dispatch the mesh's events, send its datagrams, wake senders, re-arm the timer."""
         if self._pumping:
             return  # called again from an event handler: the running loop picks it up
         self._pumping = True
         try:
             mesh = self._mesh
-            while (event := mesh.next_event()) is not None:
+            while True:
+                event = mesh.next_event()
+                if event is None:
+                    self._flush_now()  # sending can produce events too: look once more
+                    event = mesh.next_event()
+                    if event is None:
+                        break
                 self._dispatch(event)
         finally:
             self._pumping = False
         for stream in list(self._blocked_senders):
             stream._on_progress()
-        self._flush_wanted.set()
         self._rearm_timer()
+
+    def _flush_now(self) -> None:
+        backlog = self._backlog
+        for data, path in self._mesh.datagrams_to_send(trio.current_time()):
+            if backlog or not self._send_nowait(data, path):
+                if len(backlog) >= MAX_BACKLOG:
+                    self._dropped["send backlog full"] += 1
+                else:
+                    backlog.append((data, path))
+        if backlog:
+            self._flush_wanted.set()
+
+    def _send_nowait(self, data: bytes, path: Path) -> bool:
+        if self._memory is not None:
+            return self._memory.send_nowait(data, path)
+        if path.is_udp and self._udp is not None:
+            return self._udp.send_nowait(data, path)
+        if path.is_tcp and self._tcp is not None:
+            return self._tcp.send_nowait(data, path)
+        self._dropped["no transport for path"] += 1
+        return True
 
     def _rearm_timer(self) -> None:
         if self._timer_scope is not None:
@@ -334,17 +363,15 @@ class Node:
             self._timer_scope.deadline = math.inf if deadline is None else deadline
 
     async def _flush_loop(self) -> None:
-        mesh = self._mesh
+        # Only needed when a socket buffer was full: wait for room, keep the order.
+        backlog = self._backlog
         while True:
             await self._flush_wanted.wait()
             self._flush_wanted = trio.Event()
-            sent = False
-            for data, path in mesh.datagrams_to_send(trio.current_time()):
+            while backlog:
+                data, path = backlog[0]
                 await self._send_datagram(data, path)
-                sent = True
-            if sent:
-                # Sending may start retransmit timers and free window space.
-                self._rearm_timer()
+                backlog.popleft()
 
     async def _send_datagram(self, data: bytes, path: Path) -> None:
         if self._memory is not None:
@@ -355,6 +382,7 @@ class Node:
             await self._tcp.send(data, path)
         else:
             self._dropped["no transport for path"] += 1
+            await trio.lowlevel.checkpoint()
 
     async def _timer_loop(self) -> None:
         while True:
@@ -693,7 +721,7 @@ def _link_info(target: str | LinkInfo | Mapping[str, Any]) -> LinkInfo:
 async def open_node(
     path: str | os.PathLike[str] | None = None,
     *,
-    port: int = 0,
+    port: int | None = 0,
     tcp_port: int | None = 0,
     bind: str = "127.0.0.1",
     accept: Callable[[Hashname], bool] | None = None,
@@ -709,7 +737,7 @@ async def open_node(
         path: the data dir (its key file is created on first start); None with
             ``identity`` given keeps nothing on disk; None without it uses
             :func:`default_data_dir`.
-        port: the UDP port (0: any free port).
+        port: the UDP port (0: any free port; None: no UDP).
         tcp_port: the TCP port (0: any free port; None: no TCP).
         bind: the local address to bind (``"127.0.0.1"`` by default, ``"0.0.0.0"`` for all).
         accept: decides whether an unknown endpoint that sends us a handshake may link;

@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 A transport moves whole packets between the node and the network and knows nothing of the
-protocol. Every packet read is handed to the node's inbox as ``(packet, Path)``; the node
-feeds it to the mesh. Every packet the mesh wants sent comes back with ``send(packet, path)``.
-Both behave like datagrams: a send may be dropped (full buffers, a refused connection) and the
+protocol. Every packet read is handed to the node with ``deliver(packet, path)`` (a plain
+function call: the node feeds it to the mesh at once), and after each burst of reads the
+transport calls ``pump()`` so the node dispatches events and sends the answers once per burst,
+not once per packet. Packets go out with ``send_nowait(packet, path)`` (False only when the
+socket's buffer is full; the node then waits with ``await send(packet, path)``). Both directions
+behave like datagrams: a send may be dropped (full buffers, a refused connection) and the
 reliable channels above retransmit. Only programming mistakes raise.
 
 * :class:`UdpTransport` binds one UDP socket (telehash v3 ``transports/udp.md``: one packet per
@@ -50,7 +53,10 @@ MAX_TCP_BACKLOG = 16 * 1024 * 1024  # bytes queued on one connection before send
 # like a full socket buffer; well above a reliable window of large frames (50 x 64 KiB)
 CONNECT_TIMEOUT = 10.0  # seconds before an outgoing connection attempt is given up
 
-Inbox = trio.MemorySendChannel[tuple[bytes, Path]]
+MAX_BATCH = 256  # datagrams read in one burst before the node pumps and others get a turn
+
+Deliver = Callable[[bytes, Path], None]
+Pump = Callable[[], None]
 
 
 class TransportError(OSError):
@@ -68,19 +74,23 @@ def _bind_error(kind: str, bind: str, port: int, exc: OSError) -> TransportError
 
 
 class UdpTransport:
-    """One UDP socket: packets in to the node's inbox, packets out with :meth:`send`.
+    """One UDP socket: packets in to the node with ``deliver``, out with :meth:`send_nowait`.
+
+    The socket is used directly in non-blocking mode: a burst of datagrams is read (or sent)
+    with plain system calls, and Trio is asked to wait only when the socket would block.
 
     Attributes:
         path: the bound local address as a ``udp4`` path.
-        counts: ``received``, ``sent``, ``send_errors``, ``receive_errors``.
+        counts: ``received``, ``sent``, ``send_errors``, ``receive_errors``, ``send_waits``.
     """
 
-    def __init__(self, sock: trio.socket.SocketType, path: Path) -> None:
-        """Wrap a bound socket; use :meth:`bind`."""
+    def __init__(self, sock: _stdlib_socket.socket, path: Path) -> None:
+        """Wrap a bound non-blocking socket; use :meth:`bind`."""
         self._sock = sock
         self.path = path
         self.counts: Counter[str] = Counter()
         self._paths: dict[tuple[str, int], Path] = {}
+        self._closed = False
 
     @classmethod
     async def bind(cls, bind: str = "127.0.0.1", port: int = 0) -> UdpTransport:
@@ -96,58 +106,102 @@ class UdpTransport:
         Raises:
             TransportError: the address cannot be bound (in use, not local).
         """
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        sock = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_DGRAM)
         try:
+            sock.setblocking(False)
             # Room for bursts; no SO_REUSEADDR/SO_REUSEPORT on purpose (module docstring).
             for opt in (_stdlib_socket.SO_RCVBUF, _stdlib_socket.SO_SNDBUF):
                 sock.setsockopt(_stdlib_socket.SOL_SOCKET, opt, UDP_SOCKET_BUFFER)
-            await sock.bind((bind, port))
+            sock.bind((bind, port))
         except OSError as exc:
             sock.close()
             raise _bind_error("UDP", bind, port, exc) from exc
+        await trio.lowlevel.checkpoint()
         ip, real_port = sock.getsockname()[:2]
         return cls(sock, Path.udp4(ip, real_port))
 
+    def send_nowait(self, data: bytes, path: Path) -> bool:
+        """Send one datagram if the socket has room; errors are counted, never raised.
+
+        Args:
+            data: the packet.
+            path: a ``udp4`` path.
+
+        Returns:
+            False only when the socket's send buffer is full (try :meth:`send`).
+        """
+        if self._closed:
+            return True  # a closed node drops what is left, as a dead socket would
+        try:
+            self._sock.sendto(data, (path.ip, path.port))
+        except BlockingIOError:
+            return False
+        except OSError:
+            self.counts["send_errors"] += 1
+        else:
+            self.counts["sent"] += 1
+        return True
+
     async def send(self, data: bytes, path: Path) -> None:
-        """Send one datagram; failures are counted, never raised (UDP promises nothing).
+        """Send one datagram, waiting for room in the socket's buffer if needed.
 
         Args:
             data: the packet.
             path: a ``udp4`` path.
         """
-        assert path.ip is not None and path.port is not None
-        try:
-            await self._sock.sendto(data, (path.ip, path.port))
-        except OSError:
-            self.counts["send_errors"] += 1
-        else:
-            self.counts["sent"] += 1
+        while not self.send_nowait(data, path):
+            self.counts["send_waits"] += 1
+            try:
+                await trio.lowlevel.wait_writable(self._sock)
+            except trio.ClosedResourceError:
+                return
+        await trio.lowlevel.checkpoint()
 
-    async def run(self, inbox: Inbox) -> None:
-        """Read datagrams forever and hand them to ``inbox``.
+    async def run(self, deliver: Deliver, pump: Pump) -> None:
+        """Read datagrams until closed, handing each to ``deliver`` and pumping per burst.
 
         Args:
-            inbox: where ``(packet, source path)`` pairs go.
+            deliver: called with ``(packet, source path)`` for every datagram.
+            pump: called after each burst.
         """
         paths = self._paths
+        sock = self._sock
         while True:
             try:
-                data, addr = await self._sock.recvfrom(MAX_DATAGRAM)
-            except OSError:
-                # Linux reports an ICMP error for an earlier send here; the socket is fine.
-                self.counts["receive_errors"] += 1
-                continue
-            path = paths.get(addr)
-            if path is None:
-                if len(paths) > 4096:  # bound the cache of source paths
-                    paths.clear()
-                path = paths[addr] = Path.udp4(addr[0], addr[1])
-            self.counts["received"] += 1
-            await inbox.send((data, path))
+                await trio.lowlevel.wait_readable(sock)
+            except (trio.ClosedResourceError, OSError):
+                return  # close() was called: the node is stopping
+            got = 0
+            while got < MAX_BATCH:
+                try:
+                    data, addr = sock.recvfrom(MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    if self._closed:
+                        return
+                    # Linux reports an ICMP error for an earlier send here; the socket is fine.
+                    self.counts["receive_errors"] += 1
+                    continue
+                got += 1
+                path = paths.get(addr)
+                if path is None:
+                    if len(paths) > 4096:  # bound the cache of source paths
+                        paths.clear()
+                    path = paths[addr] = Path.udp4(addr[0], addr[1])
+                deliver(data, path)
+            self.counts["received"] += got
+            if got:
+                pump()
+            if got >= MAX_BATCH:
+                await trio.lowlevel.checkpoint()  # let other tasks run between full bursts
 
     def close(self) -> None:
-        """Close the socket."""
-        self._sock.close()
+        """Close the socket (a task waiting on it wakes up and returns)."""
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
 
 
 class _Connection:
@@ -191,7 +245,8 @@ class TcpTransport:
         self._on_frames = on_frames
         self._connections: dict[Path, _Connection] = {}
         self._nursery: trio.Nursery | None = None
-        self._inbox: Inbox | None = None
+        self._deliver: Deliver | None = None
+        self._pump: Pump | None = None
         self.counts: Counter[str] = Counter()
 
     @classmethod
@@ -248,19 +303,33 @@ class TcpTransport:
         """Open (or opening) connections."""
         return len(self._connections)
 
-    async def run(self, inbox: Inbox) -> None:
+    async def run(
+        self,
+        deliver: Deliver,
+        pump: Pump,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept connections and run every connection's tasks until cancelled.
 
+        Start it with ``await nursery.start(...)``: sends work once it has started.
+
         Args:
-            inbox: where ``(packet, source path)`` pairs go.
+            deliver: called with ``(packet, source path)`` for every packet read.
+            pump: called after the packets of each read.
+            task_status: Trio's start protocol.
         """
-        self._inbox = inbox
+        self._deliver = deliver
+        self._pump = pump
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            task_status.started()
             try:
                 while True:
                     try:
                         stream = await self._listener.accept()
+                    except trio.ClosedResourceError:
+                        return  # close() was called: the node is stopping
                     except OSError:
                         self.counts["accept_errors"] += 1
                         await trio.sleep(0.1)  # e.g. out of file descriptors: do not spin
@@ -281,19 +350,33 @@ class TcpTransport:
                 self._nursery = None
 
     async def send(self, data: bytes, path: Path) -> None:
-        """Send one packet on the connection to ``path``, opening it if needed.
-
-        Failures (refused connection, full backlog) drop the packet and are counted.
+        """Send one packet (see :meth:`send_nowait`), then checkpoint.
 
         Args:
             data: the packet.
             path: a ``tcp4`` path.
         """
+        self.send_nowait(data, path)
+        await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, data: bytes, path: Path) -> bool:
+        """Queue one packet on the connection to ``path``, opening it if needed.
+
+        Failures (refused connection, full backlog) drop the packet and are counted, as a
+        full socket buffer drops a UDP datagram.
+
+        Args:
+            data: the packet.
+            path: a ``tcp4`` path.
+
+        Returns:
+            True (the connection's writer task does the waiting).
+        """
         conn = self._connections.get(path)
         if conn is None:
             if self._nursery is None:
                 self.counts["dropped_not_running"] += 1
-                return
+                return True
             conn = _Connection(path, StreamFraming(initiator=True, offer_frames=self._offer,
                                                    max_frame=self._max_frame))
             self._connections[path] = conn
@@ -309,7 +392,7 @@ class TcpTransport:
             else:
                 self.counts["sent"] += 1
                 conn.kick()
-        await trio.lowlevel.checkpoint()
+        return True
 
     async def _serve(self, conn: _Connection) -> None:
         try:
@@ -340,7 +423,9 @@ class TcpTransport:
             conn.kick()
 
     async def _reader(self, conn: _Connection) -> None:
-        assert conn.stream is not None and self._inbox is not None
+        assert conn.stream is not None
+        assert self._deliver is not None and self._pump is not None
+        deliver, pump = self._deliver, self._pump
         framing = conn.framing
         while True:
             try:
@@ -359,10 +444,12 @@ class TcpTransport:
                     if packet is None:
                         break
                     self.counts["received"] += 1
-                    await self._inbox.send((packet, conn.path))
+                    deliver(packet, conn.path)
             except MalformedPacket:
                 self.counts["malformed"] += 1
                 return
+            finally:
+                pump()
             if framing.output_buffered:
                 conn.kick()  # an answer or released packets are waiting
 
@@ -386,6 +473,7 @@ class TcpTransport:
                     return
 
     def close(self) -> None:
-        """Stop accepting; open connections end with the transport's task."""
+        """Stop accepting and drop every connection."""
         for conn in list(self._connections.values()):
             conn.cancel_scope.cancel()
+        self._listener.socket.close()
