@@ -1,0 +1,178 @@
+"""Decoding fuzz for the text CRDT: random and mutated deltas and snapshots raise only
+DecodeError and change nothing, and both implementations accept exactly the same inputs
+with the same results."""
+
+from __future__ import annotations
+
+import zlib
+from functools import cache
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pcloud._core import _ctext, _reference_text
+from p2pcloud.errors import DecodeError
+from tests.core.test_text_support import rid
+
+FORMATS = {"delta": _reference_text.FORMAT_DELTA, "state": _reference_text.FORMAT_STATE}
+
+
+@cache
+def corpus() -> dict[str, list[bytes]]:
+    """Valid deltas and snapshots of a small concurrent session (some deflated)."""
+    docs = [_reference_text.Text(rid(n)) for n in range(3)]
+    deltas: list[bytes] = []
+    for round_ in range(6):
+        for n, doc in enumerate(docs):
+            doc.insert(len(doc) // 2, f"{n}:{round_} é😀 ")
+            if len(doc) > 4:
+                doc.delete(1, 2)
+            deltas.append(doc.take_pending())
+            docs[(n + 1) % 3].apply(deltas[-1])
+    big = _reference_text.Text(rid(4))
+    big.insert(0, "lorem ipsum " * 60)
+    for k in range(20):
+        big.delete(5 * k, 1)
+    deltas.append(big.take_pending())
+    states = [doc.encode_state() for doc in docs] + [big.encode_state()]
+    held = _reference_text.Text(rid(5))
+    held.apply(deltas[4])  # ops waiting for predecessors: the snapshot carries them
+    states.append(held.encode_state())
+    return {"delta": deltas, "state": states}
+
+
+def fresh_pair() -> tuple[Any, Any]:
+    """The same small replica in both implementations, to apply deltas to."""
+    twin, fast = _reference_text.Text(rid(6)), _ctext.Text(rid(6))
+    for doc in (twin, fast):
+        doc.insert(0, "base text")
+        doc.apply(corpus()["delta"][0])
+    return twin, fast
+
+
+def check_delta(data: bytes) -> None:
+    twin, fast = fresh_pair()
+    before = twin.encode_state()
+    outcomes = []
+    for doc in (twin, fast):
+        try:
+            outcomes.append(("ok", doc.apply(data), doc.encode_state()))
+        except DecodeError:
+            assert doc.encode_state() == before  # nothing changed
+            outcomes.append(("error", None, before))
+    assert outcomes[0] == outcomes[1], data
+
+
+def check_state(data: bytes) -> None:
+    outcomes = []
+    for cls in (_reference_text.Text, _ctext.Text):
+        try:
+            doc = cls.decode_state(data, rid(7))
+            outcomes.append(("ok", doc.value(), doc.version(), doc.encode_state()))
+        except DecodeError:
+            outcomes.append(("error",))
+    assert outcomes[0] == outcomes[1], data
+
+
+def reframe(kind: str, body: bytes, deflate: bool) -> bytes:
+    """Frames a (mutated) body, deflated or not, so mutations reach the body parser."""
+    fmt = FORMATS[kind]
+    if deflate:
+        packed = bytearray((fmt, _reference_text.FLAG_DEFLATED))
+        _reference_text._put_uint(packed, len(body))
+        return bytes(packed) + zlib.compress(body)
+    return bytes((fmt, 0)) + body
+
+
+@pytest.mark.parametrize("kind", ["delta", "state"])
+def test_corpus_is_valid_in_both(kind: str) -> None:
+    for data in corpus()[kind]:
+        if kind == "delta":
+            check_delta(data)
+        else:
+            check_state(data)
+            assert _ctext.Text.decode_state(data, rid(7)).encode_state() == data
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes(data: bytes) -> None:
+    check_delta(data)
+    check_state(data)
+
+
+@given(st.sampled_from(["delta", "state"]), st.binary(max_size=120))
+def test_random_bodies_behind_a_valid_header(kind: str, body: bytes) -> None:
+    data = bytes((FORMATS[kind], 0)) + body
+    if kind == "delta":
+        check_delta(data)
+    else:
+        check_state(data)
+
+
+MUTATION = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "set", "insert", "delete"]),
+        st.integers(0, 10**6),
+        st.integers(0, 255),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def mutate(data: bytes, mutations: list[tuple[str, int, int]]) -> bytes:
+    buf = bytearray(data)
+    for op, where, value in mutations:
+        if not buf:
+            break
+        at = where % len(buf)
+        if op == "flip":
+            buf[at] ^= 1 << (value % 8)
+        elif op == "set":
+            buf[at] = value
+        elif op == "insert":
+            buf.insert(at, value)
+        else:
+            del buf[at]
+    return bytes(buf)
+
+
+@given(st.sampled_from(["delta", "state"]), st.integers(0, 100), MUTATION, st.booleans())
+def test_mutated_bodies(
+    kind: str, pick: int, mutations: list[tuple[str, int, int]], deflate: bool
+) -> None:
+    samples = corpus()[kind]
+    sample = samples[pick % len(samples)]
+    body = _reference_text._unframe(FORMATS[kind], sample)
+    data = reframe(kind, mutate(body, mutations), deflate)
+    if kind == "delta":
+        check_delta(data)
+    else:
+        check_state(data)
+
+
+@given(st.sampled_from(["delta", "state"]), st.integers(0, 100), MUTATION)
+def test_mutated_framed_bytes(kind: str, pick: int, mutations: list[tuple[str, int, int]]) -> None:
+    samples = corpus()[kind]
+    data = mutate(samples[pick % len(samples)], mutations)
+    if kind == "delta":
+        check_delta(data)
+    else:
+        check_state(data)
+
+
+def test_limits_are_enforced() -> None:
+    huge_count = bytes((_reference_text.FORMAT_DELTA, 0)) + b"\xff" * 9 + b"\x7f"
+    too_long_varint = bytes((_reference_text.FORMAT_DELTA, 0)) + b"\xff" * 11
+    bomb_header = bytearray((_reference_text.FORMAT_STATE, 1))
+    _reference_text._put_uint(bomb_header, _reference_text.MAX_ENCODED_BYTES + 1)
+    for data in (huge_count, too_long_varint, bytes(bomb_header) + b"x" * 10, b"\x00\x00"):
+        check_delta(data)
+        check_state(data)
+        for cls in (_reference_text.Text, _ctext.Text):
+            with pytest.raises(DecodeError):
+                cls(rid(0)).apply(data)
+            with pytest.raises(DecodeError):
+                cls.decode_state(data, rid(0))
