@@ -28,6 +28,7 @@ from p2pcloud._ids import Hashname
 
 __all__ = [
     "MAX_RELAY_ENTRIES",
+    "MAX_RELAY_PER_ENDPOINT",
     "RELAY_IDLE_TIMEOUT",
     "ROUTING_TOKEN_LENGTH",
     "RelayEntry",
@@ -38,6 +39,10 @@ ROUTING_TOKEN_LENGTH = 16  # telehash v3 e3x/cs/3a: TOKEN = SHA256(eph key[0:16]
 
 MAX_RELAY_ENTRIES = 1024  # two entries per relayed pair: 512 introduced pairs per router,
 # far above what one personal cloud needs, and at most ~100 KiB of memory under a flood.
+
+MAX_RELAY_PER_ENDPOINT = 64  # entries leading to one endpoint: one per session it keeps
+# through this router, plus keepalive syncs (same token) and retries; a linked endpoint that
+# floods peer requests evicts only its own oldest entries, never the other endpoints'.
 
 RELAY_IDLE_TIMEOUT = 120.0  # seconds; relayed links refresh their entry with every packet and
 # with the keepalive handshake (sent through the router every 30 s of idle, telehash v3
@@ -66,14 +71,20 @@ class RelayEntry:
 class RelayTable:
     """Bounded token → (target, source) map with LRU eviction and idle expiry."""
 
-    def __init__(self, capacity: int = MAX_RELAY_ENTRIES) -> None:
+    def __init__(
+        self, capacity: int = MAX_RELAY_ENTRIES, per_endpoint: int = MAX_RELAY_PER_ENDPOINT
+    ) -> None:
         """Create an empty table.
 
         Args:
             capacity: the most entries kept; the least recently used one is evicted.
+            per_endpoint: the most entries leading to one endpoint; past it, that endpoint's
+                least recently used entry is evicted.
         """
         self._capacity = capacity
+        self._per_endpoint = per_endpoint
         self._entries: OrderedDict[bytes, RelayEntry] = OrderedDict()
+        self._per_target: dict[Hashname, int] = {}
         self.evicted = 0
 
     def __len__(self) -> int:
@@ -89,15 +100,30 @@ class RelayTable:
             source: who may send packets carrying it.
             now: the current time.
         """
-        entry = self._entries.pop(token, None)
-        if entry is not None and entry.target == target and entry.source == source:
-            entry.last_used = now
-        else:
-            entry = RelayEntry(token, target, source, now)
-        self._entries[token] = entry
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        old = self._entries.get(token)
+        if old is not None and old.target == target and old.source == source:
+            old.last_used = now
+            self._entries.move_to_end(token)
+            return
+        if old is not None:
+            self._remove(token)
+        if self._per_target.get(target, 0) >= self._per_endpoint:
+            oldest = next(t for t, e in self._entries.items() if e.target == target)
+            self._remove(oldest)
             self.evicted += 1
+        self._entries[token] = RelayEntry(token, target, source, now)
+        self._per_target[target] = self._per_target.get(target, 0) + 1
+        while len(self._entries) > self._capacity:
+            self._remove(next(iter(self._entries)))
+            self.evicted += 1
+
+    def _remove(self, token: bytes) -> None:
+        entry = self._entries.pop(token)
+        left = self._per_target[entry.target] - 1
+        if left:
+            self._per_target[entry.target] = left
+        else:
+            del self._per_target[entry.target]
 
     def get(self, token: bytes) -> RelayEntry | None:
         """Look up a token without touching its age.
@@ -132,7 +158,7 @@ class RelayTable:
         """
         gone = [t for t, e in self._entries.items() if hashname in (e.target, e.source)]
         for token in gone:
-            del self._entries[token]
+            self._remove(token)
         return len(gone)
 
     def expire(self, now: float) -> int:
@@ -150,7 +176,7 @@ class RelayTable:
             token, entry = next(iter(self._entries.items()))
             if entry.last_used + RELAY_IDLE_TIMEOUT > now:
                 break
-            del self._entries[token]
+            self._remove(token)
             dropped += 1
         return dropped
 

@@ -16,7 +16,12 @@ from p2pcloud.errors import HandshakeFailed, MalformedPacket
 from p2pcloud.proto.events import ChannelData, LinkDown, PacketDropped, PathChanged
 from p2pcloud.proto.mesh import HANDSHAKE_TIMEOUT, KEEPALIVE_UDP, LinkState
 from p2pcloud.proto.path import Path
-from p2pcloud.proto.routing import MAX_RELAY_ENTRIES, RELAY_IDLE_TIMEOUT, RelayTable
+from p2pcloud.proto.routing import (
+    MAX_RELAY_ENTRIES,
+    MAX_RELAY_PER_ENDPOINT,
+    RELAY_IDLE_TIMEOUT,
+    RelayTable,
+)
 from tests.proto.fakenet import FakeNetwork, FakeNode
 
 
@@ -206,21 +211,41 @@ def test_router_relays_only_between_linked_endpoints() -> None:
 
 def test_relay_table_is_bounded_under_a_flood_of_peer_requests() -> None:
     net, r, a, b = triangle(7)
+    c = net.add("c")
+    c.mesh.link(r.keys(), net.now, paths=[r.addr])
+    net.run_until(lambda: up(c, r) and up(r, c))
+    introduce(net, r, a, b)  # a legitimate relayed pair: two entries at r
+    legit = {t for t, _, _ in r.mesh._relay.snapshot()}
+    assert len(legit) == 2
+    # c, linked to r, floods peer requests towards b with bogus handshakes
     rng = random.Random(7)
-    for _ in range(MAX_RELAY_ENTRIES + 200):
-        send_peer_request(a, r.hashname, b.hashname, encode_packet(b"\x3a", rng.randbytes(96)))
-        net.flush(a)
-        net.run_for(0.02)
+    for _ in range(MAX_RELAY_PER_ENDPOINT + 200):
+        send_peer_request(c, r.hashname, b.hashname, encode_packet(b"\x3a", rng.randbytes(96)))
+        net.flush(c)
+        net.run_for(0.01)
     net.settle()
-    assert r.mesh.statistics().relay_entries == MAX_RELAY_ENTRIES
-    assert r.mesh._relay.evicted >= 200
+    entries = r.mesh._relay.snapshot()
+    assert len(entries) <= 2 + MAX_RELAY_PER_ENDPOINT
+    assert sum(1 for _, target, _ in entries if target == c.hashname) == MAX_RELAY_PER_ENDPOINT
+    assert legit <= {t for t, _, _ in entries}, "the flood did not evict a's and b's entries"
     # every bogus handshake reached b as a connect and was dropped there, storing nothing
-    assert b.mesh.statistics().drops.get("handshake failed", 0) >= MAX_RELAY_ENTRIES
-    assert b.mesh.table_sizes()["links"] == 1
-    # entries expire once idle
-    net.run_for(RELAY_IDLE_TIMEOUT + 1)
-    assert r.mesh.statistics().relay_entries == 0
-    assert up(a, r) and up(b, r)
+    assert b.mesh.statistics().drops.get("handshake failed", 0) >= MAX_RELAY_PER_ENDPOINT
+    assert b.mesh.table_sizes()["links"] == 2
+    # the relayed pair still works
+    cid = a.mesh.open_channel(b.hashname, "test", reliable=True, body=b"ok", now=net.now)
+    net.run_until(lambda: [e for e in b.of(ChannelData) if e.cid == cid])
+
+
+def test_relay_table_total_bound() -> None:
+    table = RelayTable()
+    rng = random.Random(1)
+    ends = [Hashname(f"{i:052d}") for i in range(40)]
+    for i in range(MAX_RELAY_ENTRIES * 2):
+        table.add(rng.randbytes(16), ends[i % 40], ends[(i + 1) % 40], float(i))
+    assert len(table) == MAX_RELAY_ENTRIES
+    assert table.evicted == MAX_RELAY_ENTRIES
+    table.expire(2 * MAX_RELAY_ENTRIES + RELAY_IDLE_TIMEOUT)
+    assert len(table) == 0
 
 
 def test_relay_entries_go_when_an_endpoint_goes() -> None:
@@ -235,7 +260,7 @@ def test_relay_entries_go_when_an_endpoint_goes() -> None:
 
 
 def test_relay_table_unit() -> None:
-    table = RelayTable(capacity=2)
+    table = RelayTable(capacity=2, per_endpoint=2)
     x, y, z = (Hashname(c * 52) for c in "xyz")
     table.add(b"1" * 16, x, y, 0.0)
     table.add(b"2" * 16, y, x, 1.0)
