@@ -2017,9 +2017,15 @@ cdef class Replica:
                 j += 1
             if out_ranges:
                 dead[k] = out_ranges
-            if j < b:
-                send_from[k] = (j, b)
-            if out_ranges or j < b:
+            # live text entries always go (see the reference)
+            if self._texts:
+                sel = [i for i in range(a, j)
+                       if (<Entry>live.recs[i].entry).kind == OP_TEXT] + list(range(j, b))
+            else:
+                sel = range(j, b)
+            if sel:
+                send_from[k] = sel
+            if out_ranges or sel:
                 used.append(k)
             a = b
         out = _Buf()
@@ -2052,8 +2058,8 @@ cdef class Replica:
         for k in used:
             if k not in send_from:
                 continue
-            a, b = send_from[k]
-            e = <Entry>live.recs[a].entry
+            sel = send_from[k]
+            e = <Entry>live.recs[<Py_ssize_t>sel[0]].entry
             out.varint(table[k])
             out.varint(e.ctr)
             out.varint(e.hlc)
@@ -2063,8 +2069,8 @@ cdef class Replica:
             hlc = e.hlc
             cur_coll = NULL
             cur_doc = NULL
-            for j in range(a, b):
-                rec = &live.recs[j]
+            for jo in sel:
+                rec = &live.recs[<Py_ssize_t>jo]
                 e = <Entry>rec.entry
                 if e.ctr != ctr or e.hlc != hlc:
                     ops.byte(OP_ADVANCE)
@@ -2101,7 +2107,7 @@ cdef class Replica:
                     text = self._texts.get(key)
                     state = b""
                     if text is not None and key not in texts_sent:
-                        state = text.encode_state()
+                        state = text.encode_since({})
                         texts_sent.add(key)
                     ops.varint(len(state))
                     ops.raw(<const unsigned char*>PyBytes_AS_STRING(state), len(state))

@@ -1601,7 +1601,11 @@ class Replica:
                     out.append((cur, hi))
             if out:
                 dead[k] = out
-        send = {k: sorted((x for x in live.get(k, ()) if x[0] > vv.get(k, 0)),
+        # Live text entries always go, with the whole text: a text's content merges the ops
+        # of every edit ever delivered, including edits whose entries were since killed
+        # (overwritten, removed), and a peer may have seen those dots without their ops.
+        send = {k: sorted((x for x in live.get(k, ())
+                           if x[0] > vv.get(k, 0) or x[1].kind == OP_TEXT),
                           key=lambda x: x[0]) for k in reps}
         send = {k: v for k, v in send.items() if v}
         used = [k for k in reps if k in dead or k in send]
@@ -1675,7 +1679,7 @@ class Replica:
                     text = self._texts.get(key)
                     state = b""
                     if text is not None and key not in texts_sent:
-                        state = text.encode_state()
+                        state = text.encode_since({})
                         texts_sent.add(key)
                     _put_varint(ops, len(state))
                     ops += state

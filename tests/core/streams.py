@@ -63,7 +63,7 @@ text_ops = st.one_of(
 )
 
 
-def steps(n_replicas: int, with_text: bool = False) -> st.SearchStrategy[list[Any]]:
+def steps(n_replicas: int, with_text: bool = True) -> st.SearchStrategy[list[Any]]:
     """A strategy for a program over ``n_replicas`` replicas."""
     rep = st.integers(0, n_replicas - 1)
     op = st.one_of(ops, text_ops) if with_text else ops
