@@ -190,10 +190,10 @@ NONCE_PREFIX = 16  # bytes of the 24-byte random nonce kept per packet: 2**-128 
 MAX_INTERMEDIATES = 8
 """Cipher-set intermediates read from a plaintext intro (v3 defines four cipher sets)."""
 
-CHANNEL_HEAD_RESERVE = 440
-"""Bytes of an inner packet kept for the channel head: ``c``, ``seq``, ``ack`` and a ``miss``
-list (reliable channels put ack/miss on every packet, window 50: up to ~60 short deltas),
-plus the app's own small head fields."""
+CHANNEL_HEAD_RESERVE = _ch.HEAD_OVERHEAD
+"""Bytes of an inner packet kept for what the channel layer adds to a head (``c``, ``seq``,
+``ack``, ``end`` and a capped ``miss``: CHANNEL's HEAD_OVERHEAD); the application's own head
+fields and, on an open, the ``type`` come out of the body's share (see _check_size)."""
 
 CID_LIMIT = 0xFFFFFFFF  # telehash v3 e3x/channels: c is a uint32
 
@@ -570,7 +570,7 @@ class Mesh:
         link = self._up_link(hashname)
         if type in ("path", "peer", "connect"):
             raise LocalProtocolError(f"channel type {type!r} belongs to the mesh")
-        self._check_size(link, json, body)
+        self._check_size(link, json, body, type)
         if len(link.channels) >= MAX_CHANNELS_PER_LINK:
             raise LocalProtocolError("too many open channels on this link")
         assert link.exchange is not None
@@ -673,8 +673,12 @@ class Mesh:
             return MAX_INNER_PACKET
         return mtu - CHANNEL_OVERHEAD - CLOAK_NONCE_SIZE
 
-    def _check_size(self, link: _Link, json: Mapping[str, Any] | None, body: bytes) -> None:
+    def _check_size(
+        self, link: _Link, json: Mapping[str, Any] | None, body: bytes, type: str = ""
+    ) -> None:
         extra = len(encode_packet(dict(json))) if json else 0
+        if type:
+            extra += len(encode_packet({"type": type}))  # the open carries "type":"..."
         if len(body) + extra > self.max_body(link.hashname):
             raise LocalProtocolError(
                 f"body of {len(body)} bytes (+{extra} head) exceeds max_body "

@@ -25,6 +25,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -53,6 +54,7 @@ class FakeNode:
     sent: int = 0
     received: int = 0
     offset: float = 0.0  # this process's monotonic clock minus the network's (each differs)
+    counts: Counter[type] = field(default_factory=Counter)
 
     @property
     def hashname(self) -> Hashname:
@@ -62,6 +64,10 @@ class FakeNode:
     def of(self, kind: type[E]) -> list[E]:
         """Every event of one type emitted so far, in order."""
         return [e for e in self.events if isinstance(e, kind)]
+
+    def count(self, kind: type[MeshEvent]) -> int:
+        """How many events of one type were emitted so far (cheap: for run_until conditions)."""
+        return self.counts[kind]
 
     def keys(self) -> dict[str, bytes]:
         """The keys a peer needs to link to this node."""
@@ -198,6 +204,7 @@ class FakeNetwork:
             if event is None:
                 break
             node.events.append(event)
+            node.counts[type(event)] += 1
 
     def inject(self, node: FakeNode, data: bytes, source: Path) -> None:
         """Deliver ``data`` to ``node`` now, as if it came from ``source``."""

@@ -466,7 +466,7 @@ def transfer(seed: int, size: int = 1 << 20) -> FakeNetwork:
             pos += len(chunk)
             a.mesh.send(b.hashname, cid, chunk, end=pos >= len(data), now=net.now)
 
-    net.run_until(lambda: b.of(ChannelEnded), tick=tick, timeout=900)
+    net.run_until(lambda: b.count(ChannelEnded), tick=tick, timeout=900)
     received = b"".join(e.body for e in b.of(ChannelData) if e.cid == cid)
     assert len(received) == len(data)
     assert received == data, f"seed {seed}: data differs"
