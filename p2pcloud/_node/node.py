@@ -52,7 +52,7 @@ from p2pcloud.errors import (
 )
 from p2pcloud.proto import events as ev
 from p2pcloud.proto.mesh import Mesh
-from p2pcloud.proto.path import Path
+from p2pcloud.proto.path import Path, is_hashname
 from p2pcloud.uri import LinkInfo, format_link_uri, parse_link_uri
 
 __all__ = [
@@ -188,6 +188,7 @@ class Node:
         self._link_waiters: dict[Hashname, list[_LinkWaiter]] = {}
         self._links_up: set[Hashname] = set()
         self._link_paths: dict[Hashname, Path] = {}
+        self._paths_changed = trio.Event()
         self._blocked_senders: set[ChannelStream] = set()
         self._events: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()
@@ -423,6 +424,8 @@ class Node:
         elif isinstance(event, ev.LinkUp):
             self._links_up.add(event.hashname)
             self._link_paths[event.hashname] = event.path
+            self._paths_changed.set()
+            self._paths_changed = trio.Event()
             for waiter in self._link_waiters.pop(event.hashname, []):
                 waiter.event.set()
         elif isinstance(event, ev.LinkDown):
@@ -436,6 +439,8 @@ class Node:
                     channel._on_closed("link down")
         elif isinstance(event, ev.PathChanged):
             self._link_paths[event.hashname] = event.path
+            self._paths_changed.set()
+            self._paths_changed = trio.Event()
         elif isinstance(event, ev.PacketDropped):
             self._dropped[event.reason] += 1
 
@@ -521,15 +526,21 @@ class Node:
         if self._closed:
             raise trio.ClosedResourceError("the node is closed")
 
-    async def link(self, target: str | LinkInfo | Mapping[str, Any]) -> Hashname:
+    async def link(
+        self, target: str | LinkInfo | Mapping[str, Any], *, via: Hashname | None = None
+    ) -> Hashname:
         """Link to an endpoint and wait until the link is Up.
 
         The mesh gives up after 30 s without an answer (telehash v3 handshake timers);
         wrap the call in ``trio.move_on_after`` / ``trio.fail_after`` to wait less.
 
         Args:
-            target: a link URI (``link://...``), a :class:`LinkInfo`, or v3 link JSON
-                (``{"keys": {"3a": b32}, "paths": [...]}``).
+            target: a link URI (``link://...``), a :class:`LinkInfo`, v3 link JSON
+                (``{"keys": {"3a": b32}, "paths": [...]}``), or a bare hashname when ``via``
+                is given (the router brings the keys).
+            via: a router we are linked to that also knows the target: the link is made
+                through it (telehash v3 ``peer``/``connect``), and moves to a direct path
+                as soon as one works.
 
         Returns:
             The peer's hashname.
@@ -541,8 +552,13 @@ class Node:
             trio.ClosedResourceError: the node is closed.
         """
         self._check_open()
-        info = _link_info(target)
-        hashname = self._mesh.link(info, now=trio.current_time())
+        paths = [Path.peer(via)] if via is not None else []
+        mesh_target: LinkInfo | Hashname
+        if via is not None and isinstance(target, str) and is_hashname(target):
+            mesh_target = Hashname(target)
+        else:
+            mesh_target = _link_info(target)
+        hashname = self._mesh.link(mesh_target, now=trio.current_time(), paths=paths)
         self._pump()
         await self.wait_link_up(hashname)
         return hashname
@@ -573,6 +589,22 @@ class Node:
             if self._closed:
                 raise trio.ClosedResourceError("the node is closed")
             raise LinkError(f"link to {hashname[:8]} went down: {waiter.down_reason}")
+
+    async def wait_direct_path(self, hashname: Hashname) -> Path:
+        """Wait until packets to ``hashname`` take a direct path (not through a router).
+
+        Args:
+            hashname: a linked peer.
+
+        Returns:
+            The direct path.
+        """
+        while True:
+            path = self._link_paths.get(hashname)
+            if path is not None and path.is_direct:
+                await trio.lowlevel.checkpoint()
+                return path
+            await self._paths_changed.wait()
 
     async def open_channel(
         self,

@@ -1,0 +1,157 @@
+"""Real sockets on 127.0.0.1 (port 0): links, 50 MiB transfers, routing, the daemon.
+
+Every byte here crosses the kernel: UDP datagrams and TCP connections between nodes in this
+process, with real CS3a crypto.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pcloud._crypto import LocalIdentity
+from p2pcloud._framing import Framing
+from p2pcloud._node.node import Node, open_node
+from p2pcloud._node.stream import ChannelStream
+from p2pcloud._wire import MAX_INNER_PACKET
+
+MIB = 1 << 20
+TRANSFER = 50 * MIB
+BLOCK = MIB
+
+
+def new_identity() -> LocalIdentity:
+    return LocalIdentity.generate(os.urandom)
+
+
+async def transfer(a: Node, b: Node, size: int) -> None:
+    """Send ``size`` bytes a -> b on a reliable channel and compare SHA-256 digests."""
+    result: dict[str, Any] = {}
+    done = trio.Event()
+
+    async def sink(stream: ChannelStream) -> None:
+        digest = hashlib.sha256()
+        count = 0
+        while chunk := await stream.receive_some(MIB):
+            digest.update(chunk)
+            count += len(chunk)
+        result["digest"], result["count"] = digest.digest(), count
+        done.set()
+
+    b.serve_channel("bulk", sink)
+    stream = await a.open_channel(b.hashname, "bulk")
+    sent = hashlib.sha256()
+    block = os.urandom(BLOCK)
+    for i in range(size // BLOCK):
+        piece = block[i % 251 :] + block[: i % 251]  # every block different
+        sent.update(piece)
+        await stream.send_all(piece)
+    await stream.send_eof()
+    with trio.fail_after(300):
+        await done.wait()
+    assert result["count"] == size
+    assert result["digest"] == sent.digest()
+    await stream.aclose()
+
+
+@pytest.mark.slow
+async def test_50_mib_over_udp() -> None:
+    async with open_node(identity=new_identity(), tcp_port=None) as a, open_node(
+        identity=new_identity(), tcp_port=None
+    ) as b:
+        with trio.fail_after(30):
+            await a.link(b.link_uri)
+        path = a.link_path(b.hashname)
+        assert path is not None and path.is_udp
+        await transfer(a, b, TRANSFER)
+        stats = a.statistics()
+        assert stats.transports["udp"]["sent"] > TRANSFER // MAX_INNER_PACKET
+
+
+@pytest.mark.slow
+async def test_50_mib_over_tcp_large_frames() -> None:
+    async with open_node(identity=new_identity(), port=None) as a, open_node(
+        identity=new_identity(), port=None
+    ) as b:
+        with trio.fail_after(30):
+            await a.link(b.link_json)
+        path = a.link_path(b.hashname)
+        assert path is not None and path.is_tcp
+        assert a._tcp is not None and a._tcp.connection_framing(path) is Framing.FRAMES
+        # the mesh now puts far more than a v3 packet in each channel packet
+        assert a._mesh.max_body(b.hashname) > 10 * MAX_INNER_PACKET
+        await transfer(a, b, TRANSFER)
+        tcp = a.statistics().transports["tcp"]
+        assert tcp["frames"] >= 1
+        assert tcp["sent"] < TRANSFER // MAX_INNER_PACKET  # large frames, not v3 packets
+
+
+async def test_tcp_without_large_frames_stays_v3_chunked() -> None:
+    async with open_node(identity=new_identity(), port=None) as a, open_node(
+        identity=new_identity(), port=None, large_frames=False
+    ) as b:
+        with trio.fail_after(30):
+            await a.link(b.link_json)  # a offers frames, b answers nothing: a falls back
+        path = a.link_path(b.hashname)
+        assert path is not None and path.is_tcp
+        assert a._tcp is not None and a._tcp.connection_framing(path) is Framing.CHUNKED
+        assert a._mesh.max_body(b.hashname) < MAX_INNER_PACKET
+        await transfer(a, b, 2 * MIB)
+
+
+async def test_router_introduces_two_nodes_then_they_go_direct() -> None:
+    async with open_node(identity=new_identity(), tcp_port=None) as router, open_node(
+        identity=new_identity(), tcp_port=None
+    ) as a, open_node(identity=new_identity(), tcp_port=None) as b:
+        with trio.fail_after(30):
+            await a.link(router.link_uri)
+            await b.link(router.link_uri)
+        assert b.hashname not in a.links
+        # a knows only b's hashname and the router: no key, no address of b.
+        with trio.fail_after(60):
+            await a.link(b.hashname, via=router.hashname)
+        await b.wait_link_up(a.hashname)
+        # the introduction and the first packets went through the router ...
+        assert router.statistics().mesh.relayed > 0
+        # ... and then the link moved to a direct path between a and b.
+        with trio.fail_after(60):
+            path = await a.wait_direct_path(b.hashname)
+        assert path == b.paths[0]
+        relayed = router.statistics().mesh.relayed
+        await transfer(a, b, 2 * MIB)
+        assert router.statistics().mesh.relayed - relayed < 10  # the data did not go through it
+
+
+def test_p2pcloudd_once_prints_hashname_and_uri(tmp_path: Path) -> None:
+    env = dict(os.environ, P2PCLOUD_HOME=str(tmp_path / "home"))
+    command = [sys.executable, "-m", "p2pcloudd", "--port", "0", "--once"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    hashname = lines["hashname"]
+    assert len(hashname) == 52 and hashname.isalnum()
+    assert lines["link URI"].startswith("link://127.0.0.1:")
+    assert (tmp_path / "home" / "identity.key").is_file()
+    # a second start loads the same identity
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert f"hashname: {hashname}" in again.stdout
+
+
+def test_p2pcloudd_reports_a_port_in_use_without_traceback(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "p2pcloudd", "--data-dir", str(tmp_path),
+                   "--port", str(port), "--once"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "already in use" in proc.stderr and "Traceback" not in proc.stderr
