@@ -1,0 +1,355 @@
+"""The disk side of folder sync: safe path resolution, stat, hashing, atomic writes.
+
+Everything that touches the file system is here, and nothing here decides anything: the
+decisions are :mod:`p2pcloud.files.model`'s pure functions.
+
+* **No symlinks out.** Every directory on the way to a path is checked with ``lstat``: a
+  symlink (or anything that is not a directory) there refuses the path, so a remote
+  document id can never make us write through a link to outside the folder. A symlink at
+  the path itself is not a file: it is neither synced nor followed nor replaced.
+* **Atomic writes.** Remote content goes to ``.p2pcloud-tmp-<random>`` in the target's own
+  directory, is fsynced, gets its mode and mtime, and only then is renamed over the path
+  (``rename(2)`` is atomic within a file system), after a last check that the file at the
+  path is still the one the decision was made about. A crash at any instant leaves either
+  the old file or the new one at the path, never a half-written one; leftover temporary
+  files are removed by the next full scan.
+* **Stable reads.** A file is hashed through ``mmap`` and its stat is compared before and
+  after; a file that changed meanwhile is reported as busy and looked at again next scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import secrets
+import stat as stat_mod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from p2pcloud.blobs import Manifest, manifest_of
+from p2pcloud.errors import UnsafePath
+from p2pcloud.files.paths import TEMP_PREFIX, is_internal
+
+__all__ = [
+    "DiskStat",
+    "FileBusy",
+    "NotAFile",
+    "atomic_write",
+    "delete_file",
+    "hash_file",
+    "read_range",
+    "resolve",
+    "set_meta",
+    "stat_path",
+    "walk_files",
+]
+
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symlink-follow open
+_O_BINARY: Final = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+SMALL_FILE: Final = 1 << 20  # read files up to 1 MiB with one read(); mmap costs more below
+_replace = os.replace  # indirection so a test can simulate a crash just before the rename
+
+
+@dataclass(frozen=True, slots=True)
+class DiskStat:
+    """What a scan compares to decide "unchanged" without reading the file."""
+
+    size: int
+    mtime_ns: int
+    mode: int  # permission bits (st_mode & 0o777)
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> DiskStat:
+        """Take the compared fields of a stat result."""
+        return cls(st.st_size, st.st_mtime_ns, stat_mod.S_IMODE(st.st_mode) & 0o777, st.st_ino)
+
+
+class NotAFile:
+    """The marker :func:`stat_path` returns for a directory, symlink, socket... at a path."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        """Record what is there instead of a file."""
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"NotAFile({self.kind!r})"
+
+
+class FileBusy(Exception):  # noqa: N818 - internal signal, never leaves this package
+    """Raised internally when a file changed while it was being read or replaced."""
+
+
+def resolve(root: Path, rel: str, *, create_dirs: bool = False) -> Path:
+    """The absolute path of ``rel`` under ``root``, refusing any symlink on the way.
+
+    Args:
+        root: the folder root.
+        rel: a normalised relative path (:func:`p2pcloud.files.paths.normalize_relpath`).
+        create_dirs: create missing parent directories (mode 0o755 minus the umask).
+
+    Returns:
+        ``root / rel``.
+
+    Raises:
+        UnsafePath: a parent is a symlink or not a directory.
+        FileNotFoundError: a parent is missing and ``create_dirs`` is false.
+    """
+    parts = rel.split("/")
+    cur = root
+    for part in parts[:-1]:
+        cur = cur / part
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            if not create_dirs:
+                raise
+            os.mkdir(cur, 0o755)
+            st = os.lstat(cur)
+        if stat_mod.S_ISLNK(st.st_mode):
+            raise UnsafePath(f"{rel!r}: a parent directory is a symlink")
+        if not stat_mod.S_ISDIR(st.st_mode):
+            raise UnsafePath(f"{rel!r}: a parent is not a directory")
+    return cur / parts[-1]
+
+
+def stat_path(root: Path, rel: str) -> DiskStat | NotAFile | None:
+    """Stat the file at ``rel`` without following a symlink.
+
+    Returns:
+        Its DiskStat, NotAFile if something else is there (or a parent is not a plain
+        directory), or None if nothing is there.
+    """
+    try:
+        st = os.lstat(resolve(root, rel))
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return NotAFile("parent is not a directory")
+    except UnsafePath:
+        return NotAFile("symlink on the way")
+    if stat_mod.S_ISREG(st.st_mode):
+        return DiskStat.of(st)
+    if stat_mod.S_ISLNK(st.st_mode):
+        return NotAFile("symlink")
+    if stat_mod.S_ISDIR(st.st_mode):
+        return NotAFile("directory")
+    return NotAFile("special file")
+
+
+def walk_files(root: Path, under: str = "") -> Iterable[tuple[str, DiskStat]]:
+    """Every regular file under ``root`` (or its subdirectory ``under``), not following links.
+
+    Skips our own names (``.p2pcloud*``), symlinks and special files; leftover temporary
+    files of interrupted writes are deleted on the way.
+
+    Args:
+        root: the folder root.
+        under: a relative directory to limit the walk to ("" for all).
+
+    Yields:
+        ``(relative POSIX path, stat)`` pairs.
+    """
+    stack = [under]
+    while stack:
+        rel_dir = stack.pop()
+        abs_dir = root / rel_dir if rel_dir else root
+        try:
+            it = os.scandir(abs_dir)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        with it:
+            for entry in it:
+                name = entry.name
+                rel = f"{rel_dir}/{name}" if rel_dir else name
+                if is_internal(name):
+                    if name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                        # a write interrupted by a crash: the rename never happened
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat_mod.S_ISDIR(st.st_mode):
+                    stack.append(rel)
+                elif stat_mod.S_ISREG(st.st_mode):
+                    yield rel, DiskStat.of(st)
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    parts = []
+    left = size
+    while left > 0:
+        data = os.read(fd, left)
+        if not data:
+            break  # shrank while being read: the stat check below reports it
+        parts.append(data)
+        left -= len(data)
+    return b"".join(parts)
+
+
+def hash_file(path: Path) -> tuple[Manifest, DiskStat]:
+    """Chunk and hash a file.
+
+    Args:
+        path: the file (a symlink is refused by ``O_NOFOLLOW`` where the OS has it).
+
+    Returns:
+        Its manifest and the stat it had while being read.
+
+    Raises:
+        FileBusy: it changed during the read.
+        OSError: it cannot be opened or read.
+    """
+    fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
+    try:
+        before = os.fstat(fd)
+        if not stat_mod.S_ISREG(before.st_mode):
+            raise FileBusy("not a regular file")
+        if before.st_size <= SMALL_FILE:
+            manifest = manifest_of(_read_all(fd, before.st_size))
+        else:
+            with mmap.mmap(fd, before.st_size, access=mmap.ACCESS_READ) as mm:
+                view = memoryview(mm)
+                try:
+                    manifest = manifest_of(view)
+                finally:
+                    view.release()
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if DiskStat.of(before) != DiskStat.of(after) or manifest.size != after.st_size:
+        raise FileBusy("changed while being read")
+    return manifest, DiskStat.of(after)
+
+
+def read_range(path: Path, offset: int, size: int) -> bytes | None:
+    """Read ``size`` bytes at ``offset`` (for serving a chunk from a file); None if short."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, size, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
+def _fsync_dir(path: Path) -> None:
+    # the rename is durable only once the directory is; Windows cannot open directories
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _current(path: Path) -> DiskStat | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise FileBusy("something else than a file is at the path")
+    return DiskStat.of(st)
+
+
+def _same(now: DiskStat | None, expect: DiskStat | None) -> bool:
+    if now is None or expect is None:
+        return now is expect
+    # our own chmod/utime change ctime only; ino, size, mtime and mode must all match
+    return now == expect
+
+
+def atomic_write(
+    root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int, mode: int,
+    expect: DiskStat | None,
+) -> DiskStat:
+    """Write a file atomically: temp file in the same directory, fsync, then rename.
+
+    Args:
+        root: the folder root.
+        rel: the normalised relative path.
+        chunks: the content, in order.
+        mtime_ns: the modification time to set.
+        mode: the permission bits to set.
+        expect: the stat the path must still have right before the rename (None: nothing
+            may be there); otherwise the write is abandoned (a local edit came in between).
+
+    Returns:
+        The stat of the new file.
+
+    Raises:
+        FileBusy: the path changed since the decision; nothing was replaced.
+        UnsafePath: a parent is a symlink or not a directory.
+        OSError: the disk refused (full, permissions); nothing was replaced.
+    """
+    target = resolve(root, rel, create_dirs=True)
+    tmp = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o600)
+    try:
+        try:
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, mode & 0o777)
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        if not _same(_current(target), expect):
+            raise FileBusy("the file changed while the new version was being written")
+        _replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(target.parent)
+    return DiskStat.of(os.lstat(target))
+
+
+def set_meta(root: Path, rel: str, *, mtime_ns: int, mode: int, expect: DiskStat) -> DiskStat:
+    """Set a file's mode and mtime, if it is still the file the decision was made about.
+
+    Raises:
+        FileBusy: it changed. OSError: the disk refused.
+    """
+    target = resolve(root, rel)
+    if not _same(_current(target), expect):
+        raise FileBusy("the file changed")
+    os.chmod(target, mode & 0o777)
+    os.utime(target, ns=(mtime_ns, mtime_ns))  # lstat above: a regular file, not a link
+    return DiskStat.of(os.lstat(target))
+
+
+def delete_file(root: Path, rel: str, *, expect: DiskStat) -> None:
+    """Delete a file if it is still the one the decision was made about.
+
+    Raises:
+        FileBusy: it changed (a local edit: kept). OSError: the disk refused.
+    """
+    target = resolve(root, rel)
+    now = _current(target)
+    if now is None:
+        return
+    if not _same(now, expect):
+        raise FileBusy("the file changed")
+    os.unlink(target)
+    _fsync_dir(target.parent)
