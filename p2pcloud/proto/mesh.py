@@ -292,6 +292,7 @@ class _Link:
     last_sync: float = -1e18
     last_catchup: float = -1e18  # last answer to a restarted peer's stale handshake
     last_reply: float = -1e18  # last handshake sent in answer to one (rate of re-echoes)
+    last_path_open: float = -1e18  # last path ping whose advertised paths we tried
     channels: dict[ChannelId, _ch.Channel] = field(default_factory=dict)
     cid_floor: int = 0  # highest channel id the peer opened in this session
     ping_cids: deque[int] = field(default_factory=lambda: deque(maxlen=MAX_PING_CIDS))
@@ -1447,7 +1448,11 @@ class Mesh:
         targets: list[Path] = [p.path for p in link.paths if p.seen is not None]
         advertised = json.get("paths")
         new_direct = False
-        if isinstance(advertised, list):
+        # Pongs to paths we never heard from make us send to addresses the peer chose: at
+        # most MAX_PATHS_ADVERTISED of them per MIN_SYNC_INTERVAL, so an (authenticated)
+        # peer cannot turn path pings into a packet cannon aimed at someone else.
+        if isinstance(advertised, list) and link.last_path_open + MIN_SYNC_INTERVAL <= now:
+            link.last_path_open = now
             for raw in advertised[:MAX_PATHS_ADVERTISED]:
                 try:
                     path = Path.from_json(raw)

@@ -599,3 +599,34 @@ class JsStyleExchange(Exchange):
             # resend timers, so the link is as good as answered)
             return HandshakeVerdict(True, verdict.new_session, self.at, self.at)
         return verdict
+
+
+def test_path_pings_pong_every_path_and_stay_bounded() -> None:
+    net = FakeNetwork(21)
+    a, b = linked_pair(net)
+    net.run_for(2.0)  # past the rate limit of the path ping a sent at link up
+    link = a.mesh._links[b.hashname]  # the mesh opens path pings itself; the test forges some
+    assert link.exchange is not None
+    sent_to: list[Path] = []
+    net.taps.append(lambda d, s, t: sent_to.append(t) if s == b.addr else None)
+
+    def ping(ports: range) -> None:
+        assert link.exchange is not None
+        cid = link.exchange.next_channel_id()
+        paths = [Path.udp4("127.0.0.1", p).to_json() for p in ports]
+        a.mesh._send_inner(link, {"c": cid, "type": "path", "paths": paths}, b"")
+        net.flush(a)
+
+    ping(range(60000, 60020))  # 20 advertised: only MAX_PATHS_ADVERTISED are read
+    net.run_for(0.5)
+    fake = {t for t in sent_to if t.port is not None and t.port >= 60000}
+    assert len(fake) == mesh_mod.MAX_PATHS_ADVERTISED
+    assert a.addr in sent_to  # the pong on the path b knows works
+    sent_to.clear()
+    ping(range(61000, 61008))  # again within a second: no pongs to new addresses
+    net.run_for(0.5)
+    assert not {t for t in sent_to if t.port is not None and t.port >= 61000}
+    assert len(b.mesh.link_paths(a.hashname)) <= mesh_mod.MAX_PATHS_PER_LINK
+    assert a.addr in b.mesh.link_paths(a.hashname), "the working path is never evicted"
+    net.run_for(2 * KEEPALIVE_UDP)
+    assert up(a, b) and b.mesh.link_path(a.hashname) == a.addr
