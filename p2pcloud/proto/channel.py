@@ -58,6 +58,7 @@ __all__ = [
     "HEAD_OVERHEAD",
     "MAX_MISS_SENT",
     "MAX_WINDOW",
+    "MISS_REPEAT",
     "MISS_RESEND_INTERVAL",
     "RESEND_INTERVAL",
     "Channel",
@@ -97,6 +98,14 @@ MISS_RESEND_INTERVAL: Final = 1.0
 
 MISS_THRESHOLD: Final = 3
 """Out-of-order packets held before a miss goes out at once: fewer is likely reordering."""
+
+MISS_REPEAT: Final = MISS_RESEND_INTERVAL / 2
+"""Seconds between repeats of our miss while gaps last. Senders resend a packet at most once
+per MISS_RESEND_INTERVAL; repeating at that same period can land just inside their limit
+each time and cost a whole extra second per loss (seen with telehash-js)."""
+
+DUP_ACK_THRESHOLD: Final = 3
+"""Bare acks without progress before the oldest unacked packet is resent (TCP's three)."""
 
 ACK_DELAY: Final = 1.0
 """Seconds within which delivered data is acked; e3x ``chan_autoack`` and reliable.md."""
@@ -756,12 +765,14 @@ class ReliableChannel(Channel):
         self._feedback_at = now  # last ack advance or loss report (miss) from the peer
         self._resend: list[int] = []  # seqs to resend on the next packets_to_send
         self._min_rtt: float | None = None  # smallest ack round trip seen (None: no sample)
+        self._dup_acks = 0  # bare acks in a row without progress (see _on_dup_ack)
         self._end_seq: int | None = None  # seq of our end
         self._closing = False
         # receiving side
         self._in_done = 0  # highest seq delivered in order (our ack)
         self._inbuf: dict[int, tuple[dict[str, Any], bytes]] = {}  # out-of-order packets
         self._in_max = 0  # highest seq in _inbuf
+        self._seen_max = 0  # highest seq seen beyond in_done, held or dropped (gaps below)
         self._in_end: int | None = None  # seq of the peer's end, once seen
         self._ack_sent = 0  # last ack value we sent
         self._ack_repeated = 0  # last ack value we sent twice (see packets_to_send)
@@ -852,7 +863,7 @@ class ReliableChannel(Channel):
             return last
         out: list[tuple[dict[str, Any], bytes]] = []
         in_done = self._in_done
-        if self._inbuf:
+        if self._seen_max > in_done:
             miss: list[int] | None = self._miss()
         elif self._advertising:
             miss = self._advert  # announce a non-default window until a packet with it is acked
@@ -910,8 +921,8 @@ class ReliableChannel(Channel):
         else:
             return out
         self._ack_sent = in_done
-        if self._inbuf:
-            self._ack_due = now + ACK_DELAY  # repeat the miss every second while gaps last
+        if self._seen_max > in_done:
+            self._ack_due = now + MISS_REPEAT  # repeat the miss while gaps last
         elif in_done != self._ack_repeated:
             # ours: say the last ack once more after ACK_DELAY, so a lost ack does not
             # leave the sender stalled until its RESEND_INTERVAL resends a whole window
@@ -928,21 +939,23 @@ class ReliableChannel(Channel):
         return head
 
     def _miss(self) -> list[int]:
-        """Our miss array: every gap below the highest buffered seq, then the edge."""
+        """Our miss array: every gap below the highest seq seen, then the window edge."""
         inbuf = self._inbuf
         last = self._in_done
-        out: list[int] = []
-        for seq in range(self._in_done + 1, self._in_max):
-            if seq not in inbuf:
-                out.append(seq - last)
-                last = seq
-                if len(out) == MAX_MISS_SENT - 1:
-                    break  # the rest next time; the edge below stays right
         # reliable.md example: the edge is the highest acceptable seq (ack + buffer size);
         # a JS peer's overshoot into the slack moves it up to what we really hold
         edge = self._in_done + self._window
         if edge < self._in_max:
             edge = self._in_max
+        # gaps run up to the highest seq seen (dropped ones too), below the edge
+        top = self._seen_max if self._seen_max < edge else edge - 1
+        out: list[int] = []
+        for seq in range(self._in_done + 1, top + 1):
+            if seq not in inbuf:
+                out.append(seq - last)
+                last = seq
+                if len(out) == MAX_MISS_SENT - 1:
+                    break  # the rest next time; the edge below stays right
         out.append(edge - last)
         return out
 
@@ -988,6 +1001,8 @@ class ReliableChannel(Channel):
             if ack > self._acked:
                 self._on_ack(ack, now)
                 self._feedback_at = now
+            elif ack == self._acked and "seq" not in json and ack < self._next_unsent - 1:
+                self._on_dup_ack(now)
             miss = json.get("miss")
             if miss is not None:
                 self._on_miss(ack, miss, now)
@@ -1011,6 +1026,13 @@ class ReliableChannel(Channel):
         if seq > done + self._recv_limit:
             self._drop("beyond window")
             self._ack_due = now
+            # ours: remember it, so our miss asks for it again once the window moves;
+            # telehash-js has no send window and resends only what a miss names
+            if (
+                self._seen_max < seq <= done + 4 * self._recv_limit
+                and (self._in_end is None or seq <= self._in_end)
+            ):
+                self._seen_max = seq
             return
         in_end = self._in_end
         end = json.get("end")
@@ -1040,6 +1062,8 @@ class ReliableChannel(Channel):
         self._inbuf[seq] = (json, body)
         if seq > self._in_max:
             self._in_max = seq
+            if seq > self._seen_max:
+                self._seen_max = seq
         held = len(self._inbuf)
         if held * 2 > self._window or held == MISS_THRESHOLD:
             # v3 reliable.md: over half full, send a miss; ours: also once a few packets
@@ -1085,9 +1109,30 @@ class ReliableChannel(Channel):
             del outq[seq]
         self._acked = ack
         self._progress_at = now
+        self._dup_acks = 0
         self._advertising = False  # the peer got a packet with our window: stop repeating it
         if self._end_seq is not None and ack >= self._end_seq:
             self._check_done(now)
+
+    def _on_dup_ack(self, now: float) -> None:
+        # ours (TCP's fast retransmit): bare acks that keep naming the same seq while we
+        # have more in flight mean acked + 1 is lost. telehash-js acks every packet but
+        # never names a gap below its lowest buffered seq in miss, so without this the
+        # first loss in a window would wait for RESEND_INTERVAL.
+        # Bare acks come from packets the peer got after acked + 1 was due, so no round-trip
+        # guard here (unlike a miss); reordering may cost one needless resend, as in TCP.
+        self._dup_acks += 1
+        if self._dup_acks < DUP_ACK_THRESHOLD:
+            return
+        entry = self._out[self._acked + 1]
+        if entry.queued:
+            return
+        if entry.resent_at is not None and entry.resent_at + MISS_RESEND_INTERVAL > now:
+            return  # v3 reliable.md: at most once per second; later dup acks try again
+        self._dup_acks = 0
+        entry.resent_at = now
+        entry.queued = True
+        self._resend.append(self._acked + 1)
 
     def _on_miss(self, ack: int, miss: object, now: float) -> None:
         if type(miss) is list and len(miss) == 1 and type(miss[0]) is int and miss[0] > 0:

@@ -28,6 +28,7 @@ from p2pcloud.proto.channel import (
     MAX_MISS,
     MAX_MISS_SENT,
     MAX_WINDOW,
+    MISS_REPEAT,
     MISS_RESEND_INTERVAL,
     RECEIVE_SLACK,
     RESEND_INTERVAL,
@@ -390,7 +391,7 @@ def test_miss_is_sent_at_once_behind_a_gap_and_when_over_half_full() -> None:
     assert head == {"c": CID, "ack": 1, "miss": [1, 19]}  # seq 2 missing, edge 1 + 20 = 21
     feed(b, [({"c": CID, "seq": 14}, b"x")], 0.4)  # still over half: a miss per arrival
     assert b.packets_to_send(0.4) == [({"c": CID, "ack": 1, "miss": [1, 19]}, b"")]
-    assert b.get_timer() == 0.4 + ACK_DELAY  # and every second while the gap lasts
+    assert b.get_timer() == 0.4 + MISS_REPEAT  # and again every half second while it lasts
 
 
 def test_our_miss_is_capped_so_heads_stay_small() -> None:
