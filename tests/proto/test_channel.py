@@ -559,6 +559,45 @@ def test_telehash_js_partial_miss_is_covered_by_the_resend_timer() -> None:
     assert [h["seq"] for h, _ in a.packets_to_send(timer)] == [2, 3, 4, 5]
 
 
+def test_repeated_bare_acks_resend_the_oldest_packet() -> None:
+    # telehash-js acks every packet it gets after a gap with the same ack (and a miss that
+    # does not name the gap): three such bare acks resend ack + 1, once per second at most
+    a = sender_with(10)
+    a.packets_to_send(0.0)
+    dup = [({"c": CID, "ack": 3, "miss": [50]}, b"")]
+    feed(a, dup, 0.05)  # progress: 1..3 acked
+    feed(a, dup, 0.06)
+    assert a.packets_to_send(0.06) == []
+    feed(a, dup, 0.07)
+    feed(a, dup, 0.08)  # the third without progress
+    assert [h["seq"] for h, _ in a.packets_to_send(0.08)] == [4]
+    for now in (0.1, 0.2, 0.3, 0.9):
+        feed(a, dup, now)
+        assert a.packets_to_send(now) == []  # not again within a second
+    feed(a, dup, 1.1)
+    assert [h["seq"] for h, _ in a.packets_to_send(1.1)] == [4]
+    # an ack riding on data (with a seq) is not a duplicate ack
+    b = sender_with(10)
+    b.packets_to_send(0.0)
+    for i in range(2, 8):
+        feed(b, [({"c": CID, "seq": i, "ack": 3}, b"data")], 0.1 * i)
+    assert all("seq" not in h for h, _ in b.packets_to_send(0.8))
+
+
+def test_packets_dropped_beyond_the_window_are_asked_for_again() -> None:
+    # a JS peer overshoots our window; once the window moves, our miss names what we dropped
+    b = accept_channel({"c": CID, "type": "t", "seq": 1}, b"", 0.0, window=10)
+    feed(b, [({"c": CID, "seq": s}, b"x") for s in range(3, 71)], 0.1)  # 2 lost
+    stats = b.statistics()
+    assert stats.buffered == 10 + RECEIVE_SLACK - 1  # 3..61
+    assert stats.dropped == {"beyond window": 9}  # 62..70
+    feed(b, [({"c": CID, "seq": 2}, b"x")], 0.2)
+    [(head, _)] = b.packets_to_send(0.2)
+    assert head["ack"] == 61
+    seqs, edge = decode_miss(61, head["miss"])  # type: ignore[misc]
+    assert seqs == list(range(62, 71)) and edge == 71
+
+
 # -- end, err, timeouts -----------------------------------------------------------------
 
 
