@@ -897,8 +897,16 @@ class Mesh:
             self._put(packet, path, True if info is None else info.cloaked)
             return
         router = self._links.get(path.hn) if path.hn is not None else None
-        if router is None or router.state is not LinkState.UP or router.best is None:
-            return  # no way through that router now; the handshake timers retry
+        if (
+            router is None
+            or router.state is not LinkState.UP
+            or router.best is None
+            or not router.best.is_direct
+        ):
+            # No way through that router now (the handshake timers retry). A router we
+            # reach only through another router is not used: one relay hop at most, and
+            # no cycle (A via R via A ...) can form.
+            return
         if packet[:2] == b"\x00\x00":
             # telehash-js ext/peer.js: a channel packet goes raw to the router, which relays
             # it by the token at its start.
@@ -1364,6 +1372,9 @@ class Mesh:
             or source.path_info(path) is None
         ):
             self._drop("relay refused", path)
+            return
+        if target.best is None or not target.best.is_direct:
+            self._drop("no route", path)  # one relay hop at most (see _send_on_path)
             return
         self._relay.touch(entry, now)
         self._relayed += 1

@@ -289,3 +289,21 @@ def test_intros_follow_the_handshake_schedule_and_time_out() -> None:
     assert sends[:5] == [0.0, 1.0, 3.0, 7.0, 15.0]
     assert a.of(LinkDown)[-1] == LinkDown(b.hashname, "timeout")
     assert a.mesh.link_state(b.hashname) is LinkState.UNRESOLVED
+
+
+def test_no_relay_cycles_between_two_routers() -> None:
+    # If each of two routers were reachable only through the other, sending would recurse
+    # forever; a router reached only through a router is never used (one hop at most).
+    net, r, a, b = triangle(10)
+    introduce(net, r, a, b)
+    net.settle()
+    to_r = a.mesh._links[r.hashname]  # the test forges the cycle: no protocol run makes it
+    to_b = a.mesh._links[b.hashname]
+    a.mesh._add_path(to_r, Path.peer(b.hashname))
+    to_r.best = Path.peer(b.hashname)
+    to_b.best = Path.peer(r.hashname)
+    outbox = a.mesh.table_sizes()["outbox"]
+    cid = a.mesh.open_channel(b.hashname, "test", reliable=True, body=b"x", now=net.now)
+    assert a.mesh.datagrams_to_send(net.now) == []  # nothing to send, and no recursion
+    assert a.mesh.table_sizes()["outbox"] == outbox
+    del cid
