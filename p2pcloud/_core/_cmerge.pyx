@@ -93,6 +93,7 @@ cdef enum:
     FLAG_NEW_COLL = 0x10
     FLAG_NEW_DOC = 0x20
     FLAG_KILLS = 0x40
+    FLAG_TICK = 0x80
     TAG_NONE = 0
     TAG_FALSE = 1
     TAG_TRUE = 2
@@ -1630,8 +1631,14 @@ cdef class Replica:
                     if hlc > d.max_hlc:
                         d.max_hlc = hlc
                     continue
-                if h & 0x80 or not OP_LWW <= kind <= OP_SET_REMOVE:
+                if not OP_LWW <= kind <= OP_SET_REMOVE:
                     raise DecodeError(f"bad op header {h:#x}")
+                if h & FLAG_TICK:
+                    if hlc == 0xFFFFFFFFFFFFFFFF:
+                        raise DecodeError("HLC out of range")
+                    hlc += 1
+                    if hlc > d.max_hlc:
+                        d.max_hlc = hlc
                 if h & FLAG_NEW_COLL:
                     coll = _read_name(r, names, last)
                     doc = -1
@@ -2072,14 +2079,17 @@ cdef class Replica:
             for jo in sel:
                 rec = &live.recs[<Py_ssize_t>jo]
                 e = <Entry>rec.entry
-                if e.ctr != ctr or e.hlc != hlc:
+                h = e.kind
+                if e.ctr == ctr and e.hlc == hlc + 1:
+                    h |= FLAG_TICK
+                    hlc += 1
+                elif e.ctr != ctr or e.hlc != hlc:
                     ops.byte(OP_ADVANCE)
                     ops.varint(e.ctr - ctr)
                     ops.varint(zigzag(<int64_t>(e.hlc - hlc)))
                     nops += 1
                     ctr = e.ctr
                     hlc = e.hlc
-                h = e.kind
                 new_coll = cur_coll == NULL or (
                     rec.coll != cur_coll and <str>rec.coll != <str>cur_coll)
                 new_doc = rec.doc != NULL and (new_coll or (

@@ -107,6 +107,7 @@ _ENTRY_OPS: Final = frozenset({OP_LWW, OP_MV, OP_COUNTER, OP_SET_ADD, OP_TEXT, O
 FLAG_NEW_COLL: Final = 0x10  # a collection/log name reference follows
 FLAG_NEW_DOC: Final = 0x20  # a document id reference follows
 FLAG_KILLS: Final = 0x40  # a kill list follows the payload
+FLAG_TICK: Final = 0x80  # the HLC moves up by one before this op (one transaction per edit)
 
 # Value tags (docs/core.md "values").
 TAG_NONE: Final = 0
@@ -1317,8 +1318,14 @@ class Replica:
                     d.max_hlc = max(d.max_hlc, hlc)
                     ops.append((OP_ADVANCE, skip, step))
                     continue
-                if h & 0x80 or not OP_LWW <= kind <= OP_SET_REMOVE:
+                if not OP_LWW <= kind <= OP_SET_REMOVE:
                     raise DecodeError(f"bad op header {h:#x}")
+                if h & FLAG_TICK:
+                    hlc += 1
+                    if hlc > MAX_HLC:
+                        raise DecodeError("HLC out of range")
+                    d.max_hlc = max(d.max_hlc, hlc)
+                    ops.append((OP_ADVANCE, 0, 1))
                 if h & FLAG_NEW_COLL:
                     coll, last = _read_name(r, names, last)
                     doc = None
@@ -1645,14 +1652,17 @@ class Replica:
             cur_coll: str | None = None
             cur_doc: str | None = None
             for _c, e, coll, doc_id, f in items:
-                if e.ctr != ctr or e.hlc != hlc:
+                h = e.kind
+                if e.ctr == ctr and e.hlc == hlc + 1:
+                    h |= FLAG_TICK  # the next transaction of a burst: no ADVANCE op needed
+                    hlc += 1
+                elif e.ctr != ctr or e.hlc != hlc:
                     ops.append(OP_ADVANCE)
                     _put_varint(ops, e.ctr - ctr)
                     _put_varint(ops, _zigzag(e.hlc - hlc))
                     nops += 1
                     ctr = e.ctr
                     hlc = e.hlc
-                h = e.kind
                 new_coll = coll != cur_coll
                 new_doc = doc_id is not None and (new_coll or doc_id != cur_doc)
                 if new_coll:
