@@ -63,6 +63,7 @@ from p2pcloud._crypto import (
     KEY_SIZE,
     TOKEN_SIZE,
     LocalIdentity,
+    beforenm,
     hashname_from_keys,
 )
 from p2pcloud._ids import ChannelId, Hashname
@@ -97,7 +98,7 @@ from p2pcloud.proto.events import (
     PacketDropped,
     PathChanged,
 )
-from p2pcloud.proto.exchange import Exchange, open_handshake
+from p2pcloud.proto.exchange import MAX_HANDSHAKE, Exchange, open_handshake
 from p2pcloud.proto.path import Path, is_hashname
 from p2pcloud.proto.routing import RelayTable
 from p2pcloud.uri import LinkInfo
@@ -186,6 +187,11 @@ counter, so older replays are left to the channels (a reliable channel drops a s
 256 nonce prefixes cost 4 KiB per link."""
 
 NONCE_PREFIX = 16  # bytes of the 24-byte random nonce kept per packet: 2**-128 collisions
+
+MAX_PEER_BODY = 3 + MAX_HANDSHAKE
+"""Largest BODY of a ``peer`` request we forward: one handshake (or a smaller plaintext
+intro). A bigger one could not be opened by its target anyway, and must not ride a
+large-frame TCP link in only to be too large for the target's UDP path."""
 
 MAX_INTERMEDIATES = 8
 """Cipher-set intermediates read from a plaintext intro (v3 defines four cipher sets)."""
@@ -479,8 +485,8 @@ class Mesh:
                 hashname = hashname_from_keys(dict(target))
             except MalformedPacket as exc:
                 raise LocalProtocolError(f"bad keys: {exc}") from exc
-        if key is not None and len(key) != KEY_SIZE:
-            raise LocalProtocolError("a 3a key is 32 bytes")
+        if key is not None and not self._usable_key(key):
+            raise LocalProtocolError("not a usable 3a key (32 bytes, not a low-order point)")
         if hashname == self.hashname:
             raise LocalProtocolError("cannot link to ourselves")
         all_paths.extend(self._coerce_path(p) for p in paths)
@@ -967,6 +973,16 @@ class Mesh:
         """A fresh ``at`` of our parity above every at seen (e3x/handshake.md)."""
         assert link.exchange is not None
         return link.exchange.new_at(now)
+
+    def _usable_key(self, key: bytes) -> bool:
+        """A 32-byte CS3a key with which key agreement works (not a low-order point)."""
+        if len(key) != KEY_SIZE or key == self._identity.cs3a_public:
+            return False
+        try:
+            beforenm(key, self._identity.cs3a_secret)
+        except HandshakeFailed:
+            return False
+        return True
 
     def _ensure_exchange(self, link: _Link) -> Exchange:
         if link.exchange is None:
@@ -1494,6 +1510,9 @@ class Mesh:
         if target is None or target.state is not LinkState.UP or target is link:
             self._drop("no route", path)
             return
+        if len(body) > MAX_PEER_BODY:
+            self._drop("bad peer request", path)
+            return
         try:
             attached = decode_packet(body)
         except MalformedPacket:
@@ -1541,8 +1560,8 @@ class Mesh:
         try:
             keypkt = decode_packet(body)
             key = keypkt.body
-            if len(key) != KEY_SIZE:
-                raise MalformedPacket("3a key is 32 bytes")
+            if not self._usable_key(key):
+                raise MalformedPacket("not a usable 3a key")
             intermediates: dict[str, bytes] = {}
             for csid, value in list((keypkt.json or {}).items())[:MAX_INTERMEDIATES]:
                 if csid != "3a" and isinstance(value, str):

@@ -307,3 +307,29 @@ def test_no_relay_cycles_between_two_routers() -> None:
     assert a.mesh.datagrams_to_send(net.now) == []  # nothing to send, and no recursion
     assert a.mesh.table_sizes()["outbox"] == outbox
     del cid
+
+
+def test_hostile_intros_and_peer_bodies_are_dropped() -> None:
+    net, r, a, b = triangle(11)
+    for bad_key in (bytes(32), b"\x01" + bytes(31), b.mesh.identity.cs3a_public, bytes(31)):
+        intro = encode_packet({"type": "link", "csid": "3a"}, encode_packet(None, bad_key))
+        before = b.mesh.table_sizes()
+        send_peer_request(a, r.hashname, b.hashname, intro)
+        net.run_for(0.5)
+        assert b.of(PacketDropped)[-1].reason == "bad peer request"
+        assert b.mesh.link_state(a.hashname) is None
+        after = b.mesh.table_sizes()
+        assert {k: v for k, v in after.items() if k != "drop_reasons"} == {
+            k: v for k, v in before.items() if k != "drop_reasons"
+        }
+    # a peer BODY larger than any handshake is not forwarded
+    drops = r.mesh.statistics().drops.get("bad peer request", 0)
+    send_peer_request(a, r.hashname, b.hashname, encode_packet(b"\x3a", bytes(1300)))
+    net.run_for(0.5)
+    assert r.mesh.statistics().drops.get("bad peer request", 0) == drops
+    r.mesh.set_path_mtu(a.addr, 65_536)
+    a.mesh.set_path_mtu(r.addr, 65_536)
+    net.mtu = 70_000
+    send_peer_request(a, r.hashname, b.hashname, encode_packet(b"\x3a", bytes(5000)))
+    net.run_for(0.5)
+    assert r.mesh.statistics().drops.get("bad peer request", 0) == drops + 1
