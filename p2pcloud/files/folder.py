@@ -77,6 +77,9 @@ __all__ = [
 ]
 
 MAX_PATHS_PER_CALL: Final = 1_000_000  # paths one reconcile looks at; a folder of a million files
+WRITE_BATCH: Final = 256
+"""Remote files written per batch (temp files, one parallel fsync, renames): amortises the
+journal commit over many small files; bounded so open descriptors stay far below ulimits."""
 
 
 # -- events ------------------------------------------------------------------------------------
@@ -339,9 +342,19 @@ class Folder:
             stage = (2 if isinstance(action, (DeleteFile, ForgetBase))
                      else 0 if view is ABSENT else 1)
             stages[stage].append((path, action))
+        dirty_dirs: set[Path] = set()
         for stage_actions in stages:
+            to_write: list[tuple[str, FileVersion]] = []
             for path, action in stage_actions:
-                self._act(path, locals_[path], action, manifests, result)
+                if isinstance(action, WriteFile):
+                    to_write.append((path, action.version))
+                else:
+                    self._act(path, locals_[path], action, manifests, result, dirty_dirs)
+            for i in range(0, len(to_write), WRITE_BATCH):
+                self._write_batch(to_write[i:i + WRITE_BATCH], locals_, manifests, result,
+                                  dirty_dirs)
+        # the disk first, then the index: an index must never claim what a crash undid
+        disk.sync_dirs(dirty_dirs)
         if self.index.dirty:
             self.index.save(self.index_path)
         return result
@@ -483,18 +496,24 @@ class Folder:
                     raise FileBusy("a chunk disappeared during the write")
             yield data
 
-    def _act(self, path: str, view: LocalView, action: Any, manifests: dict[str, Manifest],
-             result: ReconcileResult) -> None:
+    def _expect(self, path: str, view: LocalView) -> DiskStat | NotAFile | None:
+        """The stat the path must still have when an action runs (the decision's premise)."""
         base = self.index.get(path)
-        expect = (base.stat if view is UNCHANGED and base is not None
-                  else None if view is ABSENT else disk.stat_path(self.root, path))
+        if view is UNCHANGED and base is not None:
+            return base.stat
+        if view is ABSENT:
+            return None
+        return disk.stat_path(self.root, path)
+
+    def _act(self, path: str, view: LocalView, action: Any, manifests: dict[str, Manifest],
+             result: ReconcileResult, dirty_dirs: set[Path]) -> None:
+        base = self.index.get(path)
+        expect = self._expect(path, view)
         if isinstance(expect, NotAFile):
             result.events.append(PathRefused(path, expect.kind))
             return
         try:
-            if isinstance(action, WriteFile):
-                self._write_file(path, action.version, expect, manifests, result)
-            elif isinstance(action, SetMeta):
+            if isinstance(action, SetMeta):
                 assert expect is not None
                 v = action.version
                 st = disk.set_meta(self.root, path, mtime_ns=v.mtime_ns, mode=v.mode,
@@ -508,6 +527,7 @@ class Folder:
             elif isinstance(action, DeleteFile):
                 assert expect is not None
                 disk.delete_file(self.root, path, expect=expect)
+                dirty_dirs.add(disk.resolve(self.root, path).parent)
                 self.index.forget(path)
                 result.events.append(FileDeleted(path))
             elif isinstance(action, ForgetBase):
@@ -519,23 +539,59 @@ class Folder:
         except OSError as exc:
             result.events.append(FileSkipped(path, f"disk refused: {exc}"))
 
-    def _write_file(self, path: str, v: FileVersion, expect: DiskStat | None,
-                    manifests: dict[str, Manifest], result: ReconcileResult) -> None:
-        manifest = self._manifest_for(v.blob, manifests)
-        if manifest is None:
-            missing = BlobMissing(path, v.blob, None, ())
-        else:
+    def _write_batch(self, writes: list[tuple[str, FileVersion]], locals_: dict[str, LocalView],
+                     manifests: dict[str, Manifest], result: ReconcileResult,
+                     dirty_dirs: set[Path]) -> None:
+        """Write remote versions: all temp files, one parallel fsync, then the renames."""
+        started: list[tuple[disk.PendingWrite, FileVersion, Manifest, DiskStat | None]] = []
+        for path, v in writes:
+            expect = self._expect(path, locals_[path])
+            if isinstance(expect, NotAFile):
+                result.events.append(PathRefused(path, expect.kind))
+                continue
+            manifest = self._manifest_for(v.blob, manifests)
+            if manifest is None:
+                self._missing(BlobMissing(path, v.blob, None, ()), result)
+                continue
             if manifest.size != v.size:
                 result.events.append(PathRefused(path, "manifest size differs from the version"))
-                return
+                continue
             absent = tuple(h for h in manifest.unique_chunks()
                            if self.index.locate(h) is None and not self._has_chunk(h))
-            if not absent:
-                st = disk.atomic_write(self.root, path, self._chunk_stream(manifest),
-                                       mtime_ns=v.mtime_ns, mode=v.mode, expect=expect)
-                self.index.put(path, IndexEntry(v, st, manifest))
-                result.events.append(FileWritten(path, False))
-                return
-            missing = BlobMissing(path, v.blob, manifest, absent)
-        result.events.append(missing)
-        result.missing[v.blob] = missing
+            if absent:
+                self._missing(BlobMissing(path, v.blob, manifest, absent), result)
+                continue
+            try:
+                pending = disk.begin_write(self.root, path, self._chunk_stream(manifest),
+                                           mtime_ns=v.mtime_ns, mode=v.mode)
+            except FileBusy as exc:
+                result.events.append(FileSkipped(path, str(exc)))
+                continue
+            except UnsafePath as exc:
+                result.events.append(PathRefused(path, str(exc)))
+                continue
+            except OSError as exc:
+                result.events.append(FileSkipped(path, f"disk refused: {exc}"))
+                continue
+            started.append((pending, v, manifest, expect))
+        errors = disk.flush_writes([p for p, _, _, _ in started])
+        for (pending, v, manifest, expect), err in zip(started, errors, strict=True):
+            if err is not None:
+                disk.abort_write(pending)
+                result.events.append(FileSkipped(pending.rel, f"disk refused: {err}"))
+                continue
+            try:
+                st = disk.finish_write(pending, expect)
+            except FileBusy as exc:
+                result.events.append(FileSkipped(pending.rel, str(exc)))
+                continue
+            except OSError as exc:
+                result.events.append(FileSkipped(pending.rel, f"disk refused: {exc}"))
+                continue
+            dirty_dirs.add(pending.target.parent)
+            self.index.put(pending.rel, IndexEntry(v, st, manifest))
+            result.events.append(FileWritten(pending.rel, False))
+
+    def _missing(self, event: BlobMissing, result: ReconcileResult) -> None:
+        result.events.append(event)
+        result.missing[event.blob] = event

@@ -202,23 +202,15 @@ def test_a_local_edit_during_a_remote_write_is_not_replaced(
     pump([a, b])
     a.write("race.txt", b"remote v1", mtime_ns=T0 + 5)
     touched = b.receive([a.reconcile().delta])
-    real_replace = disk_mod._replace
-
-    def edit_then_replace(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
-        raise AssertionError("must not be reached")
-
     # the user saves the file after the decision, while the new version is being written
-    original = disk_mod.atomic_write
+    original = disk_mod.begin_write
 
     def racing_write(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pending = original(*args, **kwargs)
         b.write("race.txt", b"user's save during the write", mtime_ns=T0 + 7)
-        monkeypatch.setattr(disk_mod, "_replace", edit_then_replace)
-        try:
-            return original(*args, **kwargs)
-        finally:
-            monkeypatch.setattr(disk_mod, "_replace", real_replace)
+        return pending
 
-    monkeypatch.setattr(disk_mod, "atomic_write", racing_write)
+    monkeypatch.setattr(disk_mod, "begin_write", racing_write)
     result = b.reconcile(touched)
     assert any(isinstance(e, FileSkipped) for e in result.events)
     assert b.read("race.txt") == b"user's save during the write"
