@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import os
+import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -84,6 +85,7 @@ __all__ = [
     "GarbageCollected",
     "LoadedState",
     "LogRecord",
+    "LogSummary",
     "PeerRecord",
     "Store",
     "StoreStatistics",
@@ -109,6 +111,7 @@ _META: Final = b"meta"
 _SUBCLOUDS: Final = b"subclouds"
 _LOG: Final = b"log"
 _HEADS: Final = b"heads"
+_FLOORS: Final = b"floors"
 _CHECKPOINTS: Final = b"checkpoints"
 _CHECKPOINT_VERSIONS: Final = b"checkpoint_versions"
 _CHUNKS: Final = b"chunks"
@@ -117,11 +120,11 @@ _ORPHANS: Final = b"orphans"
 _BLOBS: Final = b"blobs"
 _PEERS: Final = b"peers"
 _TABLES: Final = (
-    _META, _SUBCLOUDS, _LOG, _HEADS, _CHECKPOINTS, _CHECKPOINT_VERSIONS,
+    _META, _SUBCLOUDS, _LOG, _HEADS, _FLOORS, _CHECKPOINTS, _CHECKPOINT_VERSIONS,
     _CHUNKS, _REFS, _ORPHANS, _BLOBS, _PEERS,
 )
 _SCHEMA_KEY: Final = b"schema"
-_ZERO: Final = U64.pack(0)
+_HEAD: Final = struct.Struct(">QQQ")  # contiguous head, log bytes, log dots of one origin
 
 
 class AppendResult(enum.Enum):
@@ -153,6 +156,17 @@ class LoadedState:
     snapshot: bytes | None
     version: dict[ReplicaId, int]  # what the checkpoint covers ({} without one)
     records: list[LogRecord]
+
+
+@dataclass(slots=True)
+class LogSummary:
+    """What sync's catalog needs of a sub-cloud at start-up (:meth:`Store.summary`)."""
+
+    version: dict[ReplicaId, int] = field(default_factory=dict)  # contiguous heads
+    floor: dict[ReplicaId, int] = field(default_factory=dict)  # truncated up to here
+    checkpoint: dict[ReplicaId, int] = field(default_factory=dict)  # the checkpoint covers
+    log_bytes: int = 0  # envelope bytes held in the log
+    log_dots: int = 0  # dots (counters) those envelopes carry
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +416,7 @@ class Store:
             found = txn.delete(sc, db=self._db[_SUBCLOUDS])
             found |= txn.delete(sc, db=self._db[_CHECKPOINTS])
             found |= txn.delete(sc, db=self._db[_CHECKPOINT_VERSIONS])
+            found |= txn.delete(sc, db=self._db[_FLOORS])
             for name in (_LOG, _HEADS):
                 cur = txn.cursor(db=self._db[name])
                 ok = cur.set_range(prefix)
@@ -499,10 +514,9 @@ class Store:
     def _append(
         self, txn: Any, sc: bytes, origin: bytes, envelope: bytes, first: int, last: int
     ) -> AppendResult:
-        log, heads = self._db[_LOG], self._db[_HEADS]
+        log = self._db[_LOG]
         okey = origin_key(sc, origin)
-        raw_head = txn.get(okey, db=heads)
-        head = 0 if raw_head is None else U64.unpack(raw_head)[0]
+        head, nbytes, ndots = self._head(txn, okey)
         if last <= head:
             return AppendResult.COVERED
         key = okey + U64.pack(first)
@@ -526,10 +540,14 @@ class Store:
                 return AppendResult.CONFLICT
         txn.put(key, U64.pack(last) + envelope, db=log)
         if first <= head + 1:
-            txn.put(okey, U64.pack(self._absorb(cur, okey, last)), db=heads)
-        elif raw_head is None:
-            txn.put(okey, _ZERO, db=heads)  # list the origin; nothing contiguous yet
+            head = self._absorb(cur, okey, last)
+        nbytes, ndots = nbytes + len(envelope), ndots + last - first + 1
+        txn.put(okey, _HEAD.pack(head, nbytes, ndots), db=self._db[_HEADS])
         return AppendResult.STORED
+
+    def _head(self, txn: Any, okey: bytes) -> tuple[int, int, int]:
+        raw = txn.get(okey, db=self._db[_HEADS])
+        return (0, 0, 0) if raw is None else _unpack_head(raw)
 
     @staticmethod
     def _absorb(cur: Any, okey: bytes, head: int) -> int:
@@ -545,9 +563,7 @@ class Store:
 
     def _raise_head(self, txn: Any, okey: bytes, to: int) -> None:
         """Raise an origin's head to at least ``to`` (a checkpoint covers it) and absorb."""
-        heads = self._db[_HEADS]
-        raw = txn.get(okey, db=heads)
-        head = 0 if raw is None else U64.unpack(raw)[0]
+        head, nbytes, ndots = self._head(txn, okey)
         if to <= head:
             return
         cur = txn.cursor(db=self._db[_LOG])
@@ -555,7 +571,8 @@ class Store:
         found = cur.prev() if cur.set_range(okey + U64.pack(to + 1)) else cur.last()
         if found and cur.key().startswith(okey):
             to = max(to, U64.unpack(cur.value()[:8])[0])
-        txn.put(okey, U64.pack(self._absorb(cur, okey, to)), db=heads)
+        head = self._absorb(cur, okey, to)
+        txn.put(okey, _HEAD.pack(head, nbytes, ndots), db=self._db[_HEADS])
 
     def version(self, subcloud: SubCloudId) -> dict[ReplicaId, int]:
         """Return the contiguous highest counter held per origin (the checkpoint included).
@@ -576,7 +593,7 @@ class Store:
                 key = cur.key()
                 if not key.startswith(prefix):
                     break
-                head = U64.unpack(cur.value())[0]
+                head = _unpack_head(cur.value())[0]
                 if head:
                     out[ReplicaId(bytes(key[len(prefix) + 1 :]))] = head
                 ok = cur.next()
@@ -593,7 +610,7 @@ class Store:
         def work(txn: Any) -> dict[SubCloudId, dict[ReplicaId, int]]:
             out: dict[SubCloudId, dict[ReplicaId, int]] = {}
             for key, value in txn.cursor(db=self._db[_HEADS]):
-                head = U64.unpack(value)[0]
+                head = _unpack_head(value)[0]
                 if head:
                     sc, origin = split_origin_key(bytes(key))
                     out.setdefault(sc, {})[origin] = head
@@ -704,16 +721,88 @@ class Store:
         self._env.write(work, "writing a checkpoint")
 
     def _checkpoint_version(self, txn: Any, sc: bytes) -> dict[ReplicaId, int]:
-        raw = txn.get(sc, db=self._db[_CHECKPOINT_VERSIONS])
-        if raw is None:
-            return {}
-        value = decode_record(raw, "checkpoint version")
-        try:
-            return as_version(value)
-        except StoreUsageError as exc:
-            raise StoreError(
-                "a stored checkpoint version is damaged: restore the store or re-sync"
-            ) from exc
+        return self._version_record(txn, _CHECKPOINT_VERSIONS, sc, "checkpoint version")
+
+    def _version_record(self, txn: Any, table: bytes, sc: bytes, what: str
+                        ) -> dict[ReplicaId, int]:
+        raw = txn.get(sc, db=self._db[table])
+        return {} if raw is None else _stored_version(raw, what)
+
+    def get_checkpoint(self, subcloud: SubCloudId) -> tuple[bytes, dict[ReplicaId, int]] | None:
+        """Return the checkpoint's snapshot and the version it covers, or None.
+
+        This is what a peer below the floor is sent (sync's ``SnapshotWanted``).
+
+        Raises:
+            StoreUsageError: a bad id. StoreError: LMDB failed or the record is damaged.
+        """
+        sc = as_subcloud(subcloud)
+
+        def work(txn: Any) -> tuple[bytes, dict[ReplicaId, int]] | None:
+            snap = txn.get(sc, db=self._db[_CHECKPOINTS])
+            if snap is None:
+                return None
+            return bytes(snap), self._checkpoint_version(txn, sc)
+
+        return self._env.read(work, "reading a checkpoint")
+
+    def summary(self, subcloud: SubCloudId) -> LogSummary:
+        """Return what sync's catalog needs of one sub-cloud, from the heads (no log scan).
+
+        Raises:
+            StoreUsageError: a bad id. StoreError: LMDB failed or a record is damaged.
+        """
+        sc = as_subcloud(subcloud)
+        return self._env.read(lambda txn: self._summaries(txn, sc).get(sc, LogSummary()),
+                              "reading a summary")
+
+    def summaries(self) -> dict[SubCloudId, LogSummary]:
+        """Return :meth:`summary` of every sub-cloud with a log, checkpoint or floor.
+
+        One read transaction over the heads, checkpoint versions and floors (not the log):
+        the shell fills sync's catalog from it at start-up.
+
+        Raises:
+            StoreError: LMDB failed or a record is damaged.
+        """
+        return self._env.read(lambda txn: self._summaries(txn, None), "reading summaries")
+
+    def _summaries(self, txn: Any, only: bytes | None) -> dict[SubCloudId, LogSummary]:
+        out: dict[SubCloudId, LogSummary] = {}
+
+        def get(sc: SubCloudId) -> LogSummary:
+            found = out.get(sc)
+            if found is None:
+                found = out[sc] = LogSummary()
+            return found
+
+        cur = txn.cursor(db=self._db[_HEADS])
+        prefix = b"" if only is None else subcloud_prefix(only)
+        ok = cur.set_range(prefix) if prefix else cur.first()
+        while ok and cur.key().startswith(prefix):
+            sc, origin = split_origin_key(bytes(cur.key()))
+            head, nbytes, ndots = _unpack_head(cur.value())
+            summary = get(sc)
+            if head:
+                summary.version[origin] = head
+            summary.log_bytes += nbytes
+            summary.log_dots += ndots
+            ok = cur.next()
+        for table, what in ((_CHECKPOINT_VERSIONS, "checkpoint version"),
+                            (_FLOORS, "log floor")):
+            if only is not None:
+                raw = txn.get(only, db=self._db[table])
+                pairs = [] if raw is None else [(only, raw)]
+            else:
+                pairs = list(txn.cursor(db=self._db[table]))
+            for key, raw in pairs:
+                version = _stored_version(raw, what)
+                summary = get(SubCloudId(bytes(key)))
+                if table == _FLOORS:
+                    summary.floor.update(version)
+                else:
+                    summary.checkpoint.update(version)
+        return out
 
     def load_state(self, subcloud: SubCloudId) -> LoadedState:
         """Return the checkpoint and every log record past it, from one read transaction.
@@ -744,7 +833,8 @@ class Store:
 
         For each origin the cut is ``min(version[origin], checkpoint[origin])``, so the
         state (checkpoint + log) never loses a counter: checkpoint first, then truncate to
-        what every member has. One transaction.
+        what every member has. The cut becomes the origin's *floor* (:meth:`summary`):
+        envelopes at or below it can no longer be served. One transaction.
 
         Returns:
             How many envelopes were removed.
@@ -757,23 +847,33 @@ class Store:
 
         def work(txn: Any) -> int:
             covered = self._checkpoint_version(txn, sc)
+            floor = self._version_record(txn, _FLOORS, sc, "log floor")
             removed = 0
             cur = txn.cursor(db=self._db[_LOG])
             for origin, counter in ver.items():
                 cut = min(counter, covered.get(origin, 0))
-                if cut == 0:
+                if cut <= floor.get(origin, 0):
                     continue
+                floor[origin] = cut
                 okey = origin_key(sc, origin)
+                head, nbytes, ndots = self._head(txn, okey)
                 ok = cur.set_range(okey)
                 while ok:
                     key = cur.key()
                     if not key.startswith(okey) or U64.unpack(key[-8:])[0] > cut:
                         break
-                    if U64.unpack(cur.value()[:8])[0] <= cut:
+                    value = cur.value()
+                    last = U64.unpack(value[:8])[0]
+                    if last <= cut:
+                        nbytes -= len(value) - 8
+                        ndots -= last - U64.unpack(key[-8:])[0] + 1
                         ok = _delete(cur)
                         removed += 1
                     else:
                         ok = cur.next()
+                txn.put(okey, _HEAD.pack(head, nbytes, ndots), db=self._db[_HEADS])
+            txn.put(sc, encode_record(floor, "log floor", MAX_SNAPSHOT_BYTES),
+                    db=self._db[_FLOORS])
             return removed
 
         return self._env.write(work, "truncating a log")
@@ -1151,6 +1251,20 @@ def _check_chunks(chunks: object) -> list[tuple[bytes, bytes]]:
             raise StoreUsageError(f"store at most {MAX_CHUNK_BATCH_BYTES} bytes per call")
         out.append((digest, data))
     return out
+
+
+def _unpack_head(raw: bytes) -> tuple[int, int, int]:
+    if len(raw) != _HEAD.size:
+        raise _damaged("log head")
+    head, nbytes, ndots = _HEAD.unpack(raw)
+    return head, nbytes, ndots
+
+
+def _stored_version(raw: bytes, what: str) -> dict[ReplicaId, int]:
+    try:
+        return as_version(decode_record(raw, what))
+    except StoreUsageError as exc:
+        raise _damaged(what) from exc
 
 
 def _damaged(what: str) -> StoreError:

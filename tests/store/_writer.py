@@ -3,8 +3,10 @@
 Run as ``python -m tests.store._writer STORE_DIR ROUND``. It opens the store (tiny map, so it
 grows under the knife too), continues the logs from the version it finds, and loops forever
 doing seeded writes. After each store call returns it prints one acknowledgement line and
-flushes it: a line on stdout is a promise that the write is durable. The test kills it with
-SIGKILL at a random moment and checks every promise against the reopened store.
+flushes it: a line on stdout is a promise that the write is durable. Before a removal it
+prints an intent line (lowercase), since a killed removal may or may not have committed.
+The test kills it with SIGKILL at a random moment and checks every promise against the
+reopened store.
 
 Every byte written is a function of its key (:func:`local_envelope`, :func:`remote_envelope`,
 :func:`snapshot`, :func:`chunk`), so the test can check content, not only presence.
@@ -109,6 +111,7 @@ def main() -> None:
         elif r < 0.96:
             gone = next_blob - 3
             if gone >= round_ * BLOBS_PER_ROUND:
+                print(f"d {gone}", flush=True)  # from here on the blob may be gone
                 store.remove_blob(blob_id(gone))
                 store.collect_garbage()
                 print(f"D {gone}", flush=True)

@@ -12,6 +12,7 @@ from p2pcloud._store import (
     MIN_MAP_SIZE,
     AppendResult,
     LogRecord,
+    LogSummary,
     Store,
     open_store,
 )
@@ -175,6 +176,26 @@ def test_checkpoint_load_state_and_truncate(store: Store) -> None:
     # a replay would find every counter: the checkpoint, then the log after it
     assert store.truncate(SC, {A: 100}) == 2
     assert store.load_state(SC).records == state.records
+
+
+def test_summaries_floors_and_get_checkpoint(store: Store) -> None:
+    assert store.summary(SC) == LogSummary()
+    assert store.get_checkpoint(SC) is None
+    for c in range(1, 7):
+        store.commit_local(SC, b"x" * c, c, c, origin=A)
+    store.append_envelopes(SC, [(B, b"yy", 1, 3), (B, b"zzz", 9, 9)])  # 4..8 missing
+    store.append_envelopes(SC2, [(A, b"w", 1, 2)])
+    assert store.summary(SC) == LogSummary({A: 6, B: 3}, {}, {}, 21 + 5, 6 + 4)
+    store.checkpoint(SC, b"SNAP", {A: 4, B: 3})
+    assert store.get_checkpoint(SC) == (b"SNAP", {A: 4, B: 3})
+    assert store.truncate(SC, {A: 3, B: 3}) == 4
+    want = LogSummary({A: 6, B: 3}, {A: 3, B: 3}, {A: 4, B: 3}, 4 + 5 + 6 + 3, 3 + 1)
+    assert store.summary(SC) == want
+    # a lower cut later does not lower the floor
+    assert store.truncate(SC, {A: 1}) == 0
+    assert store.summaries() == {SC: want, SC2: LogSummary({A: 2}, {}, {}, 1, 2)}
+    assert store.remove_subcloud(SC)
+    assert store.summaries() == {SC2: LogSummary({A: 2}, {}, {}, 1, 2)}
 
 
 def test_checkpoint_raises_heads_and_absorbs_held_ranges(store: Store) -> None:

@@ -180,7 +180,7 @@ def test_statistics_count_what_is_held(store: Store) -> None:
     assert st.schema == 1
     assert st.map_size >= MIN_MAP_SIZE and st.used_bytes <= st.map_size
     assert {n: t.entries for n, t in st.tables.items()} == {
-        "meta": 1, "subclouds": 1, "log": 1, "heads": 1, "checkpoints": 0,
+        "meta": 1, "subclouds": 1, "log": 1, "heads": 1, "floors": 0, "checkpoints": 0,
         "checkpoint_versions": 0, "chunks": 1, "chunk_refs": 1, "orphans": 0, "blobs": 1,
         "peers": 1,
     }
