@@ -24,6 +24,7 @@ new :class:`ChannelStream` to the handler or acceptor registered for its type,
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket as _stdlib_socket
@@ -63,6 +64,8 @@ __all__ = [
     "default_data_dir",
     "open_node",
 ]
+
+log = logging.getLogger("p2pcloud.node")
 
 IDENTITY_FILE = "identity.key"  # the key file inside a node's data dir
 MAX_BACKLOG = 4096  # packets waiting for socket buffer room; beyond that they are dropped,
@@ -469,8 +472,17 @@ class Node:
         self._close_channel(event.hashname, event.cid, "unknown type")
 
     async def _run_handler(self, handler: ChannelHandler, stream: Channel) -> None:
+        # One failing handler must not stop the node: its channel is reset (the peer gets
+        # an err) and the failure is logged. Errors caused by the node closing are expected.
         try:
             await handler(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if not self._closed:
+                log.info("handler of %s channel %d: channel gone", stream.type, stream.cid)
+        except Exception:
+            log.exception("handler of %s channel %d failed", stream.type, stream.cid)
+            if isinstance(stream, ChannelStream):
+                stream._reset()
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()

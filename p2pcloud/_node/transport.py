@@ -33,6 +33,7 @@ from collections.abc import Callable
 import trio
 
 from p2pcloud._framing import DEFAULT_MAX_FRAME, Framing, StreamFraming
+from p2pcloud._wire import decloak
 from p2pcloud.errors import LocalProtocolError, MalformedPacket
 from p2pcloud.proto.path import Path
 
@@ -382,6 +383,15 @@ class TcpTransport:
             self._connections[path] = conn
             self._nursery.start_soon(self._serve, conn)
         framing = conn.framing
+        if framing.state is not Framing.FRAMES and data[:1] != b"\x00":
+            # A v3-chunked connection may lead to telehash-js, whose tcp4 chunk decoder parses
+            # every packet as a LOB and cannot decloak: send it the plain packet (receivers
+            # accept both; see docs/protocol/transports.md).
+            try:
+                data = decloak(data)[0]
+            except MalformedPacket:
+                self.counts["dropped_malformed"] += 1
+                return True
         if framing.output_buffered > MAX_TCP_BACKLOG or len(data) > framing.packet_limit:
             self.counts["dropped_backlog"] += 1
         else:

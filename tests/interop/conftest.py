@@ -103,6 +103,7 @@ class JsProcess:
         self.process = process
         self._stderr_path = stderr_path
         self._buffer = b""
+        self.other_lines: list[bytes] = []
 
     def stderr(self) -> str:
         """What the script logged so far (telehash debug output goes there)."""
@@ -112,24 +113,26 @@ class JsProcess:
             return ""
 
     async def next_json(self) -> dict[str, Any]:
-        """Wait for the next JSON line on stdout (callers bound the wait).
+        """Wait for the next JSON object line on stdout (callers bound the wait).
 
         Returns:
             The decoded object.
         """
         assert self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(65536)
-            if not chunk:
-                raise AssertionError(f"JS script exited early; stderr:\n{self.stderr()}")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise AssertionError(f"JS printed a non-JSON line {line!r}") from exc
-        assert isinstance(obj, dict)
-        return obj
+        while True:
+            while b"\n" not in self._buffer:
+                chunk = await self.process.stdout.receive_some(65536)
+                if not chunk:
+                    raise AssertionError(f"JS script exited early; stderr:\n{self.stderr()}")
+                self._buffer += chunk
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                obj = None  # telehash logs a few plain lines ("generated new id ...")
+            if isinstance(obj, dict):
+                return obj
+            self.other_lines.append(line)
 
     async def wait_for(self, event: str, seconds: float = JS_START_TIMEOUT) -> dict[str, Any]:
         """Skip JSON lines until one has ``"event": event``; fail after ``seconds``."""
