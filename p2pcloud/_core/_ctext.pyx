@@ -26,7 +26,12 @@ typing hot path. The state snapshot is written and read in C. No I/O, no clock.
 """
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from cpython.unicode cimport PyUnicode_4BYTE_KIND, PyUnicode_FromKindAndData
+from cpython.unicode cimport (
+    PyUnicode_DATA,
+    PyUnicode_FromKindAndData,
+    PyUnicode_KIND,
+    PyUnicode_READ,
+)
 from libc.stdint cimport int32_t, int64_t, uint64_t
 from libc.stdlib cimport qsort
 from libc.string cimport memcpy, memmove
@@ -263,6 +268,23 @@ cdef int check_span(int64_t counter, int64_t length) except -1:
     return 0
 
 
+cdef inline Py_UCS4 _get_char(const unsigned char *p, int kind, Py_ssize_t k) noexcept:
+    if kind == 1:
+        return p[k]
+    if kind == 2:
+        return (<const unsigned short *>p)[k]
+    return (<const Py_UCS4 *>p)[k]
+
+
+cdef inline void _put_char(unsigned char *p, int kind, Py_ssize_t k, Py_UCS4 ch) noexcept:
+    if kind == 1:
+        p[k] = <unsigned char>ch
+    elif kind == 2:
+        (<unsigned short *>p)[k] = <unsigned short>ch
+    else:
+        (<Py_UCS4 *>p)[k] = ch
+
+
 cdef int cmp_span(const void *a, const void *b) noexcept nogil:
     cdef const Span *x = <const Span *>a
     cdef const Span *y = <const Span *>b
@@ -321,14 +343,7 @@ cdef bytes _unframe(int fmt, object data):
     size = rd_uint(&r)
     if size > C_MAX_ENCODED:
         raise DecodeError("inflated size larger than MAX_ENCODED_BYTES")
-    inflater = zlib.decompressobj()
-    try:
-        body = inflater.decompress(raw[r.pos:], size)
-    except zlib.error as exc:
-        raise DecodeError("bad deflate stream") from exc
-    if len(body) != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
-        raise DecodeError("deflate stream does not match its declared size")
-    return body
+    return _inflate(raw[r.pos:], size)
 
 
 cdef list _read_agents(Rd *r):
@@ -432,6 +447,68 @@ cdef bytes _encode_delta(list runs):
         return _frame(FORMAT_DELTA, buf_bytes(&b))
     finally:
         buf_free(&b)
+
+
+cdef bytes _pack(bytes data):
+    """A snapshot section: see the twin's ``_pack``."""
+    cdef Buf b
+    cdef bytes packed
+    b.p = NULL
+    b.n = b.cap = 0
+    try:
+        if len(data) >= _spec.DEFLATE_MIN:
+            packed = zlib.compress(data, _spec.DEFLATE_LEVEL)
+            if len(packed) < len(data):
+                put_uint(&b, (<uint64_t>len(data)) << 1 | 1)
+                put_bytes(&b, packed)
+                return buf_bytes(&b)
+        put_uint(&b, (<uint64_t>len(data)) << 1)
+        put_raw(&b, <const unsigned char *>data, len(data))
+        return buf_bytes(&b)
+    finally:
+        buf_free(&b)
+
+
+cdef bytes _inflate(bytes packed, int64_t size):
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(packed, size)
+    except zlib.error as exc:
+        raise DecodeError("bad deflate stream") from exc
+    if len(body) != size or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise DecodeError("deflate stream does not match its declared size")
+    return body
+
+
+cdef bytes _take(Rd *r, int64_t size):
+    if size > r.n - r.pos:
+        raise DecodeError("truncated")
+    r.pos += size
+    return (<const char *>r.p)[r.pos - size:r.pos]
+
+
+cdef bytes _unpack(Rd *r):
+    """The next snapshot section, inflated (the twin's ``_unpack``)."""
+    cdef int64_t head = rd_uint(r)
+    cdef int64_t size = head >> 1
+    if size > C_MAX_ENCODED:
+        raise DecodeError("section larger than MAX_ENCODED_BYTES")
+    if not head & 1:
+        return _take(r, size)
+    return _inflate(_take(r, rd_uint(r)), size)
+
+
+cdef str _text_of(bytes data, int64_t chars):
+    cdef str text
+    if chars > len(data):
+        raise DecodeError("content length does not match the runs")
+    try:
+        text = data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise DecodeError("content is not UTF-8") from exc
+    if len(text) != chars:
+        raise DecodeError("content length does not match the runs")
+    return text
 
 
 cdef str _read_text(Rd *r, int64_t chars):
@@ -580,7 +657,8 @@ cdef class Text:
     cdef Py_ssize_t _n_blocks, _cap_blocks
     cdef int32_t *_order
     cdef Py_ssize_t _cap_order
-    cdef Py_UCS4 *_chars
+    cdef unsigned char *_chars  # every character ever inserted, _kind bytes each
+    cdef int _kind               # 1, 2 or 4 (PEP 393 kinds): widened on the first wider char
     cdef Py_ssize_t _n_chars, _cap_chars
     cdef DelBuf _dels
     cdef int64_t _visible
@@ -602,6 +680,7 @@ cdef class Text:
         self._n_runs = self._cap_runs = 0
         self._n_blocks = self._cap_blocks = self._cap_order = 0
         self._n_chars = self._cap_chars = 0
+        self._kind = 1
         self._free_run = NONE
 
     def __init__(self, replica_id):
@@ -894,32 +973,62 @@ cdef class Text:
                 q -= self._runs[r].length
         return NONE  # unreachable: block totals count these runs
 
+    cdef int _reserve_chars(self, Py_ssize_t need, int kind) except -1:
+        """Room for ``need`` characters of ``kind`` bytes; widens the stored ones if needed."""
+        cdef Py_ssize_t cap = self._cap_chars, k
+        cdef unsigned char *q
+        if need <= cap and kind <= self._kind:
+            return 0
+        if need > cap:
+            cap = cap * 2 if cap else 256
+            while cap < need:
+                cap *= 2
+        if kind < self._kind:
+            kind = self._kind
+        q = <unsigned char *>PyMem_Malloc(cap * kind)
+        if q == NULL:
+            raise MemoryError()
+        if kind == self._kind:
+            memcpy(q, self._chars, self._n_chars * kind)
+        else:
+            for k in range(self._n_chars):
+                _put_char(q, kind, k, _get_char(self._chars, self._kind, k))
+        PyMem_Free(self._chars)
+        self._chars = q
+        self._cap_chars = cap
+        self._kind = kind
+        return 0
+
     cdef int _append_chars(self, str text) except -1:
-        cdef Py_UCS4 ch
-        cdef Py_ssize_t n = self._n_chars
-        _grow(<void **>&self._chars, &self._cap_chars, n + len(text), sizeof(Py_UCS4))
-        for ch in text:
-            self._chars[n] = ch
-            n += 1
-        self._n_chars = n
+        cdef Py_ssize_t n = self._n_chars, k, size = len(text)
+        cdef int kind = PyUnicode_KIND(text)
+        cdef void *data = PyUnicode_DATA(text)
+        self._reserve_chars(n + size, kind)
+        if kind == self._kind:
+            memcpy(self._chars + n * kind, data, size * kind)
+        else:
+            for k in range(size):
+                _put_char(self._chars, self._kind, n + k, PyUnicode_READ(kind, data, k))
+        self._n_chars = n + size
         return 0
 
     cdef str _chars_of(self, int64_t start, int64_t length):
         if length == 0:
             return ""
-        return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, &self._chars[start], length)
+        return PyUnicode_FromKindAndData(self._kind, self._chars + start * self._kind, length)
 
     # -- reading ---------------------------------------------------------------------------
 
     def value(self):
         """Returns: the visible text."""
-        cdef Py_UCS4 *out
+        cdef unsigned char *out
         cdef Py_ssize_t n = 0, k
+        cdef int kind = self._kind
         cdef int32_t i, r
         cdef Block *b
         if self._visible == 0:
             return ""
-        out = <Py_UCS4 *>PyMem_Malloc(self._visible * sizeof(Py_UCS4))
+        out = <unsigned char *>PyMem_Malloc(self._visible * kind)
         if out == NULL:
             raise MemoryError()
         try:
@@ -928,10 +1037,10 @@ cdef class Text:
                 for i in range(b.n):
                     r = b.runs[i]
                     if not self._runs[r].deleted:
-                        memcpy(&out[n], &self._chars[self._runs[r].content],
-                               self._runs[r].length * sizeof(Py_UCS4))
+                        memcpy(out + n * kind, self._chars + self._runs[r].content * kind,
+                               self._runs[r].length * kind)
                         n += self._runs[r].length
-            return PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, out, n)
+            return PyUnicode_FromKindAndData(kind, out, n)
         finally:
             PyMem_Free(out)
 
@@ -1446,7 +1555,8 @@ cdef class Text:
         """
         cdef Run *rows = NULL
         cdef Py_ssize_t n_rows = 0, cap_rows = 0, k, j, n_content = 0
-        cdef Py_UCS4 *content = NULL
+        cdef unsigned char *content = NULL
+        cdef int kind = self._kind
         cdef Buf cols[10]
         cdef Buf body
         cdef DelBuf dels
@@ -1469,7 +1579,7 @@ cdef class Text:
         dels.p = NULL
         dels.n = dels.cap = 0
         try:
-            content = <Py_UCS4 *>PyMem_Malloc((self._raw + 1) * sizeof(Py_UCS4))
+            content = <unsigned char *>PyMem_Malloc((self._raw + 1) * kind)
             tidx = <int32_t *>PyMem_Malloc((self._n_agents + 1) * sizeof(int32_t))
             expected = <int64_t *>PyMem_Malloc((self._n_agents + 1) * sizeof(int64_t))
             if content == NULL or tidx == NULL or expected == NULL:
@@ -1479,8 +1589,8 @@ cdef class Text:
                 b = &self._blocks[self._order[k]]
                 for i in range(b.n):
                     run = &self._runs[b.runs[i]]
-                    memcpy(&content[n_content], &self._chars[run.content],
-                           run.length * sizeof(Py_UCS4))
+                    memcpy(content + n_content * kind, self._chars + run.content * kind,
+                           run.length * kind)
                     n_content += run.length
                     if n_rows:
                         cur = &rows[n_rows - 1]
@@ -1563,9 +1673,10 @@ cdef class Text:
             held = _encode_delta([run_ for agent in sorted(self._held)
                                   for run_ in self._held[agent]])
             put_bytes(&body, held)
-            text = PyUnicode_FromKindAndData(PyUnicode_4BYTE_KIND, content, n_content)
-            put_bytes(&body, text.encode("utf-8", "surrogatepass"))
-            return _frame(FORMAT_STATE, buf_bytes(&body))
+            text = PyUnicode_FromKindAndData(kind, content, n_content)
+            # two sections, deflated apart (the twin's _pack)
+            return (bytes((FORMAT_STATE, 0)) + _pack(buf_bytes(&body))
+                    + _pack(text.encode("utf-8", "surrogatepass")))
         finally:
             for k in range(N_COLUMNS):
                 buf_free(&cols[k])
@@ -1597,7 +1708,8 @@ cdef class Text:
         return text
 
     cdef int _load_state(self, object data) except -1:
-        cdef bytes body = _unframe(FORMAT_STATE, data)
+        cdef bytes outer = _unframe(FORMAT_STATE, data)
+        cdef bytes body, content_bytes
         cdef Rd r
         cdef Rd col[10]
         cdef list agents, held_runs
@@ -1612,6 +1724,13 @@ cdef class Text:
         cdef Run *row
         cdef str content
         cdef bytes held_bytes
+        r.p = <const unsigned char *>outer
+        r.n = len(outer)
+        r.pos = 0
+        body = _unpack(&r)
+        content_bytes = _unpack(&r)
+        if r.pos != r.n:
+            raise DecodeError("trailing bytes after the state")
         r.p = <const unsigned char *>body
         r.n = len(body)
         r.pos = 0
@@ -1737,9 +1856,9 @@ cdef class Text:
             held_bytes = (<const char *>r.p)[r.pos:r.pos + size]
             r.pos += size
             held_runs = _decode_delta(held_bytes) if held_bytes else []
-            content = _read_text(&r, chars)
             if r.pos != r.n:
                 raise DecodeError("trailing bytes after the state")
+            content = _text_of(content_bytes, chars)
             if len(held_runs) > MAX_HELD_RUNS:
                 raise DecodeError("too many held ops (MAX_HELD_RUNS)")
             # table indices -> this text's replica indices
