@@ -310,12 +310,17 @@ class Folder:
         self.replica.begin(when)
         try:
             written: list[ReplicaWrite] = []
+            remote: dict[str, list[FileVersion]] = {}
             for path, view in locals_.items():
                 base = self.index.get(path)
-                writes = plan_publish(path, base.version if base else None, view,
-                                      self.versions(path), self._winner)
+                vs = remote[path] = self.versions(path)
+                if view is UNCHANGED and len(vs) <= 1:
+                    continue  # plan_publish writes nothing then: the common case of a rescan
+                writes = plan_publish(path, base.version if base else None, view, vs,
+                                      self._winner)
                 for w in writes:
                     self._write(w)
+                    remote.pop(w.path, None)  # changed: read it again below
                 written.extend(writes)
         finally:
             result.delta = self.replica.commit()
@@ -336,7 +341,8 @@ class Folder:
         stages: tuple[list[tuple[str, Any]], ...] = ([], [], [])
         for path, view in locals_.items():
             base = self.index.get(path)
-            action = plan_disk(base.version if base else None, view, self._winner(path))
+            vs = remote[path] if path in remote else self.versions(path)
+            action = plan_disk(base.version if base else None, view, vs[-1] if vs else None)
             if action is None:
                 continue
             stage = (2 if isinstance(action, (DeleteFile, ForgetBase))
