@@ -13,10 +13,10 @@ import trio
 import trio.testing
 
 from p2pcloud._node.memory import NetworkConditions
-from p2pcloud._node.node import Node
+from p2pcloud._node.node import Node, open_node
 from p2pcloud._node.stream import ChannelStream
 from p2pcloud.errors import LinkError
-from tests.node.conftest import memory_pair, random_bytes
+from tests.node.conftest import identity, memory_pair, random_bytes
 
 LOSSY = NetworkConditions(loss=0.2, duplicate=0.2, reorder=0.2, delay=0.01, jitter=0.02)
 MIB = 1 << 20
@@ -147,3 +147,27 @@ async def test_channel_stream_passes_trio_stream_checks(
         async with b.accept_channels("duplex") as incoming:
             maker = await stream_pair_maker(a, b, incoming)
             await trio.testing.check_half_closeable_stream(maker, None)
+
+
+async def test_router_relays_when_no_direct_path_exists(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # a and b can each reach the router but never each other (separate NATs): the router
+    # introduces them and then relays every packet, which stays encrypted end to end.
+    async with (
+        memory_pair(LOSSY, seed=11) as (net, a, b),
+        open_node(identity=identity(1000), network=net) as router,
+    ):
+        net.block(a.paths[0], b.paths[0])
+        with trio.fail_after(120):
+            await a.link(router.link_uri)
+            await b.link(router.link_uri)
+            await a.link(b.hashname, via=router.hashname)
+            await b.wait_link_up(a.hashname)
+        path = a.link_path(b.hashname)
+        assert path is not None and path.type == "peer" and path.hn == router.hashname
+        await send_and_check(a, b, random_bytes(100_000))
+        assert router.statistics().mesh.relayed > 100_000 // 1400
+        assert net.counts["blocked"] > 0  # direct attempts were made and failed
+        path = a.link_path(b.hashname)
+        assert path is not None and path.type == "peer"
