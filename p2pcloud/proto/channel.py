@@ -711,7 +711,9 @@ class UnreliableChannel(Channel):
             return
         deadline = self.get_timer()
         if deadline is not None and now >= deadline:
-            self.close("timeout", now=now)
+            # closed locally only: nobody waits on acks here, and an unanswered one-shot
+            # packet (an open with end) should not draw an err back to its sender
+            self._finish("timeout", now)
 
     def _close_gracefully(self, now: float) -> None:
         self._closing = True

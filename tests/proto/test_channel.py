@@ -729,19 +729,23 @@ def test_local_err_is_sent_once_and_reported() -> None:
         assert closes(pipe.b.events) == [ChannelClosed("gone away")]
 
 
-def test_opening_times_out_and_tells_the_peer() -> None:
+def test_opening_times_out_and_a_reliable_one_tells_the_peer() -> None:
     for reliable in (True, False):
         a = open_channel(CID, "t", reliable=reliable, now=0.0)
         a.packets_to_send(0.0)
         now = 0.0
+        sent = []
         while a.state is not ChannelState.CLOSED:
             timer = a.get_timer()
             assert timer is not None and timer <= CHANNEL_TIMEOUT
             now = timer
             a.handle_timer(now)
-            a.packets_to_send(now)
+            sent += a.packets_to_send(now)
         assert now == CHANNEL_TIMEOUT
         assert drain(a) == [ChannelClosed("timeout")]
+        errs = [head for head, _ in sent if "err" in head]
+        # a reliable peer may still be resending to us: tell it; an unreliable one is not
+        assert errs == ([{"c": CID, "err": "timeout"}] if reliable else [])
 
 
 def test_err_timeout_is_sent_to_the_peer() -> None:
