@@ -77,7 +77,7 @@ class P2P:
 
     def __init__(self, module: str) -> None:
         if module == "cython":
-            from p2pcloud._core._ctext import Text
+            from p2pcloud._core._ctext import Text  # type: ignore[import-not-found]
         else:
             from p2pcloud._core._reference_text import Text
         self.cls = Text
@@ -111,7 +111,7 @@ class Pycrdt:
         self.pycrdt = pycrdt
 
     def replay(self, edits: list[tuple[int, int, str]]) -> Any:
-        doc = self.pycrdt.Doc()
+        doc: Any = self.pycrdt.Doc()
         text = doc.get("text", type=self.pycrdt.Text)
         for pos, deleted, ins in edits:
             if deleted:
@@ -127,7 +127,7 @@ class Pycrdt:
         return bytes(doc.get_update())
 
     def load(self, data: bytes) -> str:
-        doc = self.pycrdt.Doc()
+        doc: Any = self.pycrdt.Doc()
         doc.apply_update(data)
         return str(doc.get("text", type=self.pycrdt.Text))
 
@@ -136,7 +136,7 @@ def worker(name: str, runs: int) -> dict[str, Any]:
     edits, expected = load_trace()
     impl: Any = Pycrdt() if name == "pycrdt" else P2P(name)
     times = []
-    doc = None
+    doc: Any = None
     for _ in range(runs):
         doc = None
         gc.collect()

@@ -66,7 +66,7 @@ def check_delta(data: bytes) -> None:
 
 
 def check_state(data: bytes) -> None:
-    outcomes = []
+    outcomes: list[tuple[Any, ...]] = []
     for cls in (_reference_text.Text, _ctext.Text):
         try:
             doc = cls.decode_state(data, rid(7))
