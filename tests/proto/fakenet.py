@@ -227,6 +227,10 @@ class FakeNetwork:
                 at += self.rng.uniform(0.0, self.reorder_span)
             heapq.heappush(self._heap, _InFlight(at, next(self._seq), data, source, target))
 
+    def nodes_by_name(self, name: str) -> FakeNode:
+        """The (last added) node called ``name``."""
+        return [n for n in self.nodes.values() if n.name == name][-1]
+
     def in_flight(self) -> int:
         """Datagrams on the wire now."""
         return len(self._heap)

@@ -12,7 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pcloud._crypto import LocalIdentity
-from p2pcloud._wire import MAX_INNER_PACKET, MAX_UDP_PACKET, cloak, decloak, decode_packet
+from p2pcloud._wire import (
+    MAX_INNER_PACKET,
+    MAX_UDP_PACKET,
+    cloak,
+    decloak,
+    decode_packet,
+    encode_packet,
+)
 from p2pcloud.errors import LinkError, LocalProtocolError
 from p2pcloud.proto import mesh as mesh_mod
 from p2pcloud.proto.events import (
@@ -630,3 +637,76 @@ def test_path_pings_pong_every_path_and_stay_bounded() -> None:
     assert a.addr in b.mesh.link_paths(a.hashname), "the working path is never evicted"
     net.run_for(2 * KEEPALIVE_UDP)
     assert up(a, b) and b.mesh.link_path(a.hashname) == a.addr
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**33), 2**33) | st.text(max_size=60),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=6)
+    ),
+    max_leaves=6,
+)
+_head_keys = st.sampled_from(
+    ["c", "type", "paths", "path", "peer", "seq", "ack", "miss", "end", "err", "x"]
+)
+_hostile_types = st.sampled_from(["path", "peer", "connect", "test", "bogus"]) | st.text(max_size=5)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_a_hostile_linked_peer_cannot_make_the_mesh_raise(data: st.DataObject) -> None:
+    net = _hostile_net()
+    a, b, c = (net.nodes_by_name(n) for n in "abc")
+    link = a.mesh._links[b.hashname]  # forge inner packets from an authenticated peer
+    names = [a.hashname, b.hashname, c.hashname, "x" * 52]
+    for _ in range(data.draw(st.integers(1, 6))):
+        head = dict(data.draw(st.dictionaries(_head_keys, _json_values, max_size=4)))
+        cid = data.draw(st.integers(-3, 12))
+        if cid > 0:
+            head["c"] = cid
+        kind = data.draw(_hostile_types | st.none())
+        if kind is not None:
+            head["type"] = kind
+        if data.draw(st.booleans()):
+            head["peer"] = data.draw(st.sampled_from(names))
+        if data.draw(st.booleans()):
+            port = data.draw(st.integers(0, 70000))
+            head["paths"] = [{"type": "udp4", "ip": "127.0.0.1", "port": port}, {"type": "x"}]
+        body = data.draw(
+            st.binary(max_size=200)
+            | st.binary(min_size=32, max_size=200).map(lambda x: encode_packet(b"\x3a", x))
+            | st.just(
+                encode_packet(
+                    {"type": "link", "csid": "3a"},
+                    encode_packet({"3a": None}, c.mesh.identity.cs3a_public),
+                )
+            )
+        )
+        try:
+            a.mesh._send_inner(link, head, body)
+        except LocalProtocolError:
+            continue  # our own encoder refuses it (non-I-JSON): never reaches the wire
+        net.flush(a)
+    net.run_for(3.0)  # b (and c, via b's router) process everything; nothing may raise
+    for node in (b, c):  # and every drop is one of the named reasons
+        assert set(node.mesh.statistics().drops) <= set(mesh_mod.DROP_REASONS)
+
+
+_HOSTILE: list[FakeNetwork] = []
+
+
+def _hostile_net() -> FakeNetwork:
+    # one network for every example: the examples pile up on the same meshes, which is
+    # only harsher (the property is "never raises", whatever state earlier ones left)
+    if _HOSTILE and up(_HOSTILE[0].nodes_by_name("a"), _HOSTILE[0].nodes_by_name("b")):
+        return _HOSTILE[0]
+    _HOSTILE.clear()
+    net = FakeNetwork(22)
+    a = net.add("a", accept=accept_all)
+    b = net.add("b", accept=accept_all)
+    c = net.add("c", accept=accept_all)
+    for x, y in ((a, b), (a, c), (b, c)):
+        x.mesh.link(y.keys(), net.now, paths=[y.addr])
+    net.run_until(lambda: up(a, b) and up(b, a) and up(b, c) and up(c, b) and up(a, c))
+    _HOSTILE.append(net)
+    return net
