@@ -863,6 +863,14 @@ class ReliableChannel(Channel):
                 self._ack_sent = self._in_done
                 self._ack_due = None
             return last
+        # new data may go up to ack + window (v3 reliable.md: never above it)
+        window = self._window if self._window < self._peer_window else self._peer_window
+        limit = self._acked + window
+        if limit > self._last_seq:
+            limit = self._last_seq
+        ack_due = self._ack_due is not None and now >= self._ack_due
+        if not (self._resend or self._next_unsent <= limit or ack_due):
+            return []  # the common case while receiving: nothing to send, no miss to build
         out: list[tuple[dict[str, Any], bytes]] = []
         in_done = self._in_done
         if self._seen_max > in_done:
@@ -889,11 +897,6 @@ class ReliableChannel(Channel):
                 out.append((head, entry.body))
             self._resend.clear()
             self._resent += len(out)
-        # new data, never above ack + window (v3 reliable.md)
-        window = self._window if self._window < self._peer_window else self._peer_window
-        limit = self._acked + window
-        if limit > self._last_seq:
-            limit = self._last_seq
         seq = self._next_unsent
         if seq <= limit:
             if self._acked == seq - 1:
@@ -914,7 +917,7 @@ class ReliableChannel(Channel):
             self._sent += count
         if out:
             self._mark_sent()
-        elif self._ack_due is not None and now >= self._ack_due:
+        elif ack_due:
             if in_done == self._ack_sent:
                 self._ack_repeated = in_done  # this bare ack is the repeat
             out.append((self._ack_head(self._advert if miss is None else miss), b""))
@@ -1043,6 +1046,8 @@ class ReliableChannel(Channel):
                 self._drop("bad end")  # a second end, or content buffered after it
                 return
             self._in_end = seq
+            if self._seen_max > seq:
+                self._seen_max = seq  # seqs we dropped beyond it were never content
         elif in_end is not None and seq > in_end:
             self._drop("after end")
             return
