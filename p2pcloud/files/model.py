@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import blake3
+
 from p2pcloud._core import BlobRef
 from p2pcloud.blobs.chunking import HASH_SIZE
 from p2pcloud.files.paths import conflict_name, parse_conflict_name
@@ -177,14 +179,16 @@ def distinct_versions(values: Iterable[Any]) -> list[FileVersion]:
     return out
 
 
-def _copy_path(path: str, version: FileVersion, taken: Callable[[str], FileVersion | None]
-               ) -> str:
+def _copy_path(path: str, version: FileVersion, taken: Callable[[str], FileVersion | None],
+               planned: list[ReplicaWrite]) -> str:
     name = conflict_name(path, version.device, version.mtime_ns)
-    other = taken(name)
+    mine = [w.version for w in planned if isinstance(w, SetVersion) and w.path == name]
+    other = mine[-1] if mine else taken(name)
     if other is None or other.same_file(version):
         return name
-    # two conflicting versions from one device in one second: tell them apart by blob
-    return conflict_name(path, version.device, version.mtime_ns, version.blob.hex()[:8])
+    # two conflicting versions from one device in one second: tell them apart by content
+    tag = blake3.blake3(version.blob + version.mode.to_bytes(2, "big")).hexdigest()[:8]
+    return conflict_name(path, version.device, version.mtime_ns, tag)
 
 
 def plan_publish(
@@ -212,7 +216,8 @@ def plan_publish(
         # concurrent writes kept by the register: the newest stays, the others become copies
         writes.append(SetVersion(path, winner, "conflict-winner"))  # type: ignore[arg-type]
         for loser in remote[:-1]:
-            writes.append(SetVersion(_copy_path(path, loser, taken), loser, "conflict-copy"))
+            writes.append(SetVersion(_copy_path(path, loser, taken, writes), loser,
+                                     "conflict-copy"))
     if local is UNCHANGED:
         return writes
     if local is ABSENT:
@@ -231,7 +236,7 @@ def plan_publish(
     if local.same_content(winner):
         return writes  # both sides wrote the same bytes; the remote metadata is applied
     # a local edit and a remote one that did not see each other: keep both
-    copy = _copy_path(path, winner, taken)
+    copy = _copy_path(path, winner, taken, writes)
     return [w for w in writes if w.path != path] + [
         SetVersion(path, local, "conflict-winner"),
         SetVersion(copy, winner, "conflict-copy"),

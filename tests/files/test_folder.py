@@ -281,3 +281,25 @@ def test_missing_chunks_are_reported_then_fetched_with_the_planner(devices: Make
     assert b.read("photo.jpg") == data
     assert FileVersion.from_value(
         b.replica.get(COLLECTION, "photo.jpg", FIELD)[0]).blob == manifest.blob_hash  # type: ignore[union-attr]
+
+
+def test_a_lost_or_corrupt_index_costs_a_rehash_not_data(devices: Make) -> None:
+    a, b = devices(2)
+    a.write("same.txt", b"same on both", mtime_ns=T0)
+    a.write("moved-on.txt", b"v1", mtime_ns=T0)
+    pump([a, b])
+    # bravo's index is corrupted while the replica moves on and bravo edits a file
+    (b.root.parent / "bravo.index").write_bytes(b"\xff not cbor")
+    b.write("moved-on.txt", b"bravo's edit, unscanned", mtime_ns=T0 + 5 * 10**9)
+    b.reopen()
+    assert b.folder.index_recovered
+    result = b.reconcile()
+    assert result.hashed_files == 2
+    # the unchanged file is adopted, the edited one is kept (as the winner) with the replica's
+    # version beside it: nothing overwritten
+    assert b.read("same.txt") == b"same on both"
+    assert b.read("moved-on.txt") == b"bravo's edit, unscanned"
+    assert [c.path for c in b.folder.conflicts()] == ["moved-on.txt"]
+    a.receive([result.delta])
+    pump([a, b])
+    assert a.files() == b.files()

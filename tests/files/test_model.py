@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import blake3
+from hypothesis import given
+from hypothesis import strategies as st
+
 from p2pcloud._core import BlobRef
 from p2pcloud.files.model import (
     ABSENT,
@@ -92,7 +96,8 @@ def test_concurrent_register_values_are_split_into_copies() -> None:
     # a copy name already used by a different version gets a blob tag
     taken = {"f.conflict-a-20260101-000000.txt": v(9)}
     tagged = plan_publish("f.txt", v(1), UNCHANGED, [older, newer], taken.get)
-    assert tagged[1].path == "f.conflict-a-20260101-000000-02020202.txt"
+    tag = blake3.blake3(older.blob + older.mode.to_bytes(2, "big")).hexdigest()[:8]
+    assert tagged[1].path == f"f.conflict-a-20260101-000000-{tag}.txt"
 
 
 def test_disk_actions() -> None:
@@ -121,3 +126,41 @@ def test_list_conflicts() -> None:
         ("a.txt", "a.conflict-b-20260101-000000.txt", "b"),
         ("m.txt", None, "x,y"),
     ]
+
+
+_versions = st.builds(
+    lambda blob, t, mode, by: v(blob, t=T + t * 10**9, mode=mode, by=by),
+    st.integers(1, 3), st.integers(0, 2), st.sampled_from([0o644, 0o600]),
+    st.sampled_from(["a", "b"]),
+)
+
+
+@given(
+    base=st.none() | _versions,
+    local=st.sampled_from([UNCHANGED, ABSENT]) | _versions,
+    remote=st.lists(_versions, max_size=3),
+)
+def test_no_version_is_lost_and_no_local_edit_is_overwritten(base, local, remote) -> None:  # type: ignore[no-untyped-def]
+    if local is UNCHANGED and base is None:
+        local = ABSENT  # UNCHANGED means "equal to the base": it needs one
+    remote = distinct_versions(x.to_value() for x in remote)
+    docs: dict[str, list[FileVersion]] = {"f.txt": list(remote)} if remote else {}
+    for w in plan_publish("f.txt", base, local, remote, lambda p: (docs.get(p) or [None])[-1]):
+        if isinstance(w, SetVersion):
+            docs[w.path] = [w.version]
+        else:
+            docs.pop(w.path, None)
+    winners = [vs[-1] for vs in docs.values()]
+    for r in remote:
+        # every competing version survives somewhere, unless it is the base this device
+        # knowingly replaced or deleted, or the same file as the local one
+        kept = any(w == r for w in winners)
+        assert kept or r == base or (isinstance(local, FileVersion) and r.same_file(local)), (
+            r, winners)
+    final = docs.get("f.txt", [None])[-1]
+    action = plan_disk(base, local, final)
+    if isinstance(local, FileVersion):
+        assert final is not None and final.same_content(local)  # the local edit stays
+        assert not isinstance(action, (WriteFile, DeleteFile))
+    if local is ABSENT and base is not None and remote and remote[-1] != base:
+        assert final is not None  # a delete never wins over an edit it did not see
