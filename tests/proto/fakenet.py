@@ -147,18 +147,21 @@ class FakeNetwork:
         identity: LocalIdentity | None = None,
         types: tuple[str, ...] = ("test",),
         offset: float = 0.0,
+        tcp: bool = False,
     ) -> FakeNode:
         """Create a mesh with a fresh identity on a new address ``127.0.0.1:<port>``.
 
         ``offset`` shifts the node's clock: real processes have unrelated monotonic clocks
-        (Trio even adds a random offset), and the mesh must not care.
+        (Trio even adds a random offset), and the mesh must not care. ``tcp`` gives it a
+        ``tcp4`` address (datagrams still behave as configured: TCP framing is the shell's).
         """
         entropy = self.entropy_for(name)
         ident = identity if identity is not None else LocalIdentity.generate(entropy)
         mesh = Mesh(ident, entropy=entropy, accept=accept, relay=relay)
         if types:
             mesh.handle_types(*types)
-        addr = Path.udp4("127.0.0.1", next(self._ports))
+        port = next(self._ports)
+        addr = Path.tcp4("127.0.0.1", port) if tcp else Path.udp4("127.0.0.1", port)
         mesh.add_local_path(addr)
         node = FakeNode(name, mesh, addr, offset=offset)
         self.nodes[addr] = node

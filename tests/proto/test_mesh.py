@@ -710,3 +710,18 @@ def _hostile_net() -> FakeNetwork:
     net.run_until(lambda: up(a, b) and up(b, a) and up(b, c) and up(c, b) and up(a, c))
     _HOSTILE.append(net)
     return net
+
+
+def test_keepalive_over_tcp_waits_five_minutes() -> None:
+    net = FakeNetwork(23)
+    a = net.add("a", tcp=True)
+    b = net.add("b", accept=accept_all, tcp=True)
+    a.mesh.link(b.keys(), net.now, paths=[b.addr])
+    net.run_until(lambda: up(a, b) and up(b, a))
+    net.settle()
+    handshakes: list[float] = []
+    net.taps.append(lambda d, s, t: handshakes.append(net.now) if is_handshake(d) else None)
+    net.run_for(KEEPALIVE_UDP * 3)
+    assert handshakes == [], "no UDP-rate keepalive on a TCP path"
+    net.run_for(mesh_mod.KEEPALIVE_TCP)
+    assert handshakes and up(a, b) and up(b, a)
