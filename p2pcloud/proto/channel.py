@@ -25,6 +25,11 @@ interoperates. docs/protocol/channels.md explains it for a newcomer; in short:
   at most once per second, and resends packets that stay unacked for ``RESEND_INTERVAL``.
 * ``end`` on both sides (and our ``end`` acked) closes cleanly; ``err`` closes at once and
   drops all buffers; a timeout closes with ``err`` ``"timeout"``.
+* Ours, all within what a v3 peer accepts (each marked "ours" where it is done): windows
+  above 50 between p2pcloud peers, advertised as a lone ``miss`` edge; TCP-style fast
+  retransmit after three bare acks without progress; the last ack said once more; a miss
+  as soon as three packets wait behind a gap; misses that ask again for packets dropped
+  beyond the window; no resend on a miss for a packet sent less than a round trip ago.
 
 Events come out of :meth:`Channel.next_event` in order: :class:`DataReceived` for content,
 :class:`EndReceived` once the peer's ``end`` is delivered, and exactly one
@@ -36,7 +41,7 @@ Bad input from the peer never raises: it is dropped and counted by reason in
 
 Speed matters on the reliable path (bulk transfers, benchmarked against raw secretbox): the
 in-order fast path does no scans, in-flight packets live in a dict keyed by seq, and misses
-are only computed while out-of-order packets are buffered.
+are only computed while gaps exist and a packet goes out.
 """
 
 from __future__ import annotations
