@@ -350,6 +350,8 @@ class Channel(abc.ABC):
         self.type = type
         self.outgoing = outgoing
         self._state = ChannelState.OPENING
+        if not timeout > 0:
+            raise LocalProtocolError("channel timeout must be a positive number of seconds")
         self._timeout = float(timeout)
         self._opened_at = now
         self._activity_at = now
@@ -1355,7 +1357,7 @@ def open_channel(
         A :class:`ReliableChannel` or :class:`UnreliableChannel` in state OPENING.
 
     Raises:
-        LocalProtocolError: bad id, type, window, or a reserved key in ``json``.
+        LocalProtocolError: bad id, type, window or timeout, or a reserved key in ``json``.
     """
     if not isinstance(type, str) or not 0 < len(type) <= MAX_TYPE_LENGTH:
         raise LocalProtocolError(f"channel type must be 1..{MAX_TYPE_LENGTH} characters")

@@ -857,6 +857,10 @@ def test_reserved_keys_and_bad_arguments_are_refused() -> None:
         open_channel(ChannelId(0), "t", reliable=True, now=0.0)
     with pytest.raises(LocalProtocolError):
         open_channel(CID, "t", reliable=True, now=0.0, window=0)
+    with pytest.raises(LocalProtocolError):
+        open_channel(CID, "t", reliable=True, now=0.0, window=MAX_WINDOW + 1)
+    with pytest.raises(LocalProtocolError):
+        open_channel(CID, "t", reliable=False, now=0.0, timeout=0)
     a = open_channel(CID, "t", reliable=True, now=0.0)
     with pytest.raises(LocalProtocolError):
         a.send(b"x", json={"ack": 1}, now=0.0)
