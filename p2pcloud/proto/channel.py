@@ -1401,6 +1401,7 @@ def accept_channel(
     Raises:
         MalformedPacket: the packet is not a valid open (no/bad ``c`` or ``type``, a
             ``seq`` other than 1, or an ``err``); the mesh drops it.
+        LocalProtocolError: a bad ``window`` or ``timeout`` (our configuration).
     """
     if type(first_json) is not dict or type(first_body) is not bytes:
         raise MalformedPacket("channel open must be a JSON head and a bytes body")
