@@ -890,10 +890,14 @@ class ReliableChannel(Channel):
         # resends first: they are what the peer is waiting for
         if self._resend:
             outq = self._out
+            top = self._acked + window
             for seq in sorted(self._resend):
                 entry = outq.get(seq)
                 if entry is None:
                     continue  # acked meanwhile
+                if seq > top:
+                    entry.queued = False  # the peer shrank its window meanwhile
+                    continue
                 entry.queued = False
                 entry.sent_at = now
                 head = entry.head.copy()
@@ -1172,11 +1176,16 @@ class ReliableChannel(Channel):
         # v3 reliable.md: the total delta is the peer's window; never send beyond it
         self._set_peer_window(capacity if capacity <= MAX_WINDOW else MAX_WINDOW)
         sent_max = self._next_unsent - 1
+        # a peer may shrink its window: resends stay inside it too
+        window = self._window if self._window < self._peer_window else self._peer_window
+        top = self._acked + window
         outq = self._out
         rtt = self._min_rtt or 0.0  # without a sample, resend at once as e3x does
         for seq in seqs:
             if seq > sent_max:
                 self._drop("miss out of range")
+                break
+            if seq > top:
                 break
             entry = outq.get(seq)
             if entry is None or entry.queued:
@@ -1308,7 +1317,9 @@ class ReliableChannel(Channel):
             # unacked and no word from the peer for RESEND_INTERVAL: resend every packet
             # that old (a lost ack costs a window; the repeated ack makes that rare)
             outq = self._out
-            for seq in range(self._acked + 1, sent_max + 1):
+            window = self._window if self._window < self._peer_window else self._peer_window
+            top = min(sent_max, self._acked + window)  # a peer may have shrunk its window
+            for seq in range(self._acked + 1, top + 1):
                 entry = outq[seq]
                 # deadlines are compared as sums, exactly as get_timer computes them
                 if entry.queued or max(entry.sent_at, feedback) + RESEND_INTERVAL > now:

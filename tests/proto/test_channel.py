@@ -62,6 +62,7 @@ class Side:
     channel: Channel | None = None
     events: list[ChannelEvent] = field(default_factory=list)
     acks_delivered: int = 0  # highest ack delivered to this side (what it may know)
+    peer_window: int = DEFAULT_WINDOW  # the window the peer last advertised to this side
     sends: dict[int, list[float]] = field(default_factory=dict)  # seq -> transmit times
     heads: list[dict[str, Any]] = field(default_factory=list)  # every head it sent
     max_ahead: int = 0  # the furthest a new seq went beyond the ack it knew
@@ -85,8 +86,6 @@ class Pipe:
         delay: tuple[float, float] = (0.005, 0.05),
         window_a: int = DEFAULT_WINDOW,
         window_b: int = DEFAULT_WINDOW,
-        send_window_a: int | None = None,
-        send_window_b: int | None = None,
         now: float = 0.0,
     ) -> None:
         self.rng = random.Random(seed)
@@ -94,11 +93,6 @@ class Pipe:
         self.now = now
         self.a = Side("a", window_a, a)
         self.b = Side("b", window_b)
-        # the send window each side must respect: min(own, peer's advertised)
-        self.send_window = {
-            "a": send_window_a or min(window_a, window_b),
-            "b": send_window_b or min(window_a, window_b),
-        }
         self.timeout = CHANNEL_TIMEOUT  # given to accept_channel
         self.flight: list[tuple[float, int, str, bytes, bytes]] = []
         self.fifo = {"a": 0.0, "b": 0.0}  # a link keeps order unless a packet is reordered
@@ -120,7 +114,8 @@ class Pipe:
             seq = head.get("seq")
             if seq is not None and side.channel.reliable:
                 # v3 reliable.md: never send a seq above the last received ack + window
-                limit = side.acks_delivered + self.send_window[side.name]
+                # (the window: ours, and the peer's as its last miss edge said; v3: 50 until then)
+                limit = side.acks_delivered + min(side.window, side.peer_window)
                 assert seq <= limit, f"{side.name} sent seq {seq} above ack+window {limit}"
                 side.max_ahead = max(side.max_ahead, seq - side.acks_delivered)
                 times = side.sends.setdefault(seq, [])
@@ -164,6 +159,9 @@ class Pipe:
         ack = head.get("ack")
         if type(ack) is int and ack > dst.acks_delivered:
             dst.acks_delivered = ack
+        miss = head.get("miss")
+        if type(ack) is int and isinstance(miss, list) and miss:
+            dst.peer_window = min(sum(miss), MAX_WINDOW)  # v3: the total delta is the window
 
     def collect(self) -> None:
         for side in (self.a, self.b):
