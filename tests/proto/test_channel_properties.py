@@ -197,7 +197,9 @@ def test_miss_encoding_round_trips(ack: int, gaps: list[int], extra: int) -> Non
     loss=st.floats(0, 0.35),
     dup=st.floats(0, 0.3),
     reorder=st.floats(0, 0.5),
-    windows=st.sampled_from([(50, 50), (8, 8), (200, 200), (200, 50), (50, 200), (3, 120)]),
+    windows=st.sampled_from(
+        [(50, 50), (8, 8), (1, 1), (200, 200), (200, 50), (50, 200), (3, 120), (50, 2)]
+    ),
     both_ways=st.booleans(),
 )
 def test_any_bad_link_delivers_everything_in_order(
