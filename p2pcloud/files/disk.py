@@ -93,13 +93,17 @@ class FileBusy(Exception):  # noqa: N818 - internal signal, never leaves this pa
     """Raised internally when a file changed while it was being read or replaced."""
 
 
-def resolve(root: Path, rel: str, *, create_dirs: bool = False) -> Path:
+def resolve(root: Path, rel: str, *, create_dirs: bool = False,
+            checked: set[str] | None = None) -> Path:
     """The absolute path of ``rel`` under ``root``, refusing any symlink on the way.
 
     Args:
         root: the folder root.
         rel: a normalised relative path (:func:`p2pcloud.files.paths.normalize_relpath`).
         create_dirs: create missing parent directories (mode 0o755 minus the umask).
+        checked: relative directories already found to be real directories during this
+            pass (read and extended here), so a scan of 10,000 files in 100 directories
+            checks 100 directories, not 10,000 paths.
 
     Returns:
         ``root / rel``.
@@ -108,33 +112,46 @@ def resolve(root: Path, rel: str, *, create_dirs: bool = False) -> Path:
         UnsafePath: a parent is a symlink or not a directory.
         FileNotFoundError: a parent is missing and ``create_dirs`` is false.
     """
-    parts = rel.split("/")
-    cur = root
-    for part in parts[:-1]:
-        cur = cur / part
-        try:
-            st = os.lstat(cur)
-        except FileNotFoundError:
-            if not create_dirs:
-                raise
-            os.mkdir(cur, 0o755)
-            st = os.lstat(cur)
-        if stat_mod.S_ISLNK(st.st_mode):
-            raise UnsafePath(f"{rel!r}: a parent directory is a symlink")
-        if not stat_mod.S_ISDIR(st.st_mode):
-            raise UnsafePath(f"{rel!r}: a parent is not a directory")
-    return cur / parts[-1]
+    head = rel.rpartition("/")[0]
+    if head and (checked is None or head not in checked):
+        parts = head.split("/")
+        cur = str(root)
+        for i, part in enumerate(parts):
+            cur = os.path.join(cur, part)
+            sub = "/".join(parts[:i + 1])
+            if checked is not None and sub in checked:
+                continue
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                if not create_dirs:
+                    raise
+                os.mkdir(cur, 0o755)
+                st = os.lstat(cur)
+            if stat_mod.S_ISLNK(st.st_mode):
+                raise UnsafePath(f"{rel!r}: a parent directory is a symlink")
+            if not stat_mod.S_ISDIR(st.st_mode):
+                raise UnsafePath(f"{rel!r}: a parent is not a directory")
+            if checked is not None:
+                checked.add(sub)
+    return root / rel
 
 
-def stat_path(root: Path, rel: str) -> DiskStat | NotAFile | None:
+def stat_path(root: Path, rel: str, checked: set[str] | None = None
+              ) -> DiskStat | NotAFile | None:
     """Stat the file at ``rel`` without following a symlink.
+
+    Args:
+        root: the folder root.
+        rel: a normalised relative path.
+        checked: see :func:`resolve`.
 
     Returns:
         Its DiskStat, NotAFile if something else is there (or a parent is not a plain
         directory), or None if nothing is there.
     """
     try:
-        st = os.lstat(resolve(root, rel))
+        st = os.lstat(resolve(root, rel, checked=checked))
     except FileNotFoundError:
         return None
     except NotADirectoryError:
@@ -306,8 +323,8 @@ class PendingWrite:
     fd: int | None  # open until flushed
 
 
-def begin_write(root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int, mode: int
-                ) -> PendingWrite:
+def begin_write(root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int, mode: int,
+                checked: set[str] | None = None) -> PendingWrite:
     """Write a new version into a temporary file beside its path (step 1 of 3).
 
     Args:
@@ -316,6 +333,7 @@ def begin_write(root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int,
         chunks: the content, in order.
         mtime_ns: the modification time to set.
         mode: the permission bits to set.
+        checked: see :func:`resolve`.
 
     Returns:
         The pending write; pass it to :func:`flush_writes`, then :func:`finish_write` (or
@@ -326,7 +344,7 @@ def begin_write(root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int,
         FileBusy: a chunk could not be read.
         OSError: the disk refused. In every case the temporary file is gone.
     """
-    target = resolve(root, rel, create_dirs=True)
+    target = resolve(root, rel, create_dirs=True, checked=checked)
     tmp = target.parent / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY, 0o600)
     pending = PendingWrite(rel, target, tmp, fd)

@@ -234,6 +234,8 @@ class Folder:
         self._chunks = chunks
         self._manifests = manifests
         self._has_chunk = has_chunk or (lambda h: chunks(h) is not None)
+        self._checked: set[str] = set()
+        self._stats: dict[str, DiskStat] = {}
         try:
             self.index = LocalIndex.load(self.index_path)
             self.index_recovered = False
@@ -298,6 +300,8 @@ class Folder:
             whose data is still missing.
         """
         result = ReconcileResult()
+        self._checked = set()  # directories verified during this pass (disk.resolve)
+        self._stats = {}  # the stat each path had when it was looked at
         disk_now = self._collect(paths, result)
         locals_: dict[str, LocalView] = {}
         manifests: dict[str, Manifest] = {}
@@ -328,7 +332,7 @@ class Folder:
         # -- apply: copies created above are new paths too
         for w in written:
             if isinstance(w, SetVersion) and w.path not in locals_:
-                copy_seen = disk.stat_path(self.root, w.path)
+                copy_seen = disk.stat_path(self.root, w.path, self._checked)
                 if isinstance(copy_seen, NotAFile):
                     result.events.append(PathRefused(w.path, copy_seen.kind))
                     continue
@@ -388,7 +392,7 @@ class Folder:
                 except UnsafePath as exc:
                     result.events.append(PathRefused(p, str(exc)))
                     continue
-                pst = disk.stat_path(self.root, p)
+                pst = disk.stat_path(self.root, p, self._checked)
                 if isinstance(pst, NotAFile) and pst.kind == "directory":
                     for rel, wst in disk.walk_files(self.root, p):
                         found[rel] = wst
@@ -429,6 +433,7 @@ class Folder:
         base = self.index.get(path)
         if seen is None:
             return ABSENT
+        self._stats[path] = seen
         if base is not None:
             if seen == base.stat:
                 return UNCHANGED
@@ -439,13 +444,14 @@ class Folder:
                 v = base.version
                 return FileVersion(v.blob, v.size, seen.mtime_ns, seen.mode, self.device)
         try:
-            manifest, st = disk.hash_file(disk.resolve(self.root, path))
+            manifest, st = disk.hash_file(disk.resolve(self.root, path, checked=self._checked))
         except FileBusy as exc:
             result.events.append(FileSkipped(path, str(exc)))
             return None
         except (OSError, UnsafePath) as exc:
             result.events.append(FileSkipped(path, f"cannot read: {exc}"))
             return None
+        self._stats[path] = st
         result.hashed_files += 1
         result.hashed_bytes += manifest.size
         manifests[path] = manifest
@@ -509,7 +515,8 @@ class Folder:
             return base.stat
         if view is ABSENT:
             return None
-        return disk.stat_path(self.root, path)
+        seen = self._stats.get(path)
+        return seen if seen is not None else disk.stat_path(self.root, path, self._checked)
 
     def _act(self, path: str, view: LocalView, action: Any, manifests: dict[str, Manifest],
              result: ReconcileResult, dirty_dirs: set[Path]) -> None:
@@ -533,7 +540,7 @@ class Folder:
             elif isinstance(action, DeleteFile):
                 assert expect is not None
                 disk.delete_file(self.root, path, expect=expect)
-                dirty_dirs.add(disk.resolve(self.root, path).parent)
+                dirty_dirs.add(disk.resolve(self.root, path, checked=self._checked).parent)
                 self.index.forget(path)
                 result.events.append(FileDeleted(path))
             elif isinstance(action, ForgetBase):
@@ -569,7 +576,8 @@ class Folder:
                 continue
             try:
                 pending = disk.begin_write(self.root, path, self._chunk_stream(manifest),
-                                           mtime_ns=v.mtime_ns, mode=v.mode)
+                                           mtime_ns=v.mtime_ns, mode=v.mode,
+                                           checked=self._checked)
             except FileBusy as exc:
                 result.events.append(FileSkipped(path, str(exc)))
                 continue
