@@ -48,6 +48,7 @@ from p2pcloud.blobs.messages import (
     Want,
     decode_blob_message,
     encode_blob_message,
+    have_messages,
     manifest_pieces,
 )
 from p2pcloud.blobs.serve import ChunkStore, answer
@@ -90,6 +91,7 @@ __all__ = [
     "decode_blob_message",
     "decode_manifest",
     "encode_blob_message",
+    "have_messages",
     "iter_chunks",
     "manifest_of",
     "manifest_pieces",

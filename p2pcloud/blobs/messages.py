@@ -49,6 +49,7 @@ __all__ = [
     "Want",
     "decode_blob_message",
     "encode_blob_message",
+    "have_messages",
     "manifest_pieces",
 ]
 
@@ -263,6 +264,24 @@ def decode_blob_message(body: bytes) -> BlobMessage:
             raise MalformedPacket("blob message: manifest piece past its total")
         return ManifestPiece(b, offset, total, d)
     raise MalformedPacket("blob message: unknown type")
+
+
+def have_messages(blobs: Sequence[bytes] = (), chunks: Sequence[bytes] = ()) -> list[Have]:
+    """Announcements of what this endpoint holds, split to respect MAX_HAVE_HASHES.
+
+    Args:
+        blobs: blob hashes held whole (e.g. ``Folder.blobs()``).
+        chunks: single chunk hashes held (a partial blob).
+
+    Returns:
+        The ``have`` messages (none if there is nothing to announce).
+    """
+    out = []
+    for i in range(0, len(blobs), MAX_HAVE_HASHES):
+        out.append(Have(tuple(blobs[i:i + MAX_HAVE_HASHES]), ()))
+    for i in range(0, len(chunks), MAX_HAVE_HASHES):
+        out.append(Have((), tuple(chunks[i:i + MAX_HAVE_HASHES])))
+    return out
 
 
 def manifest_pieces(manifest: Manifest, offset: int = 0) -> list[ManifestPiece]:

@@ -25,6 +25,7 @@ from p2pcloud.blobs import (
     chunk_hash,
     decode_blob_message,
     encode_blob_message,
+    have_messages,
     manifest_of,
     manifest_pieces,
 )
@@ -139,3 +140,13 @@ def test_manifest_assembler_checks_the_whole() -> None:
         ManifestAssembler(m.blob_hash).add(ManifestPiece(m.blob_hash, 5, 100, b"x"))
     with pytest.raises(BadManifest, match="another blob"):
         ManifestAssembler(m.blob_hash).add(ManifestPiece(H[0], 0, 100, b"x"))
+
+
+def test_have_messages_respect_the_bound() -> None:
+    blobs = [i.to_bytes(32, "big") for i in range(5000)]
+    msgs = have_messages(blobs, [H[1], H[2]])
+    assert [len(m.blobs) for m in msgs] == [4096, 904, 0]
+    assert msgs[-1].hashes == (H[1], H[2])
+    for m in msgs:
+        assert decode_blob_message(encode_blob_message(m)) == m
+    assert have_messages() == []
