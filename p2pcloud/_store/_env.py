@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,6 +135,13 @@ def translate(exc: BaseException, path: str, doing: str) -> StoreError:
             "path (a read-only open never creates a store)"
         )
     return StoreError(f"{where} failed while {doing}: {exc}; check the disk and retry")
+
+
+def _damaged(path: str, doing: str) -> StoreError:
+    return StoreError(
+        f"the store at {path!r} holds a damaged record (found while {doing}): restore it "
+        "from a backup, or move it aside and let the node re-sync from its peers"
+    )
 
 
 class _Gate:
@@ -300,6 +308,8 @@ class Environment:
                     self._adopt_size(doing)
                 except (lmdb.Error, OSError) as exc:
                     raise translate(exc, self.path, doing) from exc
+                except struct.error as exc:  # a stored value of the wrong length
+                    raise _damaged(self.path, doing) from exc
 
     def read(self, fn: Callable[[Any], T], doing: str) -> T:
         """Run ``fn(txn)`` in one read transaction (a consistent snapshot).
@@ -323,6 +333,8 @@ class Environment:
                 self._adopt_size(doing)
             except (lmdb.Error, OSError) as exc:
                 raise translate(exc, self.path, doing) from exc
+            except struct.error as exc:  # a stored value of the wrong length
+                raise _damaged(self.path, doing) from exc
 
     def _grow(self, exc: lmdb.MapFullError, doing: str) -> None:
         # called with the write lock held and no transaction of ours open

@@ -85,6 +85,31 @@ def test_not_a_store_gives_a_clear_error(tmp_path: Path) -> None:
         open_store(afile)
 
 
+def test_damaged_records_raise_store_errors(store_path: Path) -> None:
+    with open_store(store_path, initial_map_size=MIN_MAP_SIZE) as s:
+        s.commit_local(SC, b"x", 1, 1, origin=A)
+        s.put_peer(PeerRecord(HN, {"3a": b"k" * 32}))
+    env = lmdb.open(str(store_path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        heads = env.open_db(b"heads", txn)
+        key = next(iter(txn.cursor(db=heads)))[0]
+        txn.put(key, b"short", db=heads)
+        log = env.open_db(b"log", txn)
+        key = next(iter(txn.cursor(db=log)))[0]
+        txn.put(key, b"shrt", db=log)
+        txn.put(HN.encode(), b"\xff\xff not cbor", db=env.open_db(b"peers", txn))
+    env.close()
+    with open_store(store_path) as s:
+        for call in (lambda: s.version(SC), lambda: s.summaries(),
+                     lambda: s.envelopes_after(SC, A, 0, 100), lambda: s.get_peer(HN),
+                     lambda: s.peers()):
+            with pytest.raises(StoreError, match="damaged") as info:
+                call()
+            assert not isinstance(info.value, StoreUsageError)
+        with pytest.raises(StoreError, match="damaged"):
+            s.commit_local(SC, b"y", 2, 2, origin=A)
+
+
 def test_readonly_store_reads_and_refuses_writes(store_path: Path) -> None:
     with open_store(store_path, initial_map_size=MIN_MAP_SIZE) as s:
         s.commit_local(SC, b"x", 1, 1, origin=A)
