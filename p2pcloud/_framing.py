@@ -68,6 +68,7 @@ DEFAULT_MAX_FRAME = 64 * 1024  # what we offer: per-packet costs are already neg
 # and a 50-packet reliable window of such frames keeps about 3 MiB in flight
 HELLO_TYPE = "p2pcloud-frames"  # the JSON ``type`` of the negotiation packet
 HELLO_VERSION = 1  # the large-frame format described in docs/protocol/transports.md
+_U32 = struct.Struct(">I")
 MAX_HELLO = 255  # a hello is a short plaintext LOB; v3 errata: plaintext heads stay < 256 B
 
 
@@ -300,9 +301,10 @@ class StreamFraming:
         self._offer = offer_frames
         self._own_max = max_frame
         self.max_frame: int | None = None
-        self._in = bytearray()
+        self._in: bytes | bytearray = b""
         self._pos = 0
-        self._out = bytearray()
+        self._out: list[bytes] = []  # buffers to write, in order (no joining until asked)
+        self._out_size = 0
         self._held: list[bytes] = []
         self.held_dropped = 0
         self._chunks = ChunkDecoder()
@@ -310,7 +312,7 @@ class StreamFraming:
         self._first_packet = True
         if initiator and offer_frames:
             self.state = Framing.NEGOTIATING
-            self._out += encode_chunked(encode_hello(max_frame))
+            self._emit(encode_chunked(encode_hello(max_frame)))
         else:
             self.state = Framing.CHUNKED
 
@@ -325,7 +327,15 @@ class StreamFraming:
         Args:
             data: bytes in stream order.
         """
-        if self._pos and self._pos >= len(self._in) // 2:
+        if self._pos >= len(self._in):
+            # Everything so far was decoded: decode straight from this read (one copy less).
+            self._in = data
+            self._pos = 0
+            return
+        if not isinstance(self._in, bytearray):
+            self._in = bytearray(memoryview(self._in)[self._pos :])
+            self._pos = 0
+        elif self._pos >= len(self._in) // 2:
             del self._in[: self._pos]  # compact now and then, not on every packet
             self._pos = 0
         self._in += data
@@ -369,10 +379,10 @@ class StreamFraming:
             self._switch_to_frames(size)
             held, self._held = self._held, []
             for packet in held:
-                self._out += encode_frame(packet, size)
+                self._emit(_U32.pack(len(packet)), packet)
         elif not self._initiator and first and self._offer:
             # Listener: a hello as the first packet. Answer chunked, then frames both ways.
-            self._out += encode_chunked(encode_hello(size))
+            self._emit(encode_chunked(encode_hello(size)))
             self._switch_to_frames(size)
         # Otherwise (a late or repeated hello, or frames not offered): ignore it, as v3 does.
 
@@ -388,7 +398,7 @@ class StreamFraming:
         self.state = Framing.CHUNKED
         held, self._held = self._held, []
         for packet in held:
-            self._out += encode_chunked(packet)
+            self._emit(encode_chunked(packet))
 
     @property
     def packet_limit(self) -> int:
@@ -409,9 +419,13 @@ class StreamFraming:
         """
         if self.state is Framing.FRAMES:
             assert self.max_frame is not None
-            self._out += encode_frame(packet, self.max_frame)
+            size = len(packet)
+            if not 0 < size <= self.max_frame:
+                raise LocalProtocolError(f"cannot frame {size} bytes (max {self.max_frame})")
+            # The header and the packet stay separate buffers: no copy of a large packet.
+            self._emit(_U32.pack(size), packet)
         elif self.state is Framing.CHUNKED:
-            self._out += encode_chunked(packet)
+            self._emit(encode_chunked(packet))
         else:
             if not 0 < len(packet) <= MAX_CHUNKED_PACKET:
                 raise LocalProtocolError(f"cannot send a packet of {len(packet)} bytes")
@@ -423,17 +437,29 @@ class StreamFraming:
     @property
     def output_buffered(self) -> int:
         """Bytes queued by :meth:`send_packet` and not yet taken by :meth:`data_to_send`."""
-        return len(self._out) + sum(len(packet) for packet in self._held)
+        return self._out_size + sum(len(packet) for packet in self._held)
 
     def send_keepalive(self) -> None:
         """Queue a keepalive (a lone 0x00, or a zero-length frame)."""
         if self.state is Framing.FRAMES:
-            self._out += b"\x00" * FRAME_HEADER
+            self._emit(b"\x00" * FRAME_HEADER)
         elif self.state is Framing.CHUNKED:
-            self._out.append(0)
+            self._emit(b"\x00")
+
+    def _emit(self, *buffers: bytes) -> None:
+        for buf in buffers:
+            self._out.append(buf)
+            self._out_size += len(buf)
+
+    def buffers_to_send(self) -> list[bytes]:
+        """Return (and forget) the buffers to write, in order, for a gathering write.
+
+        Large frames stay as they came (header, packet, header, packet...): a writer that
+        uses ``sendmsg`` never copies them.
+        """
+        out, self._out, self._out_size = self._out, [], 0
+        return out
 
     def data_to_send(self) -> bytes:
         """Return (and forget) the bytes to write to the stream, in order."""
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+        return b"".join(self.buffers_to_send())

@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 DEFAULT_RECEIVE_SIZE = 65_536  # bytes receive_some returns at most when no limit is given
+LARGE_BODY = 16 * 1024  # a body this large is returned alone by receive_some, uncopied
 CLOSED_ERR = "closed"  # the err a fully closed stream answers late data with (like a TCP RST)
 MAX_UNRELIABLE_QUEUE = 256  # unreliable packets buffered unread; more are dropped, as on UDP
 
@@ -279,21 +280,42 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 raise ValueError("max_bytes must be >= 1")
         with self._receive_busy:
             waited = await self._wait_readable()
-            out = bytearray()
-            while self._packets and len(out) < max_bytes:
-                head = self._packets[0]
-                take = head.body[self._offset : self._offset + max_bytes - len(out)]
-                out += take
-                self._offset += len(take)
-                if self._offset >= len(head.body):
-                    self._packets.popleft()
-                    self._offset = 0
-            self._buffered -= len(out)
+            out = self._take(max_bytes)
             if not waited:
                 await trio.lowlevel.checkpoint()
             if not out and self._broken:
                 raise trio.BrokenResourceError(f"channel closed: {self.error}")
-            return bytes(out)
+            return out
+
+    def _take(self, max_bytes: int) -> bytes:
+        """Take up to ``max_bytes`` from the queued packet bodies, copying as little as we can.
+
+        Whole bodies that fit are returned as they are (one body: no copy at all), so a
+        large-frame channel hands 64 KB bodies to the application untouched.
+        """
+        packets = self._packets
+        parts: list[bytes] = []
+        size = 0
+        if packets and not self._offset and LARGE_BODY <= len(packets[0].body) <= max_bytes:
+            body = packets.popleft().body  # a large body alone, as it is: no copy
+            self._buffered -= len(body)
+            return body
+        while packets and size < max_bytes:
+            body = packets[0].body
+            if self._offset:
+                body = body[self._offset :]
+            room = max_bytes - size
+            if len(body) <= room:
+                parts.append(body)
+                size += len(body)
+                packets.popleft()
+                self._offset = 0
+            else:
+                parts.append(body[:room])
+                size += room
+                self._offset += room
+        self._buffered -= size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _wait_readable(self) -> bool:
         waited = False

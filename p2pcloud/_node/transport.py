@@ -52,6 +52,7 @@ HELLO_WAIT = 2.0  # seconds a connecting side waits for the large-frame answer b
 TCP_READ = 256 * 1024  # bytes per read: several large frames per system call
 MAX_TCP_BACKLOG = 16 * 1024 * 1024  # bytes queued on one connection before sends are dropped,
 # like a full socket buffer; well above a reliable window of large frames (50 x 64 KiB)
+MAX_IOV = 512  # buffers per sendmsg call, below Linux's IOV_MAX of 1024
 CONNECT_TIMEOUT = 10.0  # seconds before an outgoing connection attempt is given up
 
 MAX_BATCH = 256  # datagrams read in one burst before the node pumps and others get a turn
@@ -471,16 +472,30 @@ class TcpTransport:
 
     async def _writer(self, conn: _Connection) -> None:
         assert conn.stream is not None
+        sock = conn.stream.socket
+        gather = hasattr(sock, "sendmsg")  # not on Windows: join and send instead
         while True:
             await conn.wake.wait()
             conn.wake = trio.Event()
-            data = conn.framing.data_to_send()
-            if data:
-                try:
-                    await conn.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    conn.cancel_scope.cancel()
-                    return
+            buffers: list[bytes | memoryview] = list(conn.framing.buffers_to_send())
+            try:
+                if not gather:
+                    if buffers:
+                        await conn.stream.send_all(b"".join(buffers))
+                    continue
+                while buffers:
+                    # A gathering write: frame headers and large packets go out uncopied.
+                    sent = await sock.sendmsg(buffers[:MAX_IOV])
+                    done = 0
+                    while done < len(buffers) and sent >= len(buffers[done]):
+                        sent -= len(buffers[done])
+                        done += 1
+                    del buffers[:done]
+                    if sent:
+                        buffers[0] = memoryview(buffers[0])[sent:]
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                conn.cancel_scope.cancel()
+                return
 
     def close(self) -> None:
         """Stop accepting and drop every connection."""
