@@ -512,8 +512,12 @@ class Node:
         *,
         json: Mapping[str, Any] | None = None,
         end: bool = False,
+        pump: bool = True,
     ) -> bool:
-        """Queue one packet; False when the channel or link is gone (nothing was sent)."""
+        """Queue one packet; False when the channel or link is gone (nothing was sent).
+
+        ``pump=False`` leaves the sending to the caller's next :meth:`_pump` (batching).
+        """
         try:
             self._mesh.send(hashname, cid, body, json=json, end=end, now=trio.current_time())
         except LinkError:
@@ -522,7 +526,8 @@ class Node:
             if self._capacity(hashname, cid) < 0:
                 return False
             raise
-        self._pump()
+        if pump:
+            self._pump()
         return True
 
     def _close_channel(self, hashname: Hashname, cid: ChannelId, err: str | None) -> None:

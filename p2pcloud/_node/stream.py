@@ -162,8 +162,15 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             self._on_closed("link down" if self.hashname not in self._node.links else "gone")
         return capacity
 
-    def _queue(self, body: bytes, *, json: dict[str, Any] | None = None, end: bool = False) -> None:
-        if not self._node._send(self.hashname, self.cid, body, json=json, end=end):
+    def _queue(
+        self,
+        body: bytes,
+        *,
+        json: dict[str, Any] | None = None,
+        end: bool = False,
+        pump: bool = True,
+    ) -> None:
+        if not self._node._send(self.hashname, self.cid, body, json=json, end=end, pump=pump):
             self._on_closed("link down" if self.hashname not in self._node.links else "gone")
             self._check_send()
 
@@ -195,14 +202,21 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             view = memoryview(data).cast("B")
             checkpointed = False
             while view:
-                if self._capacity() <= 0:
+                capacity = self._capacity()
+                if capacity <= 0:
                     await self._wait_capacity()
                     checkpointed = True
+                    capacity = self._capacity()
                 self._check_send()
                 size = self._node._max_body(self.hashname)
-                piece, view = bytes(view[:size]), view[size:]
-                self._queue(piece)
-                self.bytes_sent += len(piece)
+                # Queue as many packets as the window takes, then pump (and send) once.
+                for _ in range(max(capacity, 1)):
+                    if not view:
+                        break
+                    piece, view = bytes(view[:size]), view[size:]
+                    self._queue(piece, pump=False)
+                    self.bytes_sent += len(piece)
+                self._node._pump()
             if not checkpointed:
                 await trio.lowlevel.checkpoint()
 
