@@ -42,6 +42,7 @@ drag every other clock into the future.
 
 from __future__ import annotations
 
+import builtins
 import struct
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping
@@ -1263,7 +1264,7 @@ class Replica:
             raise DecodeError("not a p2pcloud delta")
         if r.byte() != FORMAT_VERSION:
             raise DecodeError("unknown delta version")
-        seen: set[bytes] = set()
+        seen: builtins.set[bytes] = builtins.set()
         for _ in range(r.count()):
             n = r.varint()
             if not MIN_REPLICA_ID <= n <= MAX_REPLICA_ID:
@@ -1403,7 +1404,7 @@ class Replica:
             try:
                 decoded.append(self._decode(bytes(data), now_ms))
             except (DecodeError, ClockSkewError) as exc:
-                exc.delta_index = i  # type: ignore[attr-defined]
+                exc.delta_index = i  # type: ignore[union-attr]
                 raise
         changes: dict[Change, None] = {}
         for d in decoded:
@@ -1435,7 +1436,7 @@ class Replica:
     def _merge(self, d: _Decoded, changes: dict[Change, None]) -> None:
         rmap = [self._intern(rid) for rid in d.reps]
         # 1. context ranges: drop local entries the sender has seen but does not hold
-        hit = set()
+        hit: builtins.set[int] = builtins.set()
         kctx = CausalContext()
         for rep, ranges in d.ctx:
             for lo, hi in ranges:
@@ -1443,7 +1444,7 @@ class Replica:
                 if self._ctx.overlaps(rmap[rep], lo, hi):
                     hit.add(rmap[rep])
         if hit:
-            rundots = set()
+            rundots: builtins.set[tuple[int, int]] = builtins.set()
             for rep, start, _hlc, ops in d.runs:
                 ctr = start
                 for op in ops:
@@ -1527,7 +1528,8 @@ class Replica:
             if not self._colls[coll]:
                 del self._colls[coll]
 
-    def _kill_covered(self, kctx: CausalContext, hit: set[int], rundots: set[tuple[int, int]],
+    def _kill_covered(self, kctx: CausalContext, hit: builtins.set[int],
+                      rundots: builtins.set[tuple[int, int]],
                       changes: dict[Change, None]) -> None:
         for coll in list(self._colls):
             docs = self._colls[coll]
@@ -1636,7 +1638,7 @@ class Replica:
         _put_varint(out_b, len(send))
         names: dict[str, int] = {}
         last = [b""]
-        texts_sent: set[tuple[str, str, str]] = set()
+        texts_sent: builtins.set[tuple[str, str, str]] = builtins.set()
         for k in used:
             if k not in send:
                 continue
@@ -1651,7 +1653,7 @@ class Replica:
             hlc = first.hlc
             cur_coll: str | None = None
             cur_doc: str | None = None
-            for _c, e, coll, doc_id, f in items:
+            for _c, e, where, doc_name, fname in items:
                 h = e.kind
                 if e.ctr == ctr and e.hlc == hlc + 1:
                     h |= FLAG_TICK  # the next transaction of a burst: no ADVANCE op needed
@@ -1663,29 +1665,29 @@ class Replica:
                     nops += 1
                     ctr = e.ctr
                     hlc = e.hlc
-                new_coll = coll != cur_coll
-                new_doc = doc_id is not None and (new_coll or doc_id != cur_doc)
+                new_coll = where != cur_coll
+                new_doc = doc_name is not None and (new_coll or doc_name != cur_doc)
                 if new_coll:
                     h |= FLAG_NEW_COLL
                 if new_doc:
                     h |= FLAG_NEW_DOC
                 ops.append(h)
                 if new_coll:
-                    _put_name(ops, names, last, coll)
-                    cur_coll = coll
+                    _put_name(ops, names, last, where)
+                    cur_coll = where
                     cur_doc = None
                 if new_doc:
-                    assert doc_id is not None
-                    _put_name(ops, names, last, doc_id)
-                    cur_doc = doc_id
-                if f is not None:
-                    _put_name(ops, names, last, f)
+                    assert doc_name is not None
+                    _put_name(ops, names, last, doc_name)
+                    cur_doc = doc_name
+                if fname is not None:
+                    _put_name(ops, names, last, fname)
                 if e.kind == OP_COUNTER:
                     _put_varint(ops, e.value[0])
                     _put_varint(ops, e.value[1])
                 elif e.kind == OP_TEXT:
-                    assert doc_id is not None and f is not None
-                    key = (coll, doc_id, f)
+                    assert doc_name is not None and fname is not None
+                    key = (where, doc_name, fname)
                     text = self._texts.get(key)
                     state = b""
                     if text is not None and key not in texts_sent:
@@ -1732,7 +1734,7 @@ def _validate_text(payload: bytes) -> None:
 
 def _element(element: Any) -> bytes:
     if isinstance(element, (list, tuple, dict)):
-        raise CoreUsageError("set elements are scalars: None, bool, int, float, str, bytes, BlobRef")
+        raise CoreUsageError("set elements are scalars (None, bool, int, float, str, bytes...)")
     return encode_value(element)
 
 
