@@ -33,7 +33,6 @@ from cpython.unicode cimport (
     PyUnicode_READ,
 )
 from libc.stdint cimport int32_t, int64_t, uint64_t
-from libc.stdlib cimport qsort
 from libc.string cimport memcpy, memmove
 
 import bisect
@@ -285,13 +284,49 @@ cdef inline void _put_char(unsigned char *p, int kind, Py_ssize_t k, Py_UCS4 ch)
         (<Py_UCS4 *>p)[k] = ch
 
 
-cdef int cmp_span(const void *a, const void *b) noexcept nogil:
-    cdef const Span *x = <const Span *>a
-    cdef const Span *y = <const Span *>b
-    if x.agent != y.agent:
-        return -1 if x.agent < y.agent else 1
-    if x.start != y.start:
-        return -1 if x.start < y.start else 1
+cdef int _sort_spans(Span *a, Py_ssize_t n) except -1:
+    """Sorts spans by (agent, start): LSD radix sort, 5 passes of 11 bits.
+
+    Agents are replica indices (< MAX_AGENTS_PER_MESSAGE = 2^16) and starts counters
+    (< 2^31), so the key ``agent << 31 | start`` has 47 bits: 5 x 11 = 55 cover it. Loading
+    a snapshot sorts tens of thousands of spans; this is several times faster than qsort.
+    """
+    cdef Span *tmp
+    cdef Span *src = a
+    cdef Span *dst
+    cdef Span *swap
+    cdef Py_ssize_t count[2048]
+    cdef Py_ssize_t k, total, c
+    cdef int shift, d
+    cdef uint64_t key
+    if n < 2:
+        return 0
+    tmp = <Span *>PyMem_Malloc(n * sizeof(Span))
+    if tmp == NULL:
+        raise MemoryError()
+    dst = tmp
+    for shift in range(0, 55, 11):
+        for d in range(2048):
+            count[d] = 0
+        for k in range(n):
+            key = ((<uint64_t>src[k].agent) << 31) | <uint64_t>src[k].start
+            count[(key >> shift) & 2047] += 1
+        total = 0
+        for d in range(2048):
+            c = count[d]
+            count[d] = total
+            total += c
+        for k in range(n):
+            key = ((<uint64_t>src[k].agent) << 31) | <uint64_t>src[k].start
+            d = (key >> shift) & 2047
+            dst[count[d]] = src[k]
+            count[d] += 1
+        swap = src
+        src = dst
+        dst = swap
+    if src != a:  # an odd number of passes left the result in tmp
+        memcpy(a, src, n * sizeof(Span))
+    PyMem_Free(tmp)
     return 0
 
 
@@ -1934,7 +1969,7 @@ cdef class Text:
                 n_spans += 1
             self._raw = raw
             # chains: every row is one, sorted by counter per replica; ids must be unique
-            qsort(spans, n_spans, sizeof(Span), cmp_span)
+            _sort_spans(spans, n_spans)
             for k in range(n_spans):
                 if k and spans[k].agent == spans[k - 1].agent and (
                         spans[k].start < spans[k - 1].end):
@@ -1958,7 +1993,7 @@ cdef class Text:
                 spans[n_spans].start = dl[k].counter
                 spans[n_spans].end = <int64_t>dl[k].counter + dl[k].length
                 n_spans += 1
-            qsort(spans, n_spans, sizeof(Span), cmp_span)
+            _sort_spans(spans, n_spans)
             for k in range(n_spans):
                 if k == 0 or spans[k].agent != spans[k - 1].agent:
                     if spans[k].start != 1:
@@ -1988,7 +2023,7 @@ cdef class Text:
                 n_targets += 1
                 _push_del(&self._dels, dl[k].agent, dl[k].counter, dl[k].length,
                           dl[k].target_agent, dl[k].target, dl[k].step)
-            qsort(targets, n_targets, sizeof(Span), cmp_span)
+            _sort_spans(targets, n_targets)
             m = 0  # union of the target intervals, in place
             for k in range(n_targets):
                 if m and targets[m - 1].agent == targets[k].agent and (
