@@ -89,6 +89,11 @@ def iter_chunks(data: bytes | bytearray | memoryview) -> Iterator[ChunkSpan]:
     Yields:
         The chunks in order; their sizes add up to ``len(data)``.
     """
+    if 0 < len(data) <= CHUNK_MIN:
+        # FastCDC never cuts before CHUNK_MIN: a small blob is one chunk (the common case
+        # of a folder of small files; skips building a cutter per file)
+        yield ChunkSpan(0, len(data), blake3.blake3(data).digest())
+        return
     for piece in _cutter().cut_buf(data):
         yield ChunkSpan(piece.offset, piece.length, blake3.blake3(piece.data).digest())
 

@@ -34,7 +34,7 @@ from typing import Any, Final
 import blake3
 
 from p2pcloud.blobs import Manifest
-from p2pcloud.errors import BlobError, UnsafePath
+from p2pcloud.errors import BlobError, CoreUsageError, UnsafePath
 from p2pcloud.files import disk
 from p2pcloud.files.disk import DiskStat, FileBusy, NotAFile
 from p2pcloud.files.index import IndexEntry, LocalIndex
@@ -236,6 +236,9 @@ class Folder:
         self._has_chunk = has_chunk or (lambda h: chunks(h) is not None)
         self._checked: set[str] = set()
         self._stats: dict[str, DiskStat] = {}
+        self.unsent_deltas: list[bytes] = []
+        """Deltas of a reconcile that raised after writing (a bug or a dying disk): the
+        node sends them like ``ReconcileResult.delta``."""
         try:
             self.index = LocalIndex.load(self.index_path)
             self.index_recovered = False
@@ -323,11 +326,21 @@ class Folder:
                 writes = plan_publish(path, base.version if base else None, view, vs,
                                       self._winner)
                 for w in writes:
-                    self._write(w)
+                    try:
+                        self._write(w)
+                    except CoreUsageError as exc:  # the core refused the name or value
+                        result.events.append(PathRefused(w.path, str(exc)))
+                        continue
                     remote.pop(w.path, None)  # changed: read it again below
-                written.extend(writes)
-        finally:
-            result.delta = self.replica.commit()
+                    written.append(w)
+        except BaseException:
+            # writes already made must reach a delta, or the replica would hold dots that
+            # no delta carries: keep it for the node (unsent_deltas), then re-raise
+            delta = self.replica.commit()
+            if delta:
+                self.unsent_deltas.append(delta)
+            raise
+        result.delta = self.replica.commit()
         self._report_writes(written, result)
         # -- apply: copies created above are new paths too
         for w in written:

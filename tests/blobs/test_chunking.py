@@ -5,11 +5,13 @@ from __future__ import annotations
 import random
 
 import blake3
+import pyfastcdc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pcloud.blobs import (
+    CHUNK_AVG,
     CHUNK_MAX,
     CHUNK_MIN,
     MAX_MANIFEST_CHUNKS,
@@ -138,3 +140,11 @@ def test_decode_manifest_raises_only_bad_manifest(data: bytes) -> None:
         except BadManifest:
             continue
         assert m.encoded == candidate
+
+
+def test_small_blob_fast_path_agrees_with_the_cutter() -> None:
+    data = _random_bytes(CHUNK_MIN + 2, 12)
+    cutter = pyfastcdc.FastCDC(CHUNK_AVG, min_size=CHUNK_MIN, max_size=CHUNK_MAX)
+    for n in (1, 100, CHUNK_MIN - 1, CHUNK_MIN, CHUNK_MIN + 1, CHUNK_MIN + 2):
+        expected = [(c.offset, c.length) for c in cutter.cut_buf(data[:n])]
+        assert [(c.offset, c.size) for c in chunk_buffer(data[:n])] == expected

@@ -303,3 +303,25 @@ def test_a_lost_or_corrupt_index_costs_a_rehash_not_data(devices: Make) -> None:
     a.receive([result.delta])
     pump([a, b])
     assert a.files() == b.files()
+
+
+def test_writes_made_before_an_error_still_reach_a_delta(
+        devices: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = devices(2)
+    a.write("one.txt", b"1", mtime_ns=T0)
+    a.write("two.txt", b"2", mtime_ns=T0)
+    real = a.folder._write
+    calls = []
+
+    def failing_write(w):  # type: ignore[no-untyped-def]
+        calls.append(w)
+        if len(calls) == 2:
+            raise RuntimeError("a bug in the middle of a publish")
+        real(w)
+
+    monkeypatch.setattr(a.folder, "_write", failing_write)
+    with pytest.raises(RuntimeError):
+        a.reconcile()
+    assert len(a.folder.unsent_deltas) == 1
+    b.receive(a.folder.unsent_deltas)
+    assert b.replica.documents(COLLECTION) == [calls[0].path]
