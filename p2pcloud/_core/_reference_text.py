@@ -5,9 +5,9 @@ Theory of operation
 A :class:`Text` is a replicated sequence of characters. Every character ever inserted is an
 *item* that keeps its place for ever; deleting a character only marks its item deleted (a
 tombstone), so concurrent operations always find what they refer to. Items are ordered by
-the FugueMax rule in its list form, the "YjsMod" integration of Weidner, Gentle and
-Kleppmann ("The Art of the Fugue", 2023, section 6), the algorithm diamond-types and
-josephg/reference-crdts use:
+FugueMax (Weidner and Kleppmann, "The Art of the Fugue", arXiv:2305.00583) in its list
+form: the ``integrateYjsMod`` procedure of josephg/reference-crdts, also used by
+diamond-types, which its author describes as giving FugueMax's order:
 
 * every item has an id ``(replica id, counter)`` and two *origins*: ``origin_left``, the
   item that was immediately to its left when it was typed (the visible character before the
