@@ -45,6 +45,8 @@ encode_value = _impl.encode_value
 encode_version = _impl.encode_version
 hlc_pack = _impl.hlc_pack
 hlc_unpack = _impl.hlc_unpack
+from p2pcloud._core._span import delta_span  # noqa: E402  (header only: one implementation)
+
 Change = tuple[str, str | None, str | None]
 """What a merge touched: ``(collection, document, field)``; ``(log, None, None)`` for logs."""
 
@@ -58,6 +60,7 @@ __all__ = [
     "HybridClock",
     "Replica",
     "decode_value",
+    "delta_span",
     "decode_version",
     "encode_value",
     "encode_version",
