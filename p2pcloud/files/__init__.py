@@ -21,7 +21,7 @@ from p2pcloud.files.folder import (
 )
 from p2pcloud.files.model import COLLECTION, FIELD, Conflict, FileVersion
 from p2pcloud.files.paths import conflict_name, normalize_relpath, parse_conflict_name
-from p2pcloud.files.watch import FolderWatcher
+from p2pcloud.files.watch import FolderWatcher, watch_and_reconcile
 
 __all__ = [
     "COLLECTION",
@@ -44,4 +44,5 @@ __all__ = [
     "normalize_relpath",
     "parse_conflict_name",
     "paths_from_changes",
+    "watch_and_reconcile",
 ]

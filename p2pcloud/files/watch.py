@@ -14,8 +14,9 @@ stat per file and no reading.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import anyio
 import trio
@@ -23,7 +24,10 @@ from watchfiles import Change, awatch
 
 from p2pcloud.files.paths import is_internal
 
-__all__ = ["DEBOUNCE_MS", "FolderWatcher"]
+if TYPE_CHECKING:
+    from p2pcloud.files.folder import Folder, ReconcileResult
+
+__all__ = ["DEBOUNCE_MS", "FolderWatcher", "watch_and_reconcile"]
 
 DEBOUNCE_MS: Final = 300
 """Changes within 300 ms are grouped: longer than an editor's save sequence (tens of ms),
@@ -119,3 +123,40 @@ class FolderWatcher:
             self._ready = trio.Event()
         out, self._pending = self._pending, set()
         return out
+
+
+async def watch_and_reconcile(
+    folder: Folder,
+    on_result: Callable[[ReconcileResult], Awaitable[None]],
+    *,
+    debounce_ms: int = DEBOUNCE_MS,
+    limiter: trio.CapacityLimiter | None = None,
+    task_status: trio.TaskStatus[FolderWatcher] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep a folder published: a full reconcile, then one incremental reconcile per batch.
+
+    Runs until cancelled. Each reconcile runs in a worker thread (it reads and hashes
+    files), one at a time; changes that arrive meanwhile are batched for the next one.
+
+    Args:
+        folder: the folder (no other task may reconcile it meanwhile).
+        on_result: called with each result (send ``result.delta``, fetch what is missing).
+        debounce_ms: how long changes are grouped.
+        limiter: the worker-thread limiter to use (e.g. shared by all folders of a node).
+        task_status: started with the watcher (its ``stop()`` ends this task).
+    """
+    watcher = FolderWatcher(folder.root, debounce_ms=debounce_ms)
+    async with trio.open_nursery() as nursery:
+
+        async def run_watcher(*, task_status: trio.TaskStatus[None]) -> None:
+            await watcher.run(task_status=task_status)
+            nursery.cancel_scope.cancel()  # stop() was called: end the loop below too
+
+        await nursery.start(run_watcher)
+        task_status.started(watcher)
+        paths: list[str] | None = None  # the first pass looks at everything
+        while True:
+            result = await trio.to_thread.run_sync(folder.reconcile, paths, limiter=limiter)
+            await on_result(result)
+            changed = await watcher.wait_changes()
+            paths = None if "" in changed else sorted(changed)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import trio
 
 from p2pcloud._core import Replica
-from p2pcloud.files import COLLECTION, Folder, FolderWatcher
+from p2pcloud.files import COLLECTION, Folder, FolderWatcher, ReconcileResult, watch_and_reconcile
 
 T0 = 1_767_225_600_000
 
@@ -54,3 +55,32 @@ async def test_watcher_stops_on_cancellation(tmp_path: Path) -> None:
             await _wait_for(watcher, tmp_path, "x.txt", b"x")
             nursery.cancel_scope.cancel()
     assert nursery.cancel_scope.cancelled_caught
+
+
+async def test_watch_and_reconcile_publishes_changes_until_stopped(tmp_path: Path) -> None:
+    root = tmp_path / "folder"
+    root.mkdir()
+    (root / "before.txt").write_bytes(b"there before the watch")
+    replica = Replica(b"v" * 16)
+    folder = Folder(root, replica, device="w", index_path=tmp_path / "index")
+    deltas: list[bytes] = []
+    published = trio.Event()
+
+    async def on_result(result: ReconcileResult) -> None:
+        if result.delta:
+            deltas.append(result.delta)
+        if "later.txt" in replica.documents(COLLECTION):
+            published.set()
+
+    with trio.fail_after(30):  # a hang guard, not a timing assertion
+        async with trio.open_nursery() as nursery:
+            watcher = await nursery.start(watch_and_reconcile, folder, on_result)
+            while not published.is_set():
+                (root / "later.txt").write_bytes(b"written while watched")
+                with trio.move_on_after(2):
+                    await published.wait()
+            watcher.stop()
+    assert replica.documents(COLLECTION) == ["before.txt", "later.txt"]
+    other = Replica(b"o" * 16)
+    other.apply(deltas, time.time_ns() // 1_000_000)  # the folder used the wall clock
+    assert other.documents(COLLECTION) == ["before.txt", "later.txt"]
