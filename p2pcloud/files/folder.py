@@ -262,6 +262,35 @@ class Folder:
         """Every conflict in the folder (conflict copies, and unsplit concurrent values)."""
         return list_conflicts(self.replica.documents(COLLECTION), self.versions)
 
+    def resolve_conflict(self, copy: str, *, keep_copy: bool = False,
+                         now_ms: int | None = None) -> bytes:
+        """Settle a conflict from the CLI or API, then :meth:`reconcile` updates the disk.
+
+        Args:
+            copy: the conflict copy's path (``Conflict.copy``).
+            keep_copy: False discards the copy's version; True makes it the file's version
+                (it replaces the winner at the original path) and removes the copy.
+            now_ms: the time for the replica transaction (defaults to the wall clock).
+
+        Returns:
+            The delta to send.
+
+        Raises:
+            UnsafePath: ``copy`` is not a conflict copy of this folder.
+        """
+        parsed = parse_conflict_name(copy)
+        versions = self.versions(copy)
+        if parsed is None or not versions:
+            raise UnsafePath(f"{copy!r} is not a conflict copy here")
+        self.replica.begin(now_ms if now_ms is not None else time.time_ns() // 1_000_000)
+        try:
+            if keep_copy:
+                self.replica.set_mv(COLLECTION, parsed.original, FIELD, versions[-1].to_value())
+            self.replica.remove(COLLECTION, copy)
+        finally:
+            delta: bytes = self.replica.commit()
+        return delta
+
     # -- serving -----------------------------------------------------------------------------
 
     def manifest(self, blob_hash: bytes) -> Manifest | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from p2pcloud.blobs import BlobFetch, ChunkVerified, Want, answer, chunk_buffer
+from p2pcloud.errors import UnsafePath
 from p2pcloud.files import (
     COLLECTION,
     FIELD,
@@ -325,3 +326,31 @@ def test_writes_made_before_an_error_still_reach_a_delta(
     assert len(a.folder.unsent_deltas) == 1
     b.receive(a.folder.unsent_deltas)
     assert b.replica.documents(COLLECTION) == [calls[0].path]
+
+
+def test_conflicts_resolved_through_the_api(devices: Make) -> None:
+    a, b = devices(2)
+    for name in ("x.txt", "y.txt"):
+        a.write(name, b"base", mtime_ns=T0)
+    pump([a, b])
+    for name in ("x.txt", "y.txt"):
+        a.write(name, b"alpha " + name.encode(), mtime_ns=T0 + 10**9)
+        b.write(name, b"bravo " + name.encode(), mtime_ns=T0 + 2 * 10**9)
+    da, db = a.reconcile().delta, b.reconcile().delta
+    a.receive([db])
+    b.receive([da])
+    pump([a, b])
+    conflicts = {c.path: c for c in a.folder.conflicts()}
+    assert set(conflicts) == {"x.txt", "y.txt"}
+    x_copy, y_copy = conflicts["x.txt"].copy, conflicts["y.txt"].copy
+    assert x_copy is not None and y_copy is not None
+    kept = a.read(y_copy)
+    b.receive([a.folder.resolve_conflict(x_copy, now_ms=a.clock())])  # discard x's copy
+    b.receive([a.folder.resolve_conflict(y_copy, keep_copy=True, now_ms=a.clock())])
+    pump([a, b])
+    for d in (a, b):
+        assert d.folder.conflicts() == []
+        assert sorted(d.files()) == ["x.txt", "y.txt"]
+        assert d.read("y.txt") == kept
+    with pytest.raises(UnsafePath):
+        a.folder.resolve_conflict("x.txt")
