@@ -142,6 +142,11 @@ DIRECT_PROBE_INTERVAL = 30.0
 """While a link runs over a router and has direct candidates, we sync (send handshakes to
 every path) this often, so a direct path that starts working is found within 30 s."""
 
+RE_ECHO_INTERVAL = 0.25
+"""Least time between two echoes of the same handshake: a resend comes a second or more
+after the first send, so this only stops network duplicates and replays from making us
+answer each copy."""
+
 MIN_SYNC_INTERVAL = 1.0
 """Syncs triggered by packets from new paths are at most this frequent (a peer moving from
 path to path, or a replay from many addresses, cannot make us handshake in a loop)."""
@@ -298,6 +303,7 @@ class _Link:
     last_sync: float = -1e18
     last_catchup: float = -1e18  # last answer to a restarted peer's stale handshake
     last_reply: float = -1e18  # last handshake sent in answer to one (rate of re-echoes)
+    last_peer_hs: bytes = b""  # digest of the peer's last accepted handshake (repeats)
     last_path_open: float = -1e18  # last path ping whose advertised paths we tried
     channels: dict[ChannelId, _ch.Channel] = field(default_factory=dict)
     cid_floor: int = 0  # highest channel id the peer opened in this session
@@ -1079,8 +1085,8 @@ class Mesh:
         link.resends = 0
         link.received = False
         link.at = 0
-        if link.peer_ephemeral is not None:
-            link.old_ephemerals.append(link.peer_ephemeral)
+        # The peer's ephemeral key is not "old": only we gave up. If the peer is alive it
+        # keeps its session and its next handshake must start ours again.
         link.peer_ephemeral = None
         for info in link.paths:
             info.seen = None
@@ -1279,20 +1285,33 @@ class Mesh:
             link.round_start = None  # our handshake is answered: stop resending
             link.resends = 0
         reply_at = verdict.reply_at
-        resent = not exchange.is_ours(hs.at) and link.last_reply + MIN_SYNC_INTERVAL <= now
+        digest = hashlib.sha256(body).digest()[:16]
+        repeat = digest == link.last_peer_hs
+        link.last_peer_hs = digest
+        resent = (
+            repeat and not exchange.is_ours(hs.at) and link.last_reply + RE_ECHO_INTERVAL <= now
+        )
         if reply_at is None and (new_path or link.hs_packet is None or resent):
             # In sync, but: on a path we had not trusted yet (answer on it so the peer
             # trusts it too: a sync reaches us on every path it tries), or the peer resent
-            # its own at that we already echoed, so our echo was lost and the peer is still
-            # waiting (a handshake resent "unchanged" at 1/3/7/15 s must get an answer, or
-            # one lost echo would drop the link after 30 s). An echo of our own at is the
-            # answer we wanted and needs none. Re-echoes are at most one per
-            # MIN_SYNC_INTERVAL: an EVEN telehash-js peer refuses an even at from its ODD
-            # peer and answers our echo at once with its handshake again (e3x.js x.sync),
-            # which must not start a ping-pong.
+            # its own at, byte for byte, after we echoed it: our echo was lost and the peer
+            # is still waiting (v3 resends a handshake unchanged at 1/3/7/15 s; without an
+            # answer one lost echo would drop the link after 30 s). An echo of our own at is
+            # the answer we wanted and needs none. Only an identical repeat counts: an EVEN
+            # telehash-js peer refuses an even at from its ODD peer and answers our echo at
+            # once with a *new* handshake of the same at (e3x.js x.sync); answering that
+            # would ping-pong for ever (seen against telehash-js 0.4.18).
             reply_at = exchange.at
         if reply_at is not None:
             self._send_reply(link, reply_at, path, now)
+            if verdict.new_session and link.round_start is None:
+                # The peer cannot use the new session before our reply arrives, and it
+                # never answers an echo of its own at: resend the reply on the v3
+                # schedule until its first channel packet (or a handshake) shows it has
+                # it. Otherwise one lost reply would leave it retrying blind while we sit
+                # Up, and a peer that never comes back times out here too.
+                link.round_start = now
+                link.resends = 0
         link.at = exchange.at
         if not was_up or verdict.new_session:
             link.state = LinkState.UP
@@ -1363,6 +1382,12 @@ class Mesh:
         logical = self._logical_path(link, path)
         new_path = self._path_seen(link, logical, cloaked, now)
         link.last_rx = now
+        if link.round_start is not None:
+            # A channel packet of the current session proves the peer alive and keyed as
+            # well as an echo would: telehash-js never answers a resent handshake it has
+            # already seen, so under loss its channel traffic is what ends our resends.
+            link.round_start = None
+            link.resends = 0
         if (
             new_path
             and logical.is_direct

@@ -9,7 +9,8 @@ minutes of simulated time runs in milliseconds). Every datagram a mesh hands out
 bad day, all decided by one ``random.Random(seed)`` so a failing seed replays exactly:
 
 * a datagram larger than the MTU is dropped (as IP would without fragmentation);
-* a blocked (source, target) pair drops everything (a NAT or firewall between them);
+* a blocked (source, target) pair drops everything (a NAT or firewall between them), and
+  a test's ``filters`` drop chosen datagrams (e.g. "the first echo");
 * each datagram is lost with probability ``loss``, duplicated with probability
   ``duplicate`` (the copy takes its own delay), delayed by ``delay`` plus a uniform jitter,
   and with probability ``reorder`` delayed by up to ``reorder_span`` more, so later
@@ -123,6 +124,7 @@ class FakeNetwork:
         self.nodes: dict[Path, FakeNode] = {}
         self.blocked: set[tuple[Path, Path]] = set()
         self.taps: list[Callable[[bytes, Path, Path], None]] = []
+        self.filters: list[Callable[[bytes, Path, Path], bool]] = []  # True: drop it
         self._heap: list[_InFlight] = []
         self._seq = itertools.count()
         self._ports = itertools.count(40000)
@@ -217,7 +219,8 @@ class FakeNetwork:
     def _transmit(self, data: bytes, source: Path, target: Path) -> None:
         for tap in self.taps:
             tap(data, source, target)
-        if len(data) > self.mtu or (source, target) in self.blocked:
+        dropped = any(f(data, source, target) for f in self.filters)
+        if dropped or len(data) > self.mtu or (source, target) in self.blocked:
             self.lost += 1
             return
         copies = 2 if self.rng.random() < self.duplicate else 1

@@ -725,3 +725,44 @@ def test_keepalive_over_tcp_waits_five_minutes() -> None:
     assert handshakes == [], "no UDP-rate keepalive on a TCP path"
     net.run_for(mesh_mod.KEEPALIVE_TCP)
     assert handshakes and up(a, b) and up(b, a)
+
+
+def test_a_lost_reply_is_resent_until_the_peer_shows_it_has_the_session() -> None:
+    # b accepts a's handshake and is Up; its reply is lost, and so are a's resends. b keeps
+    # resending its reply (a never answers an echo of its own at) until a's first channel
+    # packet arrives; a comes Up from the resent reply instead of timing out.
+    net = FakeNetwork(24)
+    a = net.add("a")
+    b = net.add("b", accept=accept_all)
+    seen = {"b->a": 0, "a->b": 0}
+
+    def lossy(data: bytes, src: Path, dst: Path) -> bool:
+        if not is_handshake(data):
+            return False
+        key = "a->b" if src == a.addr else "b->a"
+        seen[key] += 1
+        return (key == "b->a" and seen[key] == 1) or (key == "a->b" and seen[key] > 1)
+
+    net.filters.append(lossy)
+    a.mesh.link(b.keys(), net.now, paths=[b.addr])
+    net.run_until(lambda: up(a, b) and up(b, a), timeout=HANDSHAKE_TIMEOUT - 1)
+    assert seen["b->a"] >= 2  # b resent its reply
+    net.run_for(HANDSHAKE_TIMEOUT + 5)
+    assert up(a, b) and up(b, a) and not a.of(LinkDown) and not b.of(LinkDown)
+
+
+def test_after_we_time_out_the_peers_live_session_brings_the_link_back() -> None:
+    # Only we gave up (a laptop that slept through its keepalive round, say): the peer still
+    # has its session and its next handshake, same ephemeral key, must bring the link back.
+    net = FakeNetwork(25)
+    a, b = linked_pair(net)
+    link = a.mesh._links[b.hashname]
+    a.mesh._link_down(link, "timeout", net.now, forget=False)  # white box: a's timeout only
+    net.flush(a)
+    assert a.mesh.link_state(b.hashname) is LinkState.DOWN and up(b, a)
+    net.run_until(lambda: up(a, b), timeout=KEEPALIVE_UDP + HANDSHAKE_TIMEOUT)
+    assert "stale handshake" not in a.mesh.statistics().drops
+    net.settle()  # b learns a's new session (and errors channels of the old one)
+    assert len(b.of(LinkUp)) == 2
+    cid = b.mesh.open_channel(a.hashname, "test", reliable=True, body=b"back", now=net.now)
+    net.run_until(lambda: [e for e in a.of(ChannelData) if e.cid == cid])
