@@ -37,6 +37,10 @@ from libc.string cimport memcmp, memcpy
 
 cimport cython
 
+
+cdef extern from "Python.h":
+    void PyObject_GC_UnTrack(void* op)
+
 from bisect import bisect_right
 
 from p2pcloud._core._reference import (
@@ -674,6 +678,9 @@ cdef class _Changes:
         key = (d.coll, d.id, field)
         if self.rare and key in self.rare:
             return 0
+        # a tuple of strings cannot be part of a cycle: keep the collector off it, so a
+        # million-entry report does not make every collection walk it
+        PyObject_GC_UnTrack(<void*>key)
         self.order.append(key)
         return 0
 
@@ -933,6 +940,49 @@ cdef int _cmp_live(const void* a, const void* b) noexcept nogil:
         return -1 if x.rank < y.rank else 1
     if x.ctr != y.ctr:
         return -1 if x.ctr < y.ctr else 1
+    return 0
+
+
+cdef int _bucket_sort(_LiveArray live, Py_ssize_t nrank) except -1:
+    cdef Py_ssize_t* start
+    cdef LiveRec* out
+    cdef Py_ssize_t i, r, a, b
+    cdef bint sorted_ok = True
+    for i in range(1, live.n):
+        if _cmp_live(&live.recs[i - 1], &live.recs[i]) > 0:
+            sorted_ok = False
+            break
+    if sorted_ok or live.n < 2:
+        return 0
+    start = <Py_ssize_t*>malloc((nrank + 1) * sizeof(Py_ssize_t))
+    out = <LiveRec*>malloc(live.n * sizeof(LiveRec))
+    if start == NULL or out == NULL:
+        free(start)
+        free(out)
+        raise MemoryError()
+    for r in range(nrank + 1):
+        start[r] = 0
+    for i in range(live.n):
+        start[live.recs[i].rank + 1] += 1
+    for r in range(nrank):
+        start[r + 1] += start[r]
+    for i in range(live.n):
+        r = live.recs[i].rank
+        out[start[r]] = live.recs[i]
+        start[r] += 1
+    free(live.recs)
+    live.recs = out
+    live.cap = live.n
+    # start[r] is now the end of bucket r
+    a = 0
+    for r in range(nrank):
+        b = start[r]
+        for i in range(a + 1, b):
+            if out[i - 1].ctr > out[i].ctr:
+                qsort(&out[a], b - a, sizeof(LiveRec), _cmp_live)
+                break
+        a = b
+    free(start)
     return 0
 
 
@@ -1984,11 +2034,9 @@ cdef class Replica:
                     live.push(e, rank[e.rep], name, None, None)
         finally:
             free(rank)
-        # sort by (replica id, counter); usually already in order
-        for i in range(1, live.n):
-            if _cmp_live(&live.recs[i - 1], &live.recs[i]) > 0:
-                qsort(live.recs, live.n, sizeof(LiveRec), _cmp_live)
-                break
+        # sort by (replica id, counter): bucket by replica, then sort a bucket only if its
+        # counters are out of order (fields are visited in insertion order, so rarely)
+        _bucket_sort(live, nrep)
         # per replica (in id order): the slice of live records, dead ranges, what to send
         ctx_keys = self._ctx.keyset()
         used = []
