@@ -402,9 +402,9 @@ class Node:
                 self._pump()
 
     def _on_frames(self, path: Path, max_frame: int) -> None:
-        # A TCP connection turned on large frames: let the mesh send bigger packets there.
-        if max_frame > MAX_UDP_PACKET:
-            self._mesh.set_path_mtu(path, min(max_frame, MAX_PACKET))
+        # A TCP connection turned on large frames: let the mesh send bigger packets there
+        # (0: the connection closed, back to the v3 size until a new one negotiates).
+        self._mesh.set_path_mtu(path, min(max(max_frame, MAX_UDP_PACKET), MAX_PACKET))
 
     # -- events ------------------------------------------------------------------------
 

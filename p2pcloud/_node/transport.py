@@ -268,7 +268,8 @@ class TcpTransport:
             port: the port; 0 lets the system choose.
             offer_frames: negotiate large frames (False: plain v3 chunking only).
             max_frame: the largest frame offered and accepted.
-            on_frames: called with ``(path, max_frame)`` when a connection turns on frames.
+            on_frames: called with ``(path, max_frame)`` when a connection turns on frames,
+                and with ``(path, 0)`` when such a connection closes.
 
         Returns:
             The transport.
@@ -426,6 +427,10 @@ class TcpTransport:
             self.counts["closed"] += 1
             if self._connections.get(conn.path) is conn:
                 del self._connections[conn.path]
+                if conn.frames_reported and self._on_frames is not None:
+                    # The next connection to this path negotiates afresh: until then the
+                    # path carries only what v3 chunking carries.
+                    self._on_frames(conn.path, 0)
 
     async def _negotiation_timeout(self, conn: _Connection) -> None:
         await trio.sleep(HELLO_WAIT)
