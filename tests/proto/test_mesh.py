@@ -6,6 +6,7 @@ Real crypto everywhere (WIRE's exchange, CHANNEL's channels); only the network i
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 import pytest
 from hypothesis import given, settings
@@ -766,3 +767,63 @@ def test_after_we_time_out_the_peers_live_session_brings_the_link_back() -> None
     assert len(b.of(LinkUp)) == 2
     cid = b.mesh.open_channel(a.hashname, "test", reliable=True, body=b"back", now=net.now)
     net.run_until(lambda: [e for e in a.of(ChannelData) if e.cid == cid])
+
+
+def loss_sweep(
+    loss: float, seeds: Iterable[int], *, size: int = 128 * 1024, idle: float = 200.0
+) -> list[tuple[int, str]]:
+    """Link, move ``size`` bytes and idle through keepalives, once per seed; the failures.
+
+    Each pair has unrelated clocks (random offsets up to a day); the network duplicates
+    ``loss / 4`` and reorders ``loss`` of the datagrams. Also a measurement tool:
+    ``python -c "from tests.proto.test_mesh import loss_sweep; print(loss_sweep(0.2, range(300)))"``
+    """
+    failures: list[tuple[int, str]] = []
+    for seed in seeds:
+        try:
+            _sweep_one(seed, loss, size, idle)
+        except AssertionError as exc:
+            failures.append((seed, str(exc)[:80]))
+    return failures
+
+
+def _sweep_one(seed: int, loss: float, size: int, idle: float) -> None:
+    rng = random.Random(seed)
+    net = FakeNetwork(
+        seed,
+        loss=loss,
+        duplicate=loss / 4,
+        reorder=loss,
+        delay=0.02,
+        jitter=0.02,
+        reorder_span=0.2,
+    )
+    a = net.add("a", offset=rng.uniform(-86400, 86400))
+    b = net.add("b", accept=accept_all, offset=rng.uniform(-86400, 86400))
+    a.mesh.link(b.keys(), net.time_of(a), paths=[b.addr])
+    net.run_until(lambda: up(a, b) and up(b, a), timeout=HANDSHAKE_TIMEOUT)
+    data = rng.randbytes(size)
+    cid = a.mesh.open_channel(b.hashname, "test", reliable=True, now=net.time_of(a))
+    mb = a.mesh.max_body(b.hashname)
+    pos = 0
+
+    def tick() -> None:
+        nonlocal pos
+        if cid not in a.mesh.channel_ids(b.hashname):
+            raise AssertionError("channel closed")
+        while pos < len(data) and a.mesh.send_capacity(b.hashname, cid) > 0:
+            end = pos + mb >= len(data)
+            a.mesh.send(b.hashname, cid, data[pos : pos + mb], end=end, now=net.time_of(a))
+            pos += mb
+
+    net.run_until(lambda: b.count(ChannelEnded), tick=tick, timeout=600)
+    got = b"".join(e.body for e in b.of(ChannelData) if e.cid == cid)
+    assert got == data, "data differs"
+    net.run_for(idle)
+    assert up(a, b) and up(b, a), "down after idle"
+    assert not a.of(LinkDown) and not b.of(LinkDown), "link went down"
+
+
+@pytest.mark.slow
+def test_loss_sweep_ten_percent() -> None:
+    assert loss_sweep(0.1, range(40)) == []
