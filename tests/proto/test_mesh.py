@@ -824,6 +824,6 @@ def _sweep_one(seed: int, loss: float, size: int, idle: float) -> None:
     assert not a.of(LinkDown) and not b.of(LinkDown), "link went down"
 
 
-@pytest.mark.slow
 def test_loss_sweep_ten_percent() -> None:
-    assert loss_sweep(0.1, range(40)) == []
+    # link, 128 KiB, 200 s of idle keepalives, clocks a day apart: no failure in 60 pairs
+    assert loss_sweep(0.1, range(60)) == []
