@@ -24,7 +24,6 @@ reliable channels above retransmit. Only programming mistakes raise.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import socket as _stdlib_socket
 from collections import Counter
@@ -207,22 +206,68 @@ class UdpTransport:
 
 
 class _Connection:
-    """One TCP connection and its framing."""
+    """One TCP connection: its non-blocking socket, its framing, its unsent bytes."""
 
     def __init__(self, path: Path, framing: StreamFraming) -> None:
         self.path = path
         self.framing = framing
-        self.stream: trio.SocketStream | None = None
+        self.sock: _stdlib_socket.socket | None = None
+        self.pending: list[bytes | memoryview] = []  # written partly; the writer finishes
         self.wake = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.frames_reported = False
+        self.broken = False
 
     def kick(self) -> None:
         self.wake.set()
 
+    def write_now(self) -> bool:
+        """Write what the socket takes now, without waiting; True when nothing is left.
+
+        Frame headers and large packets go out in one gathering write (``sendmsg``), uncopied.
+        """
+        sock = self.sock
+        if sock is None or self.broken:
+            return False
+        pending = self.pending
+        if self.framing.output_buffered:
+            pending.extend(self.framing.buffers_to_send())
+        while pending:
+            try:
+                if _HAVE_SENDMSG:
+                    sent = sock.sendmsg(pending[:MAX_IOV])
+                else:  # pragma: no cover  (Windows has no sendmsg)
+                    sent = sock.send(b"".join(pending[:MAX_IOV]))
+            except BlockingIOError:
+                return False
+            except OSError:
+                self.broken = True
+                self.cancel_scope.cancel()
+                return False
+            done = 0
+            while done < len(pending) and sent >= len(pending[done]):
+                sent -= len(pending[done])
+                done += 1
+            del pending[:done]
+            if sent:
+                pending[0] = memoryview(pending[0])[sent:]
+        return True
+
+    @property
+    def unsent(self) -> int:
+        return self.framing.output_buffered + sum(len(b) for b in self.pending)
+
+
+_HAVE_SENDMSG = hasattr(_stdlib_socket.socket, "sendmsg")
+
 
 class TcpTransport:
     """A TCP listener plus one connection per remote path.
+
+    Sockets are used directly in non-blocking mode: a packet is written at once when the
+    socket takes it (the common case), and a connection's writer task only waits when the
+    kernel buffer is full; each connection's reader waits for data and decodes every packet
+    of a read before the node pumps.
 
     Attributes:
         path: the listening address as a ``tcp4`` path.
@@ -232,14 +277,14 @@ class TcpTransport:
 
     def __init__(
         self,
-        listener: trio.SocketListener,
+        listener: _stdlib_socket.socket,
         path: Path,
         *,
         offer_frames: bool = True,
         max_frame: int = DEFAULT_MAX_FRAME,
         on_frames: Callable[[Path, int], None] | None = None,
     ) -> None:
-        """Wrap a bound listener; use :meth:`bind`."""
+        """Wrap a bound, listening, non-blocking socket; use :meth:`bind`."""
         self._listener = listener
         self.path = path
         self._offer = offer_frames
@@ -249,6 +294,7 @@ class TcpTransport:
         self._nursery: trio.Nursery | None = None
         self._deliver: Deliver | None = None
         self._pump: Pump | None = None
+        self._closed = False
         self.counts: Counter[str] = Counter()
 
     @classmethod
@@ -277,19 +323,21 @@ class TcpTransport:
         Raises:
             TransportError: the address cannot be bound.
         """
-        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+        sock = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_STREAM)
         try:
+            sock.setblocking(False)
             # A TCP listener may reuse a port in TIME_WAIT (a restarted daemon keeps its port);
             # unlike UDP this never lets two live listeners share it.
             sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_REUSEADDR, 1)
-            await sock.bind((bind, port))
+            sock.bind((bind, port))
             sock.listen(128)
         except OSError as exc:
             sock.close()
             raise _bind_error("TCP", bind, port, exc) from exc
+        await trio.lowlevel.checkpoint()
         ip, real_port = sock.getsockname()[:2]
         return cls(
-            trio.SocketListener(sock),
+            sock,
             Path.tcp4(ip, real_port),
             offer_frames=offer_frames,
             max_frame=max_frame,
@@ -330,19 +378,24 @@ class TcpTransport:
             try:
                 while True:
                     try:
-                        stream = await self._listener.accept()
-                    except trio.ClosedResourceError:
+                        await trio.lowlevel.wait_readable(self._listener)
+                        sock, addr = self._listener.accept()
+                    except BlockingIOError:
+                        continue
+                    except (trio.ClosedResourceError, ValueError):
                         return  # close() was called: the node is stopping
                     except OSError:
+                        if self._closed:
+                            return
                         self.counts["accept_errors"] += 1
                         await trio.sleep(0.1)  # e.g. out of file descriptors: do not spin
                         continue
-                    ip, port = stream.socket.getpeername()[:2]
-                    path = Path.tcp4(ip, port)
+                    self._configure(sock)
+                    path = Path.tcp4(addr[0], addr[1])
                     conn = _Connection(path, StreamFraming(initiator=False,
                                                            offer_frames=self._offer,
                                                            max_frame=self._max_frame))
-                    conn.stream = stream
+                    conn.sock = sock
                     old = self._connections.get(path)
                     if old is not None:
                         old.cancel_scope.cancel()
@@ -351,6 +404,12 @@ class TcpTransport:
                     nursery.start_soon(self._serve, conn)
             finally:
                 self._nursery = None
+
+    @staticmethod
+    def _configure(sock: _stdlib_socket.socket) -> None:
+        sock.setblocking(False)
+        # Packets are whole messages already: send each at once (no Nagle delay).
+        sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
 
     async def send(self, data: bytes, path: Path) -> None:
         """Send one packet (see :meth:`send_nowait`), then checkpoint.
@@ -373,7 +432,7 @@ class TcpTransport:
             path: a ``tcp4`` path.
 
         Returns:
-            True (the connection's writer task does the waiting).
+            True (the connection's writer task does any waiting).
         """
         conn = self._connections.get(path)
         if conn is None:
@@ -394,30 +453,29 @@ class TcpTransport:
             except MalformedPacket:
                 self.counts["dropped_malformed"] += 1
                 return True
-        if framing.output_buffered > MAX_TCP_BACKLOG or len(data) > framing.packet_limit:
+        if conn.unsent > MAX_TCP_BACKLOG or len(data) > framing.packet_limit:
             self.counts["dropped_backlog"] += 1
-        else:
-            try:
-                framing.send_packet(data)
-            except LocalProtocolError:
-                self.counts["dropped_backlog"] += 1
-            else:
-                self.counts["sent"] += 1
-                conn.kick()
+            return True
+        try:
+            framing.send_packet(data)
+        except LocalProtocolError:
+            self.counts["dropped_backlog"] += 1
+            return True
+        self.counts["sent"] += 1
+        if conn.pending or not conn.write_now():
+            conn.kick()  # the socket is full (or not connected yet): the writer waits
         return True
 
     async def _serve(self, conn: _Connection) -> None:
         try:
             with conn.cancel_scope:
-                if conn.stream is None:
-                    assert conn.path.ip is not None and conn.path.port is not None
-                    with trio.move_on_after(CONNECT_TIMEOUT), contextlib.suppress(OSError):
-                        conn.stream = await trio.open_tcp_stream(conn.path.ip, conn.path.port)
-                    if conn.stream is None:
+                if conn.sock is None:
+                    conn.sock = await self._connect(conn.path)
+                    if conn.sock is None:
                         self.counts["connect_errors"] += 1
                         return
                     self.counts["connects"] += 1
-                async with conn.stream, trio.open_nursery() as nursery:
+                async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn)
                     if conn.framing.state is Framing.NEGOTIATING:
                         nursery.start_soon(self._negotiation_timeout, conn)
@@ -425,12 +483,33 @@ class TcpTransport:
                     nursery.cancel_scope.cancel()
         finally:
             self.counts["closed"] += 1
+            if conn.sock is not None:
+                trio.lowlevel.notify_closing(conn.sock)
+                conn.sock.close()
             if self._connections.get(conn.path) is conn:
                 del self._connections[conn.path]
                 if conn.frames_reported and self._on_frames is not None:
                     # The next connection to this path negotiates afresh: until then the
                     # path carries only what v3 chunking carries.
                     self._on_frames(conn.path, 0)
+
+    async def _connect(self, path: Path) -> _stdlib_socket.socket | None:
+        assert path.ip is not None and path.port is not None
+        sock = _stdlib_socket.socket(_stdlib_socket.AF_INET, _stdlib_socket.SOCK_STREAM)
+        try:
+            self._configure(sock)
+            err = sock.connect_ex((path.ip, path.port))
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, "connect failed")
+            with trio.move_on_after(CONNECT_TIMEOUT):
+                await trio.lowlevel.wait_writable(sock)
+                if sock.getsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_ERROR) == 0:
+                    return sock
+        except OSError:
+            pass
+        trio.lowlevel.notify_closing(sock)
+        sock.close()
+        return None
 
     async def _negotiation_timeout(self, conn: _Connection) -> None:
         await trio.sleep(HELLO_WAIT)
@@ -439,17 +518,21 @@ class TcpTransport:
             conn.kick()
 
     async def _reader(self, conn: _Connection) -> None:
-        assert conn.stream is not None
+        sock = conn.sock
+        assert sock is not None
         assert self._deliver is not None and self._pump is not None
         deliver, pump = self._deliver, self._pump
         framing = conn.framing
         while True:
             try:
-                data = await conn.stream.receive_some(TCP_READ)
-            except (trio.BrokenResourceError, OSError):
+                await trio.lowlevel.wait_readable(sock)
+                data = sock.recv(TCP_READ)
+            except BlockingIOError:
+                continue
+            except (OSError, trio.ClosedResourceError):
                 return
             if not data:
-                return
+                return  # the peer closed the connection
             framing.receive_data(data)
             try:
                 while True:
@@ -466,7 +549,7 @@ class TcpTransport:
                 return
             finally:
                 pump()
-            if framing.output_buffered:
+            if framing.output_buffered and (conn.pending or not conn.write_now()):
                 conn.kick()  # an answer or released packets are waiting
 
     def _report_frames(self, conn: _Connection) -> None:
@@ -476,34 +559,23 @@ class TcpTransport:
             self._on_frames(conn.path, conn.framing.max_frame)
 
     async def _writer(self, conn: _Connection) -> None:
-        assert conn.stream is not None
-        sock = conn.stream.socket
-        gather = hasattr(sock, "sendmsg")  # not on Windows: join and send instead
+        sock = conn.sock
+        assert sock is not None
         while True:
             await conn.wake.wait()
             conn.wake = trio.Event()
-            buffers: list[bytes | memoryview] = list(conn.framing.buffers_to_send())
-            try:
-                if not gather:
-                    if buffers:
-                        await conn.stream.send_all(b"".join(buffers))
-                    continue
-                while buffers:
-                    # A gathering write: frame headers and large packets go out uncopied.
-                    sent = await sock.sendmsg(buffers[:MAX_IOV])
-                    done = 0
-                    while done < len(buffers) and sent >= len(buffers[done]):
-                        sent -= len(buffers[done])
-                        done += 1
-                    del buffers[:done]
-                    if sent:
-                        buffers[0] = memoryview(buffers[0])[sent:]
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                conn.cancel_scope.cancel()
-                return
+            while not conn.write_now():
+                if conn.broken:
+                    return
+                try:
+                    await trio.lowlevel.wait_writable(sock)
+                except (OSError, trio.ClosedResourceError):
+                    return
 
     def close(self) -> None:
         """Stop accepting and drop every connection."""
+        self._closed = True
         for conn in list(self._connections.values()):
             conn.cancel_scope.cancel()
-        self._listener.socket.close()
+        trio.lowlevel.notify_closing(self._listener)
+        self._listener.close()
