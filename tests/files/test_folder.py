@@ -354,3 +354,20 @@ def test_conflicts_resolved_through_the_api(devices: Make) -> None:
         assert d.read("y.txt") == kept
     with pytest.raises(UnsafePath):
         a.folder.resolve_conflict("x.txt")
+
+
+def test_incremental_reconcile_of_a_deleted_directory(devices: Make) -> None:
+    import shutil
+
+    a, b = devices(2)
+    for i in range(3):
+        a.write(f"docs/sub/f{i}.txt", b"x" * i, mtime_ns=T0)
+    a.write("keep.txt", b"k", mtime_ns=T0)
+    pump([a, b])
+    shutil.rmtree(a.root / "docs")
+    result = a.reconcile(["docs"])  # what a watcher reports for a removed directory
+    assert sorted(e.path for e in result.events if hasattr(e, "path")) == [
+        "docs/sub/f0.txt", "docs/sub/f1.txt", "docs/sub/f2.txt"]
+    touched = b.receive([result.delta])
+    b.reconcile(touched)
+    assert sorted(b.files()) == ["keep.txt"]
