@@ -155,3 +155,77 @@ def test_p2pcloudd_reports_a_port_in_use_without_traceback(tmp_path: Path) -> No
         proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "already in use" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _start_daemon(args: list[str], home: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, P2PCLOUD_HOME=str(home))
+    return subprocess.Popen(
+        [sys.executable, "-m", "p2pcloudd", "--port", "0", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _banner(proc: subprocess.Popen[str]) -> dict[str, str]:
+    assert proc.stdout is not None
+    lines: dict[str, str] = {}
+    while "listening" not in lines:
+        line = proc.stdout.readline()
+        assert line, f"daemon exited early: {proc.stderr.read() if proc.stderr else ''}"
+        if ": " in line:
+            key, value = line.rstrip("\n").split(": ", 1)
+            lines[key] = value
+    return lines
+
+
+def test_two_daemons_link_and_stop_cleanly_on_sigterm(tmp_path: Path) -> None:
+    import signal
+
+    first = _start_daemon([], tmp_path / "a")
+    second = None
+    try:
+        uri = _banner(first)["link URI"]
+        second = _start_daemon(["--link", uri], tmp_path / "b")
+        _banner(second)
+        assert second.stdout is not None
+        line = second.stdout.readline()  # "p2pcloudd: linked <hashname>"
+        assert line.startswith("p2pcloudd: linked "), line
+        for proc in (first, second):
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err
+            assert "p2pcloudd: stopped" in out and "Traceback" not in err
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+async def test_garbage_on_tcp_and_udp_is_dropped_and_the_node_keeps_working() -> None:
+    async with open_node(identity=new_identity()) as a, open_node(identity=new_identity()) as b:
+        assert b._tcp is not None and b._udp is not None
+        tcp_path, udp_path = b._tcp.path, b._udp.path
+        # A chunked "packet" longer than any v3 packet may be: the connection is dropped.
+        stream = await trio.open_tcp_stream(tcp_path.ip, tcp_path.port)
+        await stream.send_all(b"\xff" + b"x" * 255)
+        with trio.fail_after(30):
+            try:
+                while True:
+                    await stream.send_all((b"\xff" + b"y" * 255) * 64)
+            except (trio.BrokenResourceError, OSError):
+                pass  # the node closed the connection
+        await stream.aclose()
+        assert b.statistics().transports["tcp"]["malformed"] == 1
+        # Random datagrams on UDP: dropped with a reason, nothing else happens.
+        udp = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with udp:
+            for n in range(50):
+                await udp.sendto(os.urandom(1 + n * 20), (udp_path.ip, udp_path.port))
+        with trio.fail_after(30):
+            hashname = await a.link(b.link_uri)
+        assert sum(b.statistics().dropped.values()) >= 1
+        await transfer(a, b, MIB)
+        assert hashname == b.hashname
