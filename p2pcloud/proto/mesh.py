@@ -506,8 +506,17 @@ class Mesh:
         link.local_origin = True
         if key is not None and link.key is None:
             link.key = key
+        known = {info.path for info in link.paths}
         for path in all_paths:
             self._add_path(link, path)
+        fresh = any(p not in known for p in all_paths)
+        if (
+            link.state is LinkState.UP
+            and fresh
+            and link.round_start is None
+            and link.last_sync + MIN_SYNC_INTERVAL <= now
+        ):
+            self._start_round(link, now)  # try the new paths now (a sync reaches every path)
         if link.state is not LinkState.UP:
             if link.key is not None:
                 link.state = LinkState.DOWN

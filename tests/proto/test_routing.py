@@ -333,3 +333,17 @@ def test_hostile_intros_and_peer_bodies_are_dropped() -> None:
     send_peer_request(a, r.hashname, b.hashname, encode_packet(b"\x3a", bytes(5000)))
     net.run_for(0.5)
     assert r.mesh.statistics().drops.get("bad peer request", 0) == drops + 1
+
+
+def test_new_paths_given_to_an_up_link_are_tried_at_once() -> None:
+    net, r, a, b = triangle(12)
+    b.mesh._local_paths.clear()  # b advertises no address: a learns none from its pings
+    a.mesh.link(b.keys(), net.now, paths=[Path.peer(r.hashname)])
+    net.run_until(lambda: up(a, b) and up(b, a))
+    net.run_for(2.0)
+    assert a.mesh.link_paths(b.hashname) == [Path.peer(r.hashname)]
+    net.unblock(a.addr, b.addr)
+    start = net.now
+    a.mesh.link(b.keys(), net.now, paths=[b.addr])  # the app learned b's address
+    net.run_until(lambda: a.mesh.link_path(b.hashname) == b.addr, timeout=5)
+    assert net.now - start < 5
