@@ -53,8 +53,9 @@ class LinkDown:
 class ChannelOpened:
     """The peer opened a channel of a type the application registered.
 
-    ``json`` and ``body`` are the open packet's head and body; for a reliable channel the
-    open packet's content (if any) also arrives as the first :class:`ChannelData`.
+    ``json`` and ``body`` are the open packet's head and body, for a look at the request;
+    the same content also arrives as the first :class:`ChannelData` (reliable or not), so
+    an application reads data from ChannelData only.
     """
 
     hashname: Hashname
