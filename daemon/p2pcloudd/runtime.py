@@ -1,0 +1,339 @@
+"""The running daemon's shared state: the node, known peers, events, dashboard sessions.
+
+Theory of operation
+-------------------
+:class:`Daemon` is what every API route gets. It owns no sockets itself (the node and the
+HTTP server do); it keeps what the daemon knows that the node does not:
+
+* **known peers** (``state.json``): every peer ever linked, its link URI when we linked to
+  it, and when the link was last seen Up. They survive restarts, and ``relink`` links them
+  again at start.
+* the **link watcher**: the node has no link event hook yet, so a task compares
+  ``node.links`` and ``node.link_path()`` every :data:`LINK_POLL_INTERVAL` and publishes
+  ``link.up`` / ``link.down`` / ``link.path`` events on the diff (docs/daemon.md; a hook in
+  the node would replace the polling, see the report to NODE).
+* the **statistics ticker** publishing ``statistics`` events for live dashboards.
+* **dashboard sessions**: one-time login codes (minted by a token holder) turn into
+  HttpOnly cookies; both live in memory only, so a restart logs dashboards out.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import p2pcloud
+from p2pcloudd import datadir
+from p2pcloudd.config import Settings
+from p2pcloudd.events import EventHub
+
+log = logging.getLogger("p2pcloudd")
+
+LINK_POLL_INTERVAL = 0.25  # s; how stale a link.up/down event may be (no node hook yet)
+STATE_SAVE_INTERVAL = 60.0  # s; last_seen times are written at most this often (plus on changes)
+LOGIN_CODE_TTL = 300.0  # s a dashboard login code stays valid: long enough to open a browser
+MAX_LOGIN_CODES = 32  # unused codes kept; minting more drops the oldest
+SESSION_TTL = 30 * 24 * 3600.0  # s a dashboard session cookie lives (until the daemon restarts)
+MAX_SESSIONS = 256  # dashboard sessions kept; beyond that the oldest is logged out
+LINK_TIMEOUT = 30.0  # s; the mesh's own handshake give-up time (telehash v3 link timers)
+
+
+def core_implementation() -> str:
+    """Which merge core runs (``cython``/``python``), or why none could be imported."""
+    try:
+        return p2pcloud.core_implementation()
+    except (ImportError, AttributeError) as exc:  # a stale build of the Cython core
+        return f"unavailable ({exc})"
+
+
+def path_json(path: Any) -> dict[str, Any] | None:
+    """A node path (``p2pcloud.proto.path.Path``) as JSON, with ``direct`` added."""
+    if path is None:
+        return None
+    data: dict[str, Any] = dict(path.to_json())
+    data["direct"] = bool(path.is_direct)
+    return data
+
+
+def jsonable(value: Any) -> Any:
+    """Turn statistics dataclasses, mappings, sets and tuples into JSON values."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return jsonable(asdict(value))
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        items = [jsonable(v) for v in value]
+        return sorted(items) if isinstance(value, set | frozenset) else items
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+class Daemon:
+    """The state every API route works with.
+
+    Attributes:
+        node: the running node.
+        settings: effective settings.
+        data_dir: the data dir.
+        state: what is remembered between runs.
+        events: the event hub.
+        token: the API bearer token.
+        api_url: where the API listens (set once it does).
+    """
+
+    def __init__(
+        self,
+        node: p2pcloud.Node,
+        *,
+        settings: Settings,
+        data_dir: Path,
+        state: datadir.State,
+        token: str,
+    ) -> None:
+        """Wrap a started node."""
+        self.node = node
+        self.settings = settings
+        self.data_dir = data_dir
+        self.state = state
+        self.events = EventHub()
+        self.token = token
+        self.api_url: str | None = None
+        self.started_wall = time.time()
+        self._started = trio.current_time()
+        self.shutdown_requested = trio.Event()
+        self._login_codes: dict[str, float] = {}
+        self._sessions: dict[str, float] = {}
+        self._seen_up: dict[str, Any] = {}  # hashname -> path, as of the last poll
+        self._state_dirty = False
+
+    # -- facts -------------------------------------------------------------------------
+
+    def uptime(self) -> float:
+        """Seconds since the daemon started."""
+        return trio.current_time() - self._started
+
+    def ports(self) -> dict[str, int | None]:
+        """The ports in use: ``udp``, ``tcp`` (mesh) and ``api``."""
+        ports: dict[str, int | None] = {"udp": None, "tcp": None, "api": self.state.api_port}
+        for path in self.node.paths:
+            if path.type.startswith("udp"):
+                ports["udp"] = path.port
+            elif path.type.startswith("tcp"):
+                ports["tcp"] = path.port
+        return ports
+
+    def status(self) -> dict[str, Any]:
+        """The body of ``GET /api/status``."""
+        return {
+            "hashname": self.node.hashname,
+            "link_uri": self.node.link_uri,
+            "paths": [path_json(p) for p in self.node.paths],
+            "ports": self.ports(),
+            "api_url": self.api_url,
+            "uptime_s": round(self.uptime(), 3),
+            "started_at": self.started_wall,
+            "pid": os.getpid(),
+            "data_dir": str(self.data_dir),
+            "core_implementation": core_implementation(),
+            "version": p2pcloud.__version__,
+            "links_up": len(self.node.links),
+        }
+
+    def peers(self) -> list[dict[str, Any]]:
+        """The body of ``GET /api/peers``: known peers plus any linked one, online first."""
+        up = self.node.links
+        now = time.time()
+        rows = []
+        names = set(self.state.peers) | set(up)
+        for hashname in names:
+            known = self.state.peers.get(hashname)
+            online = hashname in up
+            rows.append({
+                "hashname": hashname,
+                "online": online,
+                "path": path_json(self.node.link_path(p2pcloud_hashname(hashname)))
+                if online else None,
+                "last_seen": now if online else (known.last_seen if known else None),
+                "uri": known.uri if known else None,
+            })
+        rows.sort(key=lambda r: (not r["online"], -(r["last_seen"] or 0.0), r["hashname"]))
+        return rows
+
+    def statistics(self) -> dict[str, Any]:
+        """The body of ``GET /api/statistics`` (and of ``statistics`` events)."""
+        stats = jsonable(self.node.statistics())
+        stats["links_up"] = len(self.node.links)
+        return {
+            "node": stats,
+            "daemon": {
+                "uptime_s": round(self.uptime(), 3),
+                "event_subscribers": self.events.subscribers,
+                "events_published": dict(self.events.published),
+                "known_peers": len(self.state.peers),
+            },
+        }
+
+    # -- links -------------------------------------------------------------------------
+
+    def remember_uri(self, hashname: str, uri: str) -> None:
+        """Remember the URI we linked ``hashname`` with (so a restart can link again)."""
+        peer = self.state.peers.setdefault(hashname, datadir.KnownPeer(hashname))
+        peer.uri = uri
+        self._state_dirty = True
+
+    async def link(self, uri: str) -> str:
+        """Link with the endpoint at ``uri``, remember it, and return its hashname.
+
+        Raises:
+            BadURI, LinkError, LocalProtocolError: from ``node.link``.
+            trio.TooSlowError: no link within :data:`LINK_TIMEOUT`.
+        """
+        with trio.fail_after(LINK_TIMEOUT + 1.0):
+            hashname = await self.node.link(uri)
+        self.remember_uri(hashname, uri)
+        self._poll_links()  # publish link.up now rather than at the next poll
+        await self.save_state_if_dirty()
+        return str(hashname)
+
+    async def relink_known(self) -> None:
+        """Link again, in parallel, with every known peer whose URI we remember."""
+        async with trio.open_nursery() as nursery:
+            for peer in list(self.state.peers.values()):
+                if peer.uri and peer.hashname not in self.node.links:
+                    nursery.start_soon(self._relink_one, peer)
+
+    async def _relink_one(self, peer: datadir.KnownPeer) -> None:
+        assert peer.uri is not None
+        try:
+            await self.link(peer.uri)
+        except (p2pcloud.LinkError, p2pcloud.BadURI, p2pcloud.LocalProtocolError,
+                trio.TooSlowError) as exc:
+            log.info("relink failed peer=%s reason=%r", peer.hashname[:12], str(exc) or "timeout")
+        else:
+            log.info("relinked peer=%s", peer.hashname[:12])
+
+    def _poll_links(self) -> None:
+        up = self.node.links
+        now = time.time()
+        for hashname in up:
+            path = path_json(self.node.link_path(hashname))
+            peer = self.state.peers.get(hashname)
+            if peer is None:
+                peer = self.state.peers[hashname] = datadir.KnownPeer(hashname)
+            peer.last_seen = now
+            if hashname not in self._seen_up:
+                self._seen_up[hashname] = path
+                self._state_dirty = True
+                log.info("link up peer=%s path=%s", hashname[:12], _path_text(path))
+                self.events.publish("link.up", {"hashname": hashname, "path": path})
+            elif self._seen_up[hashname] != path:
+                self._seen_up[hashname] = path
+                log.info("path changed peer=%s path=%s", hashname[:12], _path_text(path))
+                self.events.publish("link.path", {"hashname": hashname, "path": path})
+        for hashname in list(self._seen_up):
+            if hashname not in up:
+                del self._seen_up[hashname]
+                self._state_dirty = True
+                log.info("link down peer=%s", hashname[:12])
+                self.events.publish("link.down", {"hashname": hashname})
+
+    async def watch_links(self) -> None:
+        """Publish link events and keep known peers' last_seen, until cancelled."""
+        last_save = trio.current_time()
+        while True:
+            self._poll_links()
+            if self._state_dirty or trio.current_time() - last_save > STATE_SAVE_INTERVAL:
+                self._state_dirty = True
+                await self.save_state_if_dirty()
+                last_save = trio.current_time()
+            await trio.sleep(LINK_POLL_INTERVAL)
+
+    async def tick_statistics(self) -> None:
+        """Publish a ``statistics`` event every ``statistics_interval`` seconds."""
+        while True:
+            await trio.sleep(self.settings.statistics_interval)
+            self.events.publish("statistics", self.statistics())
+
+    async def save_state_if_dirty(self) -> None:
+        """Write state.json (in a thread: it fsyncs) if anything changed."""
+        if not self._state_dirty:
+            return
+        self._state_dirty = False
+        try:
+            await trio.to_thread.run_sync(datadir.save_state, self.data_dir, self.state)
+        except OSError as exc:
+            self._state_dirty = True
+            log.error("cannot save state file=%s error=%r", datadir.STATE_FILE, str(exc))
+
+    def save_state_now(self) -> None:
+        """Write state.json synchronously (at shutdown, when no more awaits are wanted)."""
+        for peer in self.state.peers.values():
+            if peer.hashname in self.node.links:
+                peer.last_seen = time.time()
+        datadir.save_state(self.data_dir, self.state)
+
+    # -- dashboard login ---------------------------------------------------------------
+
+    def check_token(self, presented: str) -> bool:
+        """Compare a presented bearer token in constant time."""
+        return hmac.compare_digest(presented.encode(), self.token.encode())
+
+    def mint_login_code(self) -> tuple[str, float]:
+        """A one-time code for ``GET /login?code=``; returns ``(code, ttl seconds)``."""
+        now = trio.current_time()
+        self._login_codes = {c: t for c, t in self._login_codes.items() if t > now}
+        while len(self._login_codes) >= MAX_LOGIN_CODES:
+            self._login_codes.pop(next(iter(self._login_codes)))
+        code = secrets.token_urlsafe(24)
+        self._login_codes[code] = now + LOGIN_CODE_TTL
+        return code, LOGIN_CODE_TTL
+
+    def redeem_login_code(self, code: str) -> bool:
+        """Use up a login code; True if it was valid and unexpired."""
+        expiry = self._login_codes.pop(code, None)
+        return expiry is not None and expiry > trio.current_time()
+
+    def new_session(self) -> str:
+        """Start a dashboard session; returns the cookie value."""
+        now = trio.current_time()
+        self._sessions = {s: t for s, t in self._sessions.items() if t > now}
+        while len(self._sessions) >= MAX_SESSIONS:
+            self._sessions.pop(next(iter(self._sessions)))
+        session = secrets.token_urlsafe(32)
+        self._sessions[session] = now + SESSION_TTL
+        return session
+
+    def check_session(self, session: str) -> bool:
+        """True if ``session`` is a live dashboard session."""
+        for known, expiry in self._sessions.items():
+            if hmac.compare_digest(known.encode(), session.encode()):
+                return expiry > trio.current_time()
+        return False
+
+    def end_session(self, session: str) -> None:
+        """Log a dashboard session out."""
+        self._sessions.pop(session, None)
+
+
+def p2pcloud_hashname(text: str) -> Any:
+    """A hashname string as the node's Hashname type."""
+    from p2pcloud._ids import Hashname
+
+    return Hashname(text)
+
+
+def _path_text(path: dict[str, Any] | None) -> str:
+    if path is None:
+        return "none"
+    if path.get("type") == "peer":
+        return f"peer:{str(path.get('hn'))[:12]}"
+    return f"{path.get('type')}:{path.get('ip')}:{path.get('port')}"
