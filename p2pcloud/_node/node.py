@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, Literal, overload
 
 import trio
 
@@ -623,6 +623,28 @@ class Node:
                 return path
             await self._paths_changed.wait()
 
+    @overload
+    async def open_channel(
+        self,
+        hashname: Hashname,
+        type: str,
+        *,
+        reliable: Literal[True] = True,
+        json: Mapping[str, Any] | None = None,
+        body: bytes = b"",
+    ) -> ChannelStream: ...
+
+    @overload
+    async def open_channel(
+        self,
+        hashname: Hashname,
+        type: str,
+        *,
+        reliable: Literal[False],
+        json: Mapping[str, Any] | None = None,
+        body: bytes = b"",
+    ) -> UnreliableChannel: ...
+
     async def open_channel(
         self,
         hashname: Hashname,
@@ -631,7 +653,7 @@ class Node:
         reliable: bool = True,
         json: Mapping[str, Any] | None = None,
         body: bytes = b"",
-    ) -> Any:
+    ) -> ChannelStream | UnreliableChannel:
         """Open a channel to a linked peer.
 
         Args:
