@@ -47,6 +47,7 @@ _WINDOWS_RESERVED: Final = frozenset(
 )
 _WINDOWS_BAD_CHARS: Final = frozenset('<>:"|?*\\')
 _LABEL_RE: Final = re.compile(r"[^A-Za-z0-9_-]")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 _CONFLICT_RE: Final = re.compile(
     r"^(?P<stem>.+)\.conflict-(?P<device>[A-Za-z0-9_-]{1,32})-(?P<time>\d{8}-\d{6})"
     r"(?P<tag>-[0-9a-f]{8})?(?P<ext>\.[^./]*)?$"
@@ -78,7 +79,7 @@ def normalize_relpath(rel: str, *, windows: bool = WINDOWS) -> str:
         raise UnsafePath(f"path longer than {MAX_PATH_BYTES} bytes")
     if rel.startswith("/"):
         raise UnsafePath("absolute path")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in rel):
+    if _CONTROL_RE.search(rel):
         raise UnsafePath("control character in path")
     try:
         rel.encode("utf-8")
