@@ -204,9 +204,9 @@ class Node:
     @property
     def link_uri(self) -> str:
         """A ``link://`` URI with this endpoint's key and paths, for another node to link."""
-        return format_link_uri(
-            self.identity, [p.to_json() for p in self.paths], host=self._public_host or ""
-        )
+        # The URI's host:port is the first path (format_link_uri's rule); on a wildcard bind
+        # the paths already name a real address of this machine.
+        return format_link_uri(self.identity, [p.to_json() for p in self.paths])
 
     @property
     def link_json(self) -> dict[str, Any]:
@@ -261,20 +261,20 @@ class Node:
                 if self._udp is not None:
                     self._udp.close()
                 raise
+            if bind == "0.0.0.0":  # noqa: S104  (a wildcard bind: advertise a real address)
+                self._public_host = await trio.to_thread.run_sync(_guess_host)
             if self._udp is not None:
                 self._add_path(self._udp.path)
                 nursery.start_soon(self._udp.run, self._deliver, self._pump)
             if self._tcp is not None:
                 self._add_path(self._tcp.path)
                 await nursery.start(self._tcp.run, self._deliver, self._pump)
-            if bind == "0.0.0.0":  # noqa: S104  (a wildcard bind: name a real address)
-                self._public_host = await trio.to_thread.run_sync(_guess_host)
         nursery.start_soon(self._flush_loop)
         nursery.start_soon(self._timer_loop)
 
     def _add_path(self, path: Path) -> None:
-        if path.ip == "0.0.0.0":  # noqa: S104
-            path = Path(path.type, ip=_guess_host(), port=path.port)
+        if path.ip == "0.0.0.0" and self._public_host:  # noqa: S104
+            path = Path(path.type, ip=self._public_host, port=path.port)
         self.paths.append(path)
         self._mesh.add_local_path(path)
 
