@@ -52,6 +52,15 @@ from p2pcloud.blobs.messages import (
     manifest_pieces,
 )
 from p2pcloud.blobs.serve import ChunkStore, answer
+from p2pcloud.blobs.transfer import (
+    BlobCompleted,
+    BlobStalled,
+    BlobTransfers,
+    ChunkReceived,
+    ManifestReceived,
+    MessageDropped,
+    TransferEvent,
+)
 
 __all__ = [
     "BLOB_CHANNEL",
@@ -66,10 +75,14 @@ __all__ = [
     "MAX_MANIFEST_CHUNKS",
     "MAX_STRIKES",
     "REQUEST_TIMEOUT",
+    "BlobCompleted",
     "BlobFetch",
     "BlobMessage",
+    "BlobStalled",
+    "BlobTransfers",
     "ChunkData",
     "ChunkError",
+    "ChunkReceived",
     "ChunkRef",
     "ChunkRejected",
     "ChunkSpan",
@@ -82,8 +95,11 @@ __all__ = [
     "Manifest",
     "ManifestAssembler",
     "ManifestPiece",
+    "ManifestReceived",
     "ManifestWant",
+    "MessageDropped",
     "PeerBanned",
+    "TransferEvent",
     "Want",
     "answer",
     "chunk_buffer",
