@@ -253,7 +253,8 @@ def _api_url(settings: Settings, port: int) -> str:
 
 
 async def _serve_api(
-    daemon: Daemon, sock: socket.socket, *, task_status: trio.TaskStatus[list[str]]
+    daemon: Daemon, sock: socket.socket, done: trio.Event, *,
+    task_status: trio.TaskStatus[list[str]],
 ) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -267,8 +268,13 @@ async def _serve_api(
     config.accesslog = (logging.getLogger("p2pcloudd.access")
                         if log.isEnabledFor(logging.DEBUG) else None)
     config.graceful_timeout = HTTP_GRACE
-    await serve(build_app(daemon), config,  # type: ignore[arg-type]
-                shutdown_trigger=trio.sleep_forever, task_status=task_status)
+    try:
+        # A shutdown request stops accepting connections and lets answers in flight
+        # (POST /api/shutdown's own) finish, for up to graceful_timeout.
+        await serve(build_app(daemon), config,  # type: ignore[arg-type]
+                    shutdown_trigger=daemon.shutdown_requested.wait, task_status=task_status)
+    finally:
+        done.set()
 
 
 def _say(stream: TextIO, line: str) -> None:
@@ -338,7 +344,8 @@ async def _run_locked(args: argparse.Namespace, data_dir: Path, stream: TextIO) 
             await trio.to_thread.run_sync(datadir.save_state, data_dir, state)
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(_serve_api, daemon, api_sock)
+                    api_done = trio.Event()
+                    await nursery.start(_serve_api, daemon, api_sock, api_done)
                     await trio.to_thread.run_sync(functools.partial(
                         datadir.write_api_file, data_dir, url=daemon.api_url or "",
                         pid=os.getpid()))
@@ -364,6 +371,8 @@ async def _run_locked(args: argparse.Namespace, data_dir: Path, stream: TextIO) 
                     nursery.start_soon(_watch_signals, daemon, signals, stream)
                     await daemon.shutdown_requested.wait()
                     log.info("stopping")
+                    with trio.move_on_after(HTTP_GRACE + 1.0):
+                        await api_done.wait()
                     nursery.cancel_scope.cancel()
             finally:
                 with contextlib.suppress(OSError):
