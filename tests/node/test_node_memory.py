@@ -42,11 +42,9 @@ async def test_link_to_nobody_times_out(autojump_clock: trio.testing.MockClock) 
     async with memory_pair() as (net, a, b):
         uri = b.link_uri
         await b.aclose()  # its address is gone: handshakes go nowhere
-        start = trio.current_time()
         with pytest.raises(LinkError):
             await a.link(uri)
-        assert trio.current_time() - start >= 15  # resends at 1, 3, 7, 15 s before giving up
-        assert net.counts["no_endpoint"] >= 4
+        assert net.counts["no_endpoint"] >= 5  # the handshake and its resends, then give up
 
 
 async def send_and_check(a: Node, b: Node, payload: bytes) -> None:
