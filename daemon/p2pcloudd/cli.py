@@ -449,7 +449,11 @@ def cmd_peers(args: argparse.Namespace) -> int:
         return EXIT_OK
     from rich.table import Table
 
-    table = Table("", "hashname", "path", "last seen")
+    table = Table(box=None)
+    table.add_column("")
+    table.add_column("hashname", no_wrap=True)  # 52 characters: never cut, people copy it
+    table.add_column("path", overflow="fold")
+    table.add_column("last seen", overflow="fold")
     for peer in peers:
         table.add_row("[green]●[/]" if peer["online"] else "[dim]○[/]", peer["hashname"],
                       _path_text(peer["path"]), "online" if peer["online"]
