@@ -84,7 +84,9 @@ ERROR_SCHEMA: dict[str, Any] = {
 }
 STATUS_TEXT = {
     200: "OK", 201: "Created", 202: "Accepted", 204: "No content", 303: "See other",
-    400: "Bad request", 401: "Not authenticated", 403: "Forbidden", 404: "Not found",
+    400: "Bad request", 401: "Not authenticated",
+    403: "Forbidden: the Host is not loopback, or a dashboard request came cross-origin",
+    404: "Not found",
     405: "Method not allowed", 413: "Body too large", 415: "Unsupported media type",
     422: "Unprocessable", 502: "The peer failed", 503: "Unavailable", 504: "Timed out",
 }
@@ -345,7 +347,9 @@ def openapi(registry: Registry = REGISTRY) -> dict[str, Any]:
         if spec.response is not None:
             ok["content"] = {spec.media: {"schema": spec.response}}
         op["responses"][str(spec.status)] = ok
-        errors = set(spec.errors) | ({401} if spec.auth else set())
+        # Every route may answer 403 (a non-loopback Host, or a cross-origin dashboard
+        # request) and every authenticated one 401.
+        errors = set(spec.errors) | {403} | ({401} if spec.auth else set())
         for status in sorted(errors):
             op["responses"][str(status)] = {
                 "description": STATUS_TEXT.get(status, "Error"),
