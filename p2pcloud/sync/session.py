@@ -75,7 +75,7 @@ from p2pcloud.sync.messages import (
     encode_message,
     split_frames,
 )
-from p2pcloud.sync.reconcile import RangeError, initial_ranges, respond
+from p2pcloud.sync.reconcile import DIRECT_THRESHOLD, RangeError, initial_ranges, respond
 
 __all__ = [
     "ANTI_ENTROPY_INTERVAL",
@@ -300,6 +300,7 @@ class SyncSession:
         self._next_batch = 1
         self._inflight: dict[int, _Batch] = {}
         self._inflight_bytes = 0
+        self._window_blocked = False  # the next envelope does not fit the window
         self._rx_unacked: dict[int, tuple[SubCloudId, int]] = {}
         self._rx_unacked_bytes = 0
         self._offers: dict[SubCloudId, VectorOffer] = {}
@@ -312,6 +313,13 @@ class SyncSession:
         self._next_run: float | None = None
         if self.initiator:
             self._start_run(now)
+        elif len(self.catalog) <= DIRECT_THRESHOLD:
+            # DESIGN.md section 5: "each side sends its version vector; each then sends
+            # the deltas the other lacks": with a few sub-clouds both sides offer at once,
+            # so the data flows after one round trip whoever lacks it
+            for sc in self.catalog.subclouds():
+                if self._may_share(sc):
+                    self._offer(sc, reply=True)
         self._flush()
 
     # -- the shell's side -----------------------------------------------------------------
@@ -349,6 +357,16 @@ class SyncSession:
         if not self._failed:
             self._start_run(now)
             self._flush()
+
+    @property
+    def in_flight_bytes(self) -> int:
+        """Envelope and snapshot bytes sent to the peer and not yet acknowledged."""
+        return self._inflight_bytes
+
+    @property
+    def unacknowledged_bytes(self) -> int:
+        """Bytes received from the peer that the shell has not acknowledged yet."""
+        return self._rx_unacked_bytes
 
     @property
     def failed(self) -> bool:
@@ -467,6 +485,8 @@ class SyncSession:
             spans.append((origin, env.first, env.last))
             size += len(raw)
             have = env.last
+        if window_full and not batch:
+            self._window_blocked = True  # ask again when an acknowledgement frees room
         if not batch and not window_full:
             p.stalled.add(origin)
             self._stats["store had nothing to send"] += 1
@@ -634,6 +654,7 @@ class SyncSession:
                     self._drop("ack for a batch not in flight")
                     continue
                 self._inflight_bytes -= batch.size
+                self._window_blocked = False
                 self._work[batch.subcloud] = None
         elif isinstance(msg, SnapshotChunk):
             self._on_snapshot_chunk(msg)
@@ -846,7 +867,7 @@ class SyncSession:
         if self._request is not None or self._snap_request is not None or self._snap_out:
             return
         room = self.window_bytes - self._inflight_bytes
-        if room <= 0:
+        if room <= 0 or self._window_blocked:
             return
         while self._work:
             sc = next(iter(self._work))
