@@ -123,3 +123,66 @@ class BadManifest(BlobError, ValueError):
 
 class UnsafePath(BlobError, ValueError):
     """Raised by ``p2pcloud.files`` for a path that must not be synced (``..``, absolute, unsafe)."""
+
+
+# -- things and tags ------------------------------------------------------------------------
+
+
+class ThingError(P2PCloudError):
+    """Base of the errors raised by ``p2pcloud.things`` (things, scans, rules, transfers)."""
+
+
+class TagImageError(ThingError, ValueError):
+    """Raised by ``p2pcloud.things.tags.decode_image`` when an image does not load or holds no
+    QR code (a QR code that is not a p2pcloud tag raises :class:`BadURI`)."""
+
+
+class ClaimRefused(ThingError):
+    """Raised by ``p2pcloud.things.scan`` when a claim secret is wrong or already spent, or
+    the thing is already claimed; ``reason`` is one of ``p2pcloud.things.scan.REFUSE_*``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        """Record why the claim was refused.
+
+        Args:
+            reason: a ``REFUSE_*`` constant of ``p2pcloud.things.scan``.
+            detail: free text for logs and the user.
+        """
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class RuleError(ThingError, ValueError):
+    """Raised by ``p2pcloud.things.rules.parse_rule`` for a rule that does not parse, names an
+    unknown event, field or action, or breaks a size or depth limit."""
+
+
+class TransferError(ThingError):
+    """Raised by ``p2pcloud.things.transfer`` when a transfer package or record does not
+    verify, or a transfer is asked for something it cannot do."""
+
+
+# -- the cloud: grants, invites, pairing ------------------------------------------------------
+
+
+class BadRecord(RemoteProtocolError, ValueError):
+    """Raised by ``p2pcloud.cloud.grants.decode_record`` when a grant or revocation is malformed,
+    too big, of an unknown version, or its signature does not verify."""
+
+
+class JoinFailed(P2PCloudError):
+    """Raised by ``p2pcloud.cloud.invites`` and ``p2pcloud.cloud.pairing`` when joining a cloud
+    fails: a used, expired or unknown invite, a wrong short code, a refused or forged reply.
+
+    ``reason`` is a sentence for the user (say what happened and what to do).
+    """
+
+    def __init__(self, reason: str) -> None:
+        """Record why the join failed.
+
+        Args:
+            reason: the user-facing explanation.
+        """
+        super().__init__(reason)
+        self.reason = reason
