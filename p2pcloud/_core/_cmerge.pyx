@@ -40,6 +40,11 @@ cimport cython
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void* op)
+    # CPython's presized dict constructor (Include/cpython/dictobject.h): a bulk load knows
+    # how many fields a new document gets, so its dict is built without rehashing
+    dict _PyDict_NewPresized(Py_ssize_t minused)
+
+DEF PRESIZE_MIN = 64  # below this, growing a dict costs less than thinking about it
 
 from bisect import bisect_right
 
@@ -1279,9 +1284,24 @@ cdef class Replica:
         cdef _TxnWriter t = self._txn
         if t is None:
             raise CoreUsageError("writes need an open transaction: call begin(now_ms) first")
+        cdef Py_ssize_t n, i = 0
+        cdef Doc d
         if isinstance(items, dict):
+            n = len(<dict>items)
             for field, value in (<dict>items).items():
                 self._set1(t, coll, doc, field, value, OP_LWW)
+                i += 1
+                if i == 1 and n >= PRESIZE_MIN:
+                    # a bulk write into a new document: presize its dict and the name table
+                    d = t.cache_d
+                    if d is not None and len(d.fields) == 1:
+                        fresh = _PyDict_NewPresized(n)
+                        fresh.update(d.fields)
+                        d.fields = fresh
+                    if len(t.names.index) <= 3:
+                        fresh = _PyDict_NewPresized(n + 3)
+                        fresh.update(t.names.index)
+                        t.names.index = fresh
         else:
             from collections.abc import Mapping
             pairs = items.items() if isinstance(items, Mapping) else items
@@ -1818,7 +1838,7 @@ cdef class Replica:
         return 0
 
     cdef int _merge_inner(self, _Decoded d, _Changes changes, int* rmap) except -1:
-        cdef Py_ssize_t i, k, oi
+        cdef Py_ssize_t i, k, oi, upto
         cdef RunRec* run
         cdef OpRec* op
         cdef int r, kind
@@ -1904,6 +1924,14 @@ cdef class Replica:
                     doc_obj = self._doc_for_write(names[op.coll], names[op.doc])
                     doc_coll = op.coll
                     doc_doc = op.doc
+                    if not doc_obj.fields:
+                        # a new document: presize its dict for the ops of this run that go to it
+                        upto = oi + 1
+                        while upto < run.end and d.ops[upto].coll == doc_coll and \
+                                d.ops[upto].doc == doc_doc:
+                            upto += 1
+                        if upto - oi >= PRESIZE_MIN:
+                            doc_obj.fields = _PyDict_NewPresized(upto - oi)
                 field_s = names[op.field]
                 e = new_entry(kind, r, dot, op.hlc, payloads[oi])
                 e.gen = changes.gen

@@ -45,6 +45,11 @@ def test_bulk_write_matches_reference() -> None:
                 for k, v in items.items():
                     r.set("kv", "main", k, v)
             delta = r.commit()
-            out.append((delta, r.encode_snapshot()))
+            other = impl.Replica(b"replica2")
+            changes = other.apply([delta], 1_700_000_000_000)
+            loaded = impl.Replica.load(r.encode_snapshot(), b"replica3", 1_700_000_000_000)
+            out.append((delta, r.encode_snapshot(), changes, other.encode_snapshot(),
+                        loaded.encode_snapshot()))
             assert r.document("kv", "main") == items
+            assert loaded.document("kv", "main") == items
     assert all(x == out[0] for x in out)
