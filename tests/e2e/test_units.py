@@ -30,3 +30,11 @@ def test_launchd_agent_runs_p2pcloudd_and_restarts_only_after_crashes() -> None:
     assert "/.local/bin/p2pcloudd" in agent["ProgramArguments"][-1]
     assert agent["KeepAlive"] == {"SuccessfulExit": False}
     assert agent["RunAtLoad"] is True
+
+
+def test_docs_list_every_config_option_as_the_code_does() -> None:
+    from p2pcloudd.config import options_markdown
+
+    docs = (DAEMON.parent / "docs" / "daemon.md").read_text()
+    table = docs.split("<!-- options:start -->\n", 1)[1].split("\n<!-- options:end -->", 1)[0]
+    assert table == options_markdown()
