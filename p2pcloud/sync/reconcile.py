@@ -81,9 +81,11 @@ DIRECT_THRESHOLD: Final = 4
 """A mismatched range holding at most this many of our items is answered with their item
 list *and* their version vectors at once: four vectors (~60 B each) cost less than the
 extra round trip an item list would need before the vectors go out."""
-ITEM_THRESHOLD: Final = 32
-"""Largest range answered with an item list instead of 16 child fingerprints: 32 hashes of
-8 bytes (256 B) cost what one level of 16 fingerprints costs, and end the recursion."""
+ITEM_THRESHOLD: Final = 48
+"""Largest range answered with an item list instead of a split: 48 hashes of 8 bytes (384 B)
+cost about one split (16 fingerprints, ~260 B) plus the next level, end the recursion one
+level earlier and name exactly the differing sub-clouds (M = 10,000 leaves ~39 per range at
+depth 2). negentropy uses 32 with 32-byte ids."""
 
 MODE_FP: Final = 0
 MODE_ITEMS: Final = 1

@@ -665,6 +665,8 @@ class SyncSession:
                     self._events.append(SubCloudUnknownToPeer(sc))
 
     def _on_reconcile(self, msg: Reconcile, now: float) -> None:
+        if not msg.reply and self._reconciled:
+            self._forget_awaiting()  # a new run supersedes offers of the last one
         reply, differ = respond(self.catalog.reconcile_set, msg.ranges)
         for sc in differ:
             sid = SubCloudId(sc)
@@ -829,6 +831,8 @@ class SyncSession:
         self._run_active = True
         self._run_started = now
         self._run_found = set()
+        if self._reconciled:
+            self._forget_awaiting()
         # the first run of a session offers the vectors of a small set at once
         ranges, direct = initial_ranges(self.catalog.reconcile_set, direct=not self._reconciled)
         self._send(Reconcile(False, tuple(ranges)))
@@ -837,6 +841,12 @@ class SyncSession:
             if self._may_share(sid):
                 self._run_found.add(sid)
                 self._offer(sid, reply=True)
+
+    def _forget_awaiting(self) -> None:
+        # an offer whose answer never came (a peer that dropped it) must not block the
+        # next run's offers for ever; at worst the peer answers twice
+        for p in self._subs.values():
+            p.awaiting = False
 
     def _end_run(self, now: float) -> None:
         self._reconciled = True

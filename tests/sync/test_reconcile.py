@@ -160,7 +160,7 @@ def test_k_changed_of_10000_cost_about_log16_rounds(k: int) -> None:
     diff = true_diff(items, other)
     assert diff <= found and len(found - diff) <= DIRECT_THRESHOLD * k
     # G6: at most ceil(log16(M / 32)) + 1 round trips (two flights each)
-    bound = math.ceil(math.log(m / ITEM_THRESHOLD, 16)) + 1
+    bound = math.ceil(math.log(m / 32, 16)) + 1  # G6's formula (negentropy's 32)
     assert flights <= 2 * bound, (flights, sizes)
     # bytes stay proportional to K (16 fingerprints per level per change, plus item lists)
     assert sum(sizes) <= 64 + k * 1200, sizes
@@ -198,3 +198,11 @@ def test_split_payload_must_match_its_bitmap() -> None:
     # a valid split of children we do not hold: every non-empty child is answered EMPTY
     reply, differ = respond(s, [Range(0, b"", MODE_SPLIT, b"\x80\x01" + bytes(32))])
     assert [r.mode for r in reply] == [MODE_EMPTY, MODE_EMPTY] and differ == []
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_item_lists_below_the_threshold_splits_above(extra: int) -> None:
+    rng = random.Random(5)
+    items = random_items(rng, ITEM_THRESHOLD + extra)
+    reply, _ = respond(make(items), [Range(0, b"", MODE_FP, bytes(16))])
+    assert [r.mode for r in reply] == [MODE_SPLIT if extra else MODE_ITEMS]
