@@ -112,6 +112,9 @@ cdef struct Chain:
     int32_t start        # first counter of one integrated insert op run
     int32_t end          # counter after its last one
     int32_t head         # its first fragment
+    int32_t n_frags      # fragments listed in ``frags`` (0 while the run is whole)
+    int32_t cap_frags
+    int32_t *frags       # its fragments in counter order, once it has been split
 
 
 cdef struct Agent:
@@ -739,9 +742,11 @@ cdef class Text:
         self._me = self._agent(self._replica)
 
     def __dealloc__(self):
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, k
         if self._agents != NULL:
             for i in range(self._n_agents):
+                for k in range(self._agents[i].n_chains):
+                    PyMem_Free(self._agents[i].chains[k].frags)
                 PyMem_Free(self._agents[i].chains)
         PyMem_Free(self._agents)
         PyMem_Free(self._runs)
@@ -780,16 +785,18 @@ cdef class Text:
         a.chains[a.n_chains].start = start
         a.chains[a.n_chains].end = end
         a.chains[a.n_chains].head = head
+        a.chains[a.n_chains].n_frags = 0
+        a.chains[a.n_chains].cap_frags = 0
+        a.chains[a.n_chains].frags = NULL
         a.n_chains += 1
         return 0
 
-    cdef int32_t _find(self, int32_t agent, int64_t counter, int32_t *offset) noexcept:
-        """The run holding character ``(agent, counter)``, or NONE (not an inserted char)."""
+    cdef Chain *_chain_of(self, int32_t agent, int64_t counter) noexcept:
+        """The chain holding ``(agent, counter)``, or NULL."""
         cdef Agent *a
         cdef Py_ssize_t lo = 0, hi, mid
-        cdef int32_t r
         if agent < 0 or agent >= self._n_agents:
-            return NONE
+            return NULL
         a = &self._agents[agent]
         hi = a.n_chains
         while lo < hi:
@@ -799,10 +806,56 @@ cdef class Text:
             else:
                 hi = mid
         if lo == 0 or counter >= a.chains[lo - 1].end:
+            return NULL
+        return &a.chains[lo - 1]
+
+    cdef Py_ssize_t _frag_index(self, Chain *c, int64_t counter) noexcept:
+        """Index in ``c.frags`` of the last fragment starting at or before ``counter``."""
+        cdef Py_ssize_t lo = 0, hi = c.n_frags, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self._runs[c.frags[mid]].counter <= counter:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    cdef int _frag_added(self, int32_t r, int32_t f) except -1:
+        """Lists fragment ``f`` (just cut from ``r``) after ``r`` in its chain."""
+        cdef Chain *c = self._chain_of(self._runs[r].agent, self._runs[r].counter)
+        cdef Py_ssize_t cap, at
+        if c.frags == NULL:
+            cap = 0
+            _grow(<void **>&c.frags, &cap, 4, sizeof(int32_t))
+            c.cap_frags = <int32_t>cap
+            c.frags[0] = c.head
+            c.n_frags = 1
+        cap = c.cap_frags
+        _grow(<void **>&c.frags, &cap, c.n_frags + 1, sizeof(int32_t))
+        c.cap_frags = <int32_t>cap
+        at = self._frag_index(c, self._runs[r].counter) + 1
+        memmove(&c.frags[at + 1], &c.frags[at], (c.n_frags - at) * sizeof(int32_t))
+        c.frags[at] = f
+        c.n_frags += 1
+        return 0
+
+    cdef void _frag_removed(self, int32_t f) noexcept:
+        """Unlists fragment ``f`` (merged into the one before it)."""
+        cdef Chain *c = self._chain_of(self._runs[f].agent, self._runs[f].counter)
+        cdef Py_ssize_t at = self._frag_index(c, self._runs[f].counter)
+        memmove(&c.frags[at], &c.frags[at + 1], (c.n_frags - at - 1) * sizeof(int32_t))
+        c.n_frags -= 1
+
+    cdef int32_t _find(self, int32_t agent, int64_t counter, int32_t *offset) noexcept:
+        """The run holding character ``(agent, counter)``, or NONE (not an inserted char).
+
+        Two binary searches: the chain (one per insert op run), then its fragments.
+        """
+        cdef Chain *c = self._chain_of(agent, counter)
+        cdef int32_t r
+        if c == NULL:
             return NONE
-        r = a.chains[lo - 1].head
-        while counter >= <int64_t>self._runs[r].counter + self._runs[r].length:
-            r = self._runs[r].next_frag
+        r = c.head if c.frags == NULL else c.frags[self._frag_index(c, counter)]
         offset[0] = <int32_t>(counter - self._runs[r].counter)
         return r
 
@@ -925,6 +978,7 @@ cdef class Text:
         n.block = a.block
         a.length = k
         a.next_frag = f
+        self._frag_added(r, f)
         # the block keeps its totals: take the fragment out of them, _place adds it back
         bl = a.block
         self._blocks[bl].raw -= n.length
@@ -967,12 +1021,14 @@ cdef class Text:
         if i + 1 < b.n:
             nx = b.runs[i + 1]
             if self._runs[nx].deleted and self._runs[r].next_frag == nx:
+                self._frag_removed(nx)
                 self._runs[r].length += self._runs[nx].length
                 self._runs[r].next_frag = self._runs[nx].next_frag
                 self._remove_at(bl, i + 1)
         if i > 0:
             pv = b.runs[i - 1]
             if self._runs[pv].deleted and self._runs[pv].next_frag == r:
+                self._frag_removed(r)
                 self._runs[pv].length += self._runs[r].length
                 self._runs[pv].next_frag = self._runs[r].next_frag
                 self._remove_at(bl, i)
