@@ -163,28 +163,44 @@ def test_live_push_is_forwarded_across_members() -> None:
     assert c.logs[sc].all_raw() == a.logs[sc].all_raw()  # byte-identical envelopes
 
 
-def test_a_push_past_a_gap_asks_for_the_gap() -> None:
-    net = FakeNet(7)
-    a, b, c = net.add("a"), net.add("b"), net.add("c")
-    sc = net.subcloud(a, b, c)
+def test_an_envelope_past_a_gap_makes_the_receiver_ask_for_the_gap() -> None:
+    net, a, b, sc = pair(7)
     net.connect(a, b)
-    net.connect(b, c)
-    net.run()
-    net.disconnect(b, c)
-    first = a.write(sc, doc_writer(1))  # reaches B only
     net.run()
     net.disconnect(a, b)
-    net.connect(a, c)
-    net.run()  # C learns `first` from A
-    net.disconnect(a, c)
-    net.connect(b, c)
+    first = a.write(sc, doc_writer(1))
+    second = a.write(sc, doc_writer(2))
     net.connect(a, b)
     net.run()
-    a.write(sc, doc_writer(2))
-    net.run()
-    assert same(a, b, c)
+    net.disconnect(a, b)
+    c = net.add("c")
+    c.add_subcloud(sc)
+    net.writers[sc].add(c.hashname)
+    net.connect(b, c)
+    net.run()  # C is in sync with B (and so holds `first` and `second`)
     assert c.replicas[sc].version() == a.replicas[sc].version()
-    assert first.last == 2
+    # a third member D receives `second` before `first` (e.g. a push that raced a restart)
+    d = net.add("d")
+    d.add_subcloud(sc)
+    net.writers[sc].add(d.hashname)
+    net.connect(c, d)
+    net.run()
+    net.disconnect(c, d)
+    d.logs[sc] = type(d.logs[sc])()
+    d.replicas[sc] = Replica(d.replicas[sc].replica_id)
+    d.catalog.set_subcloud(sc)
+    net.connect(c, d)
+    session = d.sessions[c.hashname]
+    session.receive_data(encode_message(Envelopes(sc, 10**6, (second.raw,))), net.now)
+    d.handle_events(c.hashname)
+    assert d.catalog.has_gap(sc)
+    assert d.catalog.counter(sc, second.origin) == 0
+    net.run()
+    assert not d.catalog.has_gap(sc)
+    assert d.catalog.counter(sc, second.origin) == second.last
+    assert same(a, d)
+    assert first.last + 1 == second.first
+    assert a.replicas[sc].version() == d.replicas[sc].version()
 
 
 # -- flow control and batching -----------------------------------------------------------
