@@ -24,7 +24,8 @@ folds a log prefix into a new checkpoint.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from p2pcloud._core import encode_version
@@ -32,7 +33,7 @@ from p2pcloud._ids import SubCloudId
 from p2pcloud.errors import LocalProtocolError
 from p2pcloud.sync.reconcile import KEY_SIZE, ReconcileSet
 
-__all__ = ["MAX_PENDING_SPANS", "Catalog", "fold_point", "version_digest"]
+__all__ = ["MAX_PENDING_SPANS", "Catalog", "CatalogView", "fold_point", "version_digest"]
 
 MAX_PENDING_SPANS: Final = 1024
 """Out-of-order envelopes remembered per sub-cloud until their gap fills. Gaps come from
@@ -88,14 +89,69 @@ class _SubCloud:
         self.digest = version_digest({})
 
 
+class CatalogView:
+    """The reconciliation items of the sub-clouds one peer may replicate, kept current.
+
+    A phone that keeps 10 of a home box's 10,000 sub-clouds must reconcile against those
+    10 only, or every run would find the other 9,990 "different". Made by
+    :meth:`Catalog.view`; it follows every change of the catalog while it is referenced.
+    """
+
+    def __init__(self, catalog: Catalog, shares: Callable[[SubCloudId], bool]) -> None:
+        """Build the view; prefer :meth:`Catalog.view`.
+
+        Args:
+            catalog: the catalog to follow.
+            shares: whether a sub-cloud belongs in the view.
+        """
+        self.shares = shares
+        self.reconcile_set = ReconcileSet()
+        """The (id, version digest) items of the shared sub-clouds."""
+        self._catalog = catalog
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        """Re-evaluate ``shares`` for every sub-cloud (after grants changed)."""
+        self.reconcile_set = ReconcileSet()
+        for sc in self._catalog.subclouds():
+            if self.shares(sc):
+                self.reconcile_set.set(sc, self._catalog.digest(sc))
+
+    def changed(self, subcloud: SubCloudId, digest: bytes | None) -> None:
+        """The catalog's notification: a digest changed (None: the sub-cloud is gone).
+
+        Args:
+            subcloud: the sub-cloud.
+            digest: its new version digest, or None.
+        """
+        if digest is None or not self.shares(subcloud):
+            self.reconcile_set.discard(subcloud)
+        else:
+            self.reconcile_set.set(subcloud, digest)
+
+
 class Catalog:
     """Per sub-cloud version, floor and size facts of this endpoint; the sessions' view."""
 
     def __init__(self) -> None:
         """Create an empty catalog."""
         self._subs: dict[SubCloudId, _SubCloud] = {}
+        self._views: weakref.WeakSet[CatalogView] = weakref.WeakSet()
         self.reconcile_set = ReconcileSet()
-        """The (id, version digest) items every session reconciles."""
+        """The (id, version digest) items of every sub-cloud held."""
+
+    def view(self, shares: Callable[[SubCloudId], bool]) -> CatalogView:
+        """A live subset for one peer (see :class:`CatalogView`).
+
+        Args:
+            shares: whether the peer may replicate a sub-cloud.
+
+        Returns:
+            The view; it stops following the catalog once nothing references it.
+        """
+        view = CatalogView(self, shares)
+        self._views.add(view)
+        return view
 
     def __contains__(self, subcloud: object) -> bool:
         """Whether this endpoint replicates ``subcloud``."""
@@ -148,10 +204,14 @@ class Catalog:
         """
         if self._subs.pop(subcloud, None) is not None:
             self.reconcile_set.discard(subcloud)
+            for view in list(self._views):
+                view.changed(subcloud, None)
 
     def _update(self, subcloud: SubCloudId, sub: _SubCloud) -> None:
         sub.digest = version_digest(sub.version)
         self.reconcile_set.set(subcloud, sub.digest)
+        for view in list(self._views):
+            view.changed(subcloud, sub.digest)
 
     def record(self, subcloud: SubCloudId, origin: bytes, first: int, last: int, size: int) -> bool:
         """Note an envelope just stored (after verifying it).

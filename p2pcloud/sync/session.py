@@ -75,7 +75,13 @@ from p2pcloud.sync.messages import (
     encode_message,
     split_frames,
 )
-from p2pcloud.sync.reconcile import DIRECT_THRESHOLD, RangeError, initial_ranges, respond
+from p2pcloud.sync.reconcile import (
+    DIRECT_THRESHOLD,
+    RangeError,
+    ReconcileSet,
+    initial_ranges,
+    respond,
+)
 
 __all__ = [
     "ANTI_ENTROPY_INTERVAL",
@@ -286,6 +292,8 @@ class SyncSession:
         self.initiator = local < remote if initiator is None else initiator
         self.window_bytes = window_bytes
         self._shares = shares
+        # the items this peer reconciles: all of ours, or a live view of what it may hold
+        self._view = catalog.view(shares) if shares is not None else None
         self._out = bytearray()
         self._rx = bytearray()
         self._events: deque[SyncEvent] = deque()
@@ -313,7 +321,7 @@ class SyncSession:
         self._next_run: float | None = None
         if self.initiator:
             self._start_run(now)
-        elif len(self.catalog) <= DIRECT_THRESHOLD:
+        elif len(self._reconcile_set()) <= DIRECT_THRESHOLD:
             # DESIGN.md section 5: "each side sends its version vector; each then sends
             # the deltas the other lacks": with a few sub-clouds both sides offer at once,
             # so the data flows after one round trip whoever lacks it
@@ -347,6 +355,16 @@ class SyncSession:
         if self._next_run is not None and now >= self._next_run and not self._failed:
             self._start_run(now)
             self._flush()
+
+    def rebuild_shares(self, now: float) -> None:
+        """Re-evaluate the ``shares`` predicate (grants changed) and reconcile again.
+
+        Args:
+            now: the current time in seconds.
+        """
+        if self._view is not None:
+            self._view.rebuild()
+        self.start_reconciliation(now)
 
     def start_reconciliation(self, now: float) -> None:
         """Run reconciliation now (e.g. after the shell restored many sub-clouds).
@@ -667,7 +685,7 @@ class SyncSession:
     def _on_reconcile(self, msg: Reconcile, now: float) -> None:
         if not msg.reply and self._reconciled:
             self._forget_awaiting()  # a new run supersedes offers of the last one
-        reply, differ = respond(self.catalog.reconcile_set, msg.ranges)
+        reply, differ = respond(self._reconcile_set(), msg.ranges)
         for sc in differ:
             sid = SubCloudId(sc)
             if self._may_share(sid):
@@ -778,6 +796,9 @@ class SyncSession:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _reconcile_set(self) -> ReconcileSet:
+        return self.catalog.reconcile_set if self._view is None else self._view.reconcile_set
+
     def _may_share(self, sc: SubCloudId) -> bool:
         return self._shares is None or self._shares(sc)
 
@@ -834,7 +855,7 @@ class SyncSession:
         if self._reconciled:
             self._forget_awaiting()
         # the first run of a session offers the vectors of a small set at once
-        ranges, direct = initial_ranges(self.catalog.reconcile_set, direct=not self._reconciled)
+        ranges, direct = initial_ranges(self._reconcile_set(), direct=not self._reconciled)
         self._send(Reconcile(False, tuple(ranges)))
         for sc in direct:
             sid = SubCloudId(sc)

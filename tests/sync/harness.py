@@ -14,6 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from p2pcloud._core import Replica
 from p2pcloud._crypto import LocalIdentity
@@ -83,6 +84,7 @@ class FakeNode:
         self.rejected: Counter[str] = Counter()
         self.peer_versions: dict[tuple[SubCloudId, Hashname], dict[bytes, int]] = {}
         self.window_bytes: int | None = None
+        self.shares: dict[Hashname, Callable[[SubCloudId], bool]] = {}
         self.max_unacked_seen = 0
         self.max_in_flight_seen = 0
         self.events: list[object] = []
@@ -148,7 +150,11 @@ class FakeNode:
     # -- sessions ---------------------------------------------------------------------------
 
     def open_session(self, peer: FakeNode) -> SyncSession:
-        kwargs = {} if self.window_bytes is None else {"window_bytes": self.window_bytes}
+        kwargs: dict[str, Any] = {}
+        if self.window_bytes is not None:
+            kwargs["window_bytes"] = self.window_bytes
+        if peer.hashname in self.shares:
+            kwargs["shares"] = self.shares[peer.hashname]
         s = SyncSession(
             self.catalog, local=self.hashname, remote=peer.hashname, now=self.net.now, **kwargs
         )

@@ -443,3 +443,34 @@ def test_envelopes_from_a_non_writer_or_forged_are_rejected_and_not_applied() ->
     assert a.rejected[E.REJECT_BAD_SIGNATURE] == 1
     assert a.rejected[E.REJECT_MALFORMED] == 1
     assert a.replicas[sc].get("docs", "d", "v") == "good"
+
+
+def test_a_peer_reconciles_only_the_subclouds_it_may_hold() -> None:
+    net = FakeNet(16)
+    box, phone = net.add("box"), net.add("phone")
+    kept = [net.subcloud(box, phone) for _ in range(3)]
+    others = [net.subcloud(box) for _ in range(60)]
+    for i, sc in enumerate(kept + others):
+        box.write(sc, doc_writer(i))
+    box.shares[phone.hashname] = lambda sc: sc in kept
+    net.connect(box, phone)
+    net.run()
+    assert all(
+        phone.replicas[sc].encode_snapshot() == box.replicas[sc].encode_snapshot() for sc in kept
+    )
+    assert not any(isinstance(e, SubCloudUnknownToPeer) for e in box.events + phone.events)
+    # a write to a sub-cloud the phone does not keep changes nothing between them
+    box.write(others[0], doc_writer(999))
+    net.reset_counters()
+    net.advance(ANTI_ENTROPY_INTERVAL + 1)
+    assert net.run() == 2 and net.bytes <= 80, net.flight_bytes
+    # a write to a kept one is pushed at once
+    box.write(kept[0], lambda r: r.set("docs", "kept", "v", 1))
+    net.step()
+    assert phone.replicas[kept[0]].get("docs", "kept", "v") == 1
+    # the phone starts keeping one more: the box re-evaluates and syncs it
+    phone.add_subcloud(others[1])
+    kept.append(others[1])
+    box.sessions[phone.hashname].rebuild_shares(net.now)
+    net.run()
+    assert phone.replicas[others[1]].encode_snapshot() == box.replicas[others[1]].encode_snapshot()
