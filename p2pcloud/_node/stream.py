@@ -305,7 +305,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         """Take up to ``max_bytes`` from the queued packet bodies, copying as little as we can.
 
         Whole bodies that fit are returned as they are (one body: no copy at all), so a
-        large-frame channel hands 64 KB bodies to the application untouched.
+        large-frame channel hands its 128 KB bodies to the application untouched.
         """
         packets = self._packets
         parts: list[bytes] = []

@@ -50,7 +50,7 @@ HELLO_WAIT = 2.0  # seconds a connecting side waits for the large-frame answer b
 # in v3 chunking; a p2pcloud listener answers at once, so this only delays plain v3 peers
 TCP_READ = 256 * 1024  # bytes per read: several large frames per system call
 MAX_TCP_BACKLOG = 16 * 1024 * 1024  # bytes queued on one connection before sends are dropped,
-# like a full socket buffer; well above a reliable window of large frames (50 x 64 KiB)
+# like a full socket buffer; above what a reliable channel queues (2 windows x 50 x 128 KiB)
 MAX_IOV = 512  # buffers per sendmsg call, below Linux's IOV_MAX of 1024
 CONNECT_TIMEOUT = 10.0  # seconds before an outgoing connection attempt is given up
 
