@@ -427,8 +427,8 @@ async def _events(daemon: Daemon, request: Request) -> Any:
             return
         try:
             yield f"retry: {SSE_RETRY_MS}\n: connected\n\n"
-            for event in missed:
-                yield _sse(event)
+            for old in missed:
+                yield _sse(old)
             while True:
                 # Never yield inside a cancel scope in an async generator (trio's rule):
                 # wait inside it, yield outside.

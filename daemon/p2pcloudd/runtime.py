@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 import p2pcloud
+from p2pcloud._ids import Hashname
 from p2pcloudd import datadir
 from p2pcloudd.config import Settings
 from p2pcloudd.events import EventHub
@@ -152,20 +153,19 @@ class Daemon:
         """The body of ``GET /api/peers``: known peers plus any linked one, online first."""
         up = self.node.links
         now = time.time()
-        rows = []
-        names = set(self.state.peers) | set(up)
-        for hashname in names:
+        rows: list[dict[str, Any]] = []
+        for hashname in set(self.state.peers) | set(up):
             known = self.state.peers.get(hashname)
             online = hashname in up
+            last_seen = now if online else (known.last_seen if known else None)
             rows.append({
                 "hashname": hashname,
                 "online": online,
-                "path": path_json(self.node.link_path(p2pcloud_hashname(hashname)))
-                if online else None,
-                "last_seen": now if online else (known.last_seen if known else None),
+                "path": path_json(self.node.link_path(Hashname(hashname))) if online else None,
+                "last_seen": last_seen,
                 "uri": known.uri if known else None,
             })
-        rows.sort(key=lambda r: (not r["online"], -(r["last_seen"] or 0.0), r["hashname"]))
+        rows.sort(key=lambda r: (not r["online"], -float(r["last_seen"] or 0.0), r["hashname"]))
         return rows
 
     def statistics(self) -> dict[str, Any]:
@@ -239,12 +239,12 @@ class Daemon:
                 self._seen_up[hashname] = path
                 log.info("path changed peer=%s path=%s", hashname[:12], _path_text(path))
                 self.events.publish("link.path", {"hashname": hashname, "path": path})
-        for hashname in list(self._seen_up):
-            if hashname not in up:
-                del self._seen_up[hashname]
+        for gone in list(self._seen_up):
+            if gone not in up:
+                del self._seen_up[gone]
                 self._state_dirty = True
-                log.info("link down peer=%s", hashname[:12])
-                self.events.publish("link.down", {"hashname": hashname})
+                log.info("link down peer=%s", gone[:12])
+                self.events.publish("link.down", {"hashname": gone})
 
     async def watch_links(self) -> None:
         """Publish link events and keep known peers' last_seen, until cancelled."""
@@ -322,13 +322,6 @@ class Daemon:
     def end_session(self, session: str) -> None:
         """Log a dashboard session out."""
         self._sessions.pop(session, None)
-
-
-def p2pcloud_hashname(text: str) -> Any:
-    """A hashname string as the node's Hashname type."""
-    from p2pcloud._ids import Hashname
-
-    return Hashname(text)
 
 
 def _path_text(path: dict[str, Any] | None) -> str:
