@@ -88,6 +88,7 @@ __all__ = [
     "decode_record",
     "issue_grant",
     "found_cloud",
+    "keys_belong",
     "record_id_text",
     "sign_revocation",
 ]
@@ -362,7 +363,7 @@ def issue_grant(
         raise LocalProtocolError(f"role must be one of {sorted(ROLES)}")
     if len(subject_key) != KEY_SIZE or len(subject_verify_key) != KEY_SIZE:
         raise LocalProtocolError("subject keys are 32 bytes each")
-    if not _keys_bound(subject_key, subject_verify_key):
+    if not keys_belong(subject_key, subject_verify_key):
         raise LocalProtocolError("the subject's verify key does not convert to its CS3a key")
     rights_obj = _rights_obj(rights)
     if role == ROLE_ADMIN and rights_obj != {ALL_SUBCLOUDS: [ALL]}:
@@ -441,9 +442,19 @@ def _nonce(entropy: Entropy) -> bytes:
 # -- decoding ----------------------------------------------------------------------------------
 
 
-def _keys_bound(cs3a: bytes, verify_key: bytes) -> bool:
-    # our identity extension (_crypto.LocalIdentity): the CS3a key is derived from the
-    # Ed25519 key, so a verify key belongs to a hashname only if it converts to its CS3a key.
+def keys_belong(cs3a: bytes, verify_key: bytes) -> bool:
+    """Whether an Ed25519 verify key belongs to a CS3a key (our identity extension).
+
+    The CS3a key is derived from the Ed25519 key (:class:`~p2pcloud._crypto.LocalIdentity`),
+    so a verify key belongs to a hashname only if it converts to the hashname's CS3a key.
+
+    Args:
+        cs3a: a 32-byte CS3a public key.
+        verify_key: a 32-byte Ed25519 verify key.
+
+    Returns:
+        True if ``verify_key`` converts to ``cs3a``.
+    """
     try:
         converted = _nb.crypto_sign_ed25519_pk_to_curve25519(bytes(verify_key))
     except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, TypeError):
@@ -476,7 +487,7 @@ def _party(obj: dict[str, Any], h: str, a: str, k: str) -> tuple[Hashname, bytes
         raise BadRecord(f"bad key in {a!r}") from exc
     if obj[h] != computed:
         raise BadRecord(f"hashname {h!r} does not match its CS3a key")
-    if not _keys_bound(cs3a, vk):
+    if not keys_belong(cs3a, vk):
         raise BadRecord(f"verify key {k!r} does not belong to CS3a key {a!r}")
     return computed, cs3a, vk
 
