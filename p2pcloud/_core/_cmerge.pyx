@@ -759,25 +759,27 @@ cdef bytes _element(object element):
 # -- names: the front-coded name table ------------------------------------------------------
 
 
+DEF FIELD_CACHE = 8  # FIELD_NAME_CACHE of the reference
+DEF NIDX_FLAG = 0x8000000000000000  # Entry.gen of a local entry: this flag | its name number
+
+
 cdef class _Names:
-    """The name table of one delta being written: name -> index; the last new name's bytes."""
+    """The names of one delta being written (the reference's _NameTable, same rules)."""
     cdef dict index
     cdef _Buf last
+    cdef Py_ssize_t count
+    cdef list recent_names  # the last FIELD_CACHE field names introduced, newest first
+    cdef Py_ssize_t recent_idx[FIELD_CACHE]
 
     def __cinit__(self):
         self.index = {}
         self.last = _Buf()
+        self.count = 0
+        self.recent_names = []
 
-    cdef int put(self, _Buf buf, str name) except -1:
-        cdef Py_ssize_t count = len(self.index)
-        cdef PyObject* pi = PyDict_SetDefault(self.index, name, count)
-        cdef Py_ssize_t n, p, limit, found
-        cdef const unsigned char* raw
-        found = <object>pi
-        if found != count:
-            buf.varint((<uint64_t>found) << 1)
-            return 0
-        raw = <const unsigned char*>PyUnicode_AsUTF8AndSize(name, &n)
+    cdef Py_ssize_t new(self, _Buf buf, str name) except -1:
+        cdef Py_ssize_t n, p, limit
+        cdef const unsigned char* raw = <const unsigned char*>PyUnicode_AsUTF8AndSize(name, &n)
         limit = n if n < self.last.n else self.last.n
         p = 0
         while p < limit and raw[p] == self.last.data[p]:
@@ -787,7 +789,47 @@ cdef class _Names:
         buf.raw(raw + p, n - p)
         self.last.n = p
         self.last.raw(raw + p, n - p)
-        return 0
+        self.count += 1
+        return self.count - 1
+
+    cdef Py_ssize_t put(self, _Buf buf, str name) except -1:
+        cdef Py_ssize_t count = self.count
+        cdef PyObject* pi = PyDict_SetDefault(self.index, name, count)
+        cdef Py_ssize_t found = <object>pi
+        if found != count:
+            buf.varint((<uint64_t>found) << 1)
+            return found
+        return self.new(buf, name)
+
+    cdef Py_ssize_t put_field(self, _Buf buf, str name, Py_ssize_t known) except -1:
+        cdef Py_ssize_t i, k, idx
+        cdef list recent = self.recent_names
+        if known < 0:
+            for i in range(len(recent)):
+                other = recent[i]
+                if other is name or other == name:
+                    known = self.recent_idx[i]
+                    break
+        if known >= 0:
+            buf.varint((<uint64_t>known) << 1)
+            return known
+        idx = self.new(buf, name)
+        recent.insert(0, name)
+        k = len(recent)
+        if k > FIELD_CACHE:
+            del recent[FIELD_CACHE:]
+            k = FIELD_CACHE
+        for i in range(k - 1, 0, -1):
+            self.recent_idx[i] = self.recent_idx[i - 1]
+        self.recent_idx[0] = idx
+        return idx
+
+
+cdef inline Py_ssize_t _known_name(Entry head, uint64_t txn_start):
+    # the name number of a field whose head entry this transaction wrote, else -1
+    if head is not None and head.rep == 0 and head.ctr >= txn_start and (head.gen & NIDX_FLAG):
+        return <Py_ssize_t>(head.gen & ~NIDX_FLAG)
+    return -1
 
 
 cdef class _TxnWriter:
@@ -1256,7 +1298,8 @@ cdef class Replica:
         else:
             t.buf.byte(h)
         t.nops += 1
-        t.names.put(t.buf, field)
+        e.gen = NIDX_FLAG | <uint64_t>t.names.put_field(t.buf, field,
+                                                         _known_name(head, self._txn_start))
         t.buf.append_buf(s)
         if head is not None:
             self._put_kills(t, _chain_list(head))
@@ -1298,10 +1341,7 @@ cdef class Replica:
                         fresh = _PyDict_NewPresized(n)
                         fresh.update(d.fields)
                         d.fields = fresh
-                    if len(t.names.index) <= 3:
-                        fresh = _PyDict_NewPresized(n + 3)
-                        fresh.update(t.names.index)
-                        t.names.index = fresh
+
         else:
             from collections.abc import Mapping
             pairs = items.items() if isinstance(items, Mapping) else items
@@ -1351,7 +1391,8 @@ cdef class Replica:
         prev.next = None
         d.fields[field] = entry
         self._op_header(t, op, coll, doc, bool(kills))
-        t.names.put(t.buf, field)
+        entry.gen = NIDX_FLAG | <uint64_t>t.names.put_field(t.buf, field,
+                                                             _known_name(head, self._txn_start))
         t.buf.raw(<const unsigned char*>PyBytes_AS_STRING(payload), len(payload))
         if kills:
             self._put_kills(t, kills)
@@ -1413,7 +1454,7 @@ cdef class Replica:
         self._kill_in_field(coll, doc, field, kills)
         self._new_dot()
         self._op_header(t, OP_SET_REMOVE, coll, doc, True)
-        t.names.put(t.buf, field)
+        t.names.put_field(t.buf, field, _known_name(head, self._txn_start))
         t.buf.raw(<const unsigned char*>PyBytes_AS_STRING(enc), len(enc))
         self._put_kills(t, kills)
 
@@ -1424,13 +1465,14 @@ cdef class Replica:
             CoreUsageError: no open transaction.
         """
         cdef _TxnWriter t = self._writer()
-        kills = _chain_list(self._field_head(coll, doc, field))
+        head = self._field_head(coll, doc, field)
+        kills = _chain_list(head)
         if not kills:
             return
         self._kill_in_field(coll, doc, field, kills)
         self._new_dot()
         self._op_header(t, OP_REMOVE_FIELD, coll, doc, True)
-        t.names.put(t.buf, field)
+        t.names.put_field(t.buf, field, _known_name(head, self._txn_start))
         self._put_kills(t, kills)
 
     def remove(self, coll, doc):

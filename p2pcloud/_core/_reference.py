@@ -88,6 +88,7 @@ MAX_COUNTER: Final = (1 << 63) - 1  # dot counters: 2^63 entries outlive any rep
 MAX_VARINT_BYTES: Final = 10  # LEB128 of a 64-bit integer
 MAX_U64: Final = (1 << 64) - 1
 MAX_BLOB_HASH: Final = 64  # a BLAKE3/SHA-512 digest at most
+FIELD_NAME_CACHE: Final = 8  # field names a transaction delta remembers (a document's fields)
 
 FORMAT_MAGIC: Final = 0xD7  # first byte of every delta and snapshot
 FORMAT_VERSION: Final = 1
@@ -713,7 +714,7 @@ class Entry:
     entries of one field (a linked list: almost always of length one).
     """
 
-    __slots__ = ("ctr", "hlc", "kind", "next", "rep", "value")
+    __slots__ = ("ctr", "hlc", "kind", "next", "nidx", "rep", "value")
 
     def __init__(self, kind: int, rep: int, ctr: int, hlc: int, value: Any) -> None:
         self.kind = kind
@@ -722,6 +723,7 @@ class Entry:
         self.hlc = hlc
         self.value = value  # COUNTER: (increments, decrements); TEXT: None
         self.next: Entry | None = None
+        self.nidx = 0  # a local entry: its field name's number in its transaction's delta
 
 
 class Doc:
@@ -772,12 +774,11 @@ def _text_class() -> Any:
 class _TxnWriter:
     """Encodes the ops of one local transaction as they happen."""
 
-    __slots__ = ("buf", "coll", "doc", "last_new", "names", "nops", "rep_map", "reps")
+    __slots__ = ("buf", "coll", "doc", "names", "nops", "rep_map", "reps")
 
     def __init__(self, own_id: bytes) -> None:
         self.buf = bytearray()
-        self.names: dict[str, int] = {}
-        self.last_new = b""
+        self.names = _NameTable()
         self.reps: list[bytes] = [own_id]
         self.rep_map: dict[int, int] = {0: 0}
         self.coll: str | None = None
@@ -785,27 +786,67 @@ class _TxnWriter:
         self.nops = 0
 
 
-def _put_name(buf: bytearray, names: dict[str, int], last: list[bytes], name: str) -> None:
-    """Write a name reference: an index into the names seen, or a new front-coded name.
+class _NameTable:
+    """The names of one delta being written.
 
-    ``varint (i << 1)`` refers to name number ``i``; ``varint (p << 1 | 1), varint n, n bytes``
-    introduces a new name sharing ``p`` leading bytes with the previous new name.
+    ``varint (i << 1)`` refers to name number ``i`` of the delta; ``varint (p << 1 | 1),
+    varint n, n bytes`` introduces a new name (the next number) made of the first ``p`` bytes
+    of the previous new name and ``n`` more bytes. Which names are referred to rather than
+    introduced again is the writer's choice (the reader accepts both); these rules fix it:
+
+    * :meth:`put` (collection and document names, and every name of a since-delta or
+      snapshot): a name already in the table is referred to;
+    * :meth:`put_field` (field names of a transaction): referred to if the field's current
+      entry was written by this transaction (its number is on that entry) or the name is
+      one of the last ``FIELD_NAME_CACHE`` field names introduced; else introduced. A bulk
+      write of new keys then costs no table lookup per key, and documents sharing a few
+      field names still refer to them.
     """
-    idx = names.get(name)
-    if idx is not None:
-        _put_varint(buf, idx << 1)
-        return
-    raw = name.encode("utf-8")
-    prev = last[0]
-    p = 0
-    limit = min(len(raw), len(prev))
-    while p < limit and raw[p] == prev[p]:
-        p += 1
-    _put_varint(buf, (p << 1) | 1)
-    _put_varint(buf, len(raw) - p)
-    buf += raw[p:]
-    names[name] = len(names)
-    last[0] = raw
+
+    __slots__ = ("count", "index", "last", "recent")
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.count = 0
+        self.last = b""
+        self.recent: list[tuple[str, int]] = []
+
+    def put(self, buf: bytearray, name: str) -> int:
+        idx = self.index.get(name)
+        if idx is not None:
+            _put_varint(buf, idx << 1)
+            return idx
+        idx = self.new(buf, name)
+        self.index[name] = idx
+        return idx
+
+    def new(self, buf: bytearray, name: str) -> int:
+        raw = name.encode("utf-8")
+        prev = self.last
+        p = 0
+        limit = min(len(raw), len(prev))
+        while p < limit and raw[p] == prev[p]:
+            p += 1
+        _put_varint(buf, (p << 1) | 1)
+        _put_varint(buf, len(raw) - p)
+        buf += raw[p:]
+        self.last = raw
+        self.count += 1
+        return self.count - 1
+
+    def put_field(self, buf: bytearray, name: str, known: int | None) -> int:
+        if known is None:
+            for n, i in self.recent:
+                if n == name:
+                    known = i
+                    break
+        if known is not None:
+            _put_varint(buf, known << 1)
+            return known
+        idx = self.new(buf, name)
+        self.recent.insert(0, (name, idx))
+        del self.recent[FIELD_NAME_CACHE:]
+        return idx
 
 
 class Replica:
@@ -901,22 +942,22 @@ class Replica:
         if new_doc:
             h |= FLAG_NEW_DOC
         t.buf.append(h)
-        last = [t.last_new]
         if new_coll:
-            _put_name(t.buf, t.names, last, coll)
+            t.names.put(t.buf, coll)
             t.coll = coll
             t.doc = None
         if new_doc:
             assert doc is not None
-            _put_name(t.buf, t.names, last, doc)
+            t.names.put(t.buf, doc)
             t.doc = doc
-        t.last_new = last[0]
         t.nops += 1
 
-    def _put_field(self, t: _TxnWriter, field: str) -> None:
-        last = [t.last_new]
-        _put_name(t.buf, t.names, last, field)
-        t.last_new = last[0]
+    def _put_field(self, t: _TxnWriter, field: str, head: Entry | None) -> int:
+        """Write a field name; ``head`` is the field's head entry before this op."""
+        known = None
+        if head is not None and head.rep == 0 and head.ctr >= self._txn_start:
+            known = head.nidx  # written by this transaction: its name is in the table
+        return t.names.put_field(t.buf, field, known)
 
     def _put_kills(self, t: _TxnWriter, kills: list[Entry]) -> None:
         _put_varint(t.buf, len(kills))
@@ -968,7 +1009,7 @@ class Replica:
         prev.next = None
         d.fields[field] = entry
         self._op_header(t, op, coll, doc, bool(kills))
-        self._put_field(t, field)
+        entry.nidx = self._put_field(t, field, head)
         t.buf += payload
         if kills:
             self._put_kills(t, kills)
@@ -1075,7 +1116,7 @@ class Replica:
         self._kill_in_field(coll, doc, field, kills)
         self._new_dot()
         self._op_header(t, OP_SET_REMOVE, coll, doc, True)
-        self._put_field(t, field)
+        self._put_field(t, field, head)
         t.buf += enc
         self._put_kills(t, kills)
 
@@ -1086,13 +1127,14 @@ class Replica:
             CoreUsageError: no open transaction.
         """
         t = self._writer()
-        kills = list(_chain(self._field_head(coll, doc, field)))
+        head = self._field_head(coll, doc, field)
+        kills = list(_chain(head))
         if not kills:
             return
         self._kill_in_field(coll, doc, field, kills)
         self._new_dot()
         self._op_header(t, OP_REMOVE_FIELD, coll, doc, True)
-        self._put_field(t, field)
+        self._put_field(t, field, head)
         self._put_kills(t, kills)
 
     def remove(self, coll: str, doc: str) -> None:
@@ -1636,8 +1678,7 @@ class Replica:
                 _put_varint(out_b, hi - lo)
                 prev = hi
         _put_varint(out_b, len(send))
-        names: dict[str, int] = {}
-        last = [b""]
+        names = _NameTable()
         texts_sent: builtins.set[tuple[str, str, str]] = builtins.set()
         for k in used:
             if k not in send:
@@ -1673,15 +1714,15 @@ class Replica:
                     h |= FLAG_NEW_DOC
                 ops.append(h)
                 if new_coll:
-                    _put_name(ops, names, last, where)
+                    names.put(ops, where)
                     cur_coll = where
                     cur_doc = None
                 if new_doc:
                     assert doc_name is not None
-                    _put_name(ops, names, last, doc_name)
+                    names.put(ops, doc_name)
                     cur_doc = doc_name
                 if fname is not None:
-                    _put_name(ops, names, last, fname)
+                    names.put(ops, fname)
                 if e.kind == OP_COUNTER:
                     _put_varint(ops, e.value[0])
                     _put_varint(ops, e.value[1])
