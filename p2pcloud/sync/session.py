@@ -724,6 +724,7 @@ class SyncSession:
         p.peer_version = version
         p.peer_bpd = offer.bytes_per_dot / MILLI
         p.stalled.clear()
+        p.snapshot_asked = False  # new facts: a later fold may call for a snapshot again
         was_awaiting = p.awaiting
         p.awaiting = False
         self._events.append(PeerVersionLearned(sc, dict(version)))
