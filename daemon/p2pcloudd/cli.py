@@ -1,7 +1,7 @@
 """``p2pcloud``: the command line; it talks to the running daemon through its HTTP API.
 
 Commands (``p2pcloud COMMAND --help`` for each): ``init``, ``up``, ``down``, ``status``,
-``id``, ``link URI``, ``peers``, ``dashboard``, ``doctor``. Every command that shows
+``id``, ``link URI``, ``peers``, ``events``, ``dashboard``, ``doctor``. Every command that shows
 something takes ``--json`` for scripts. The data dir is ``--data-dir``, else
 ``$P2PCLOUD_HOME``, else ``$XDG_DATA_HOME/p2pcloud``, else ``~/.local/share/p2pcloud``; the
 CLI finds the daemon's API in its ``api.json`` and the token in its ``api-token``.
@@ -427,8 +427,11 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_link(args: argparse.Namespace) -> int:
     """Link with a peer given its link URI; waits until the link is up."""
     client = Client(_data_dir(args))
-    _, result = client.request("POST", "/api/links", {"uri": args.uri},
-                               timeout=LINK_REQUEST_TIMEOUT)
+    spinner = (_console(stderr=True).status("linking… (up to 30 s)")
+               if sys.stderr.isatty() and not args.json else contextlib.nullcontext())
+    with spinner:
+        _, result = client.request("POST", "/api/links", {"uri": args.uri},
+                                   timeout=LINK_REQUEST_TIMEOUT)
     if args.json:
         _emit_json(result)
     else:
@@ -460,6 +463,58 @@ def cmd_peers(args: argparse.Namespace) -> int:
                       else _ago(peer["last_seen"]))
     console.print(table)
     return EXIT_OK
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    """Follow the daemon's live events (link up/down/path, statistics) until Ctrl-C."""
+    client = Client(_data_dir(args))
+    conn = http.client.HTTPConnection(client.host, client.port, timeout=None)
+    try:
+        try:
+            conn.request("GET", "/api/events", headers={
+                "Authorization": f"Bearer {client.token}", "Accept": "text/event-stream"})
+            response = conn.getresponse()
+        except OSError as exc:
+            raise _not_running(client.data_dir, f" ({exc})") from exc
+        if response.status != 200:
+            raise CliError(f"the daemon refused the event stream (HTTP {response.status})",
+                           "check `p2pcloud doctor`",
+                           EXIT_AUTH if response.status == 401 else EXIT_FAILED)
+        seen = 0
+        for raw in response:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[len("data: "):])
+            if args.type and event["type"] not in args.type:
+                continue
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                print(_event_text(event), flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                return EXIT_OK
+    finally:
+        conn.close()
+    raise _not_running(client.data_dir, " (it closed the event stream)")
+
+
+def _event_text(event: dict[str, Any]) -> str:
+    when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    data = event["data"]
+    if event["type"].startswith("link."):
+        what = str(data.get("hashname"))
+        if "path" in data:
+            what += f" ({_path_text(data['path'])})"
+    elif event["type"] == "statistics":
+        node = data.get("node", {})
+        mesh = node.get("mesh") or {}
+        what = (f"links up {node.get('links_up')}, datagrams in {mesh.get('datagrams_in')} "
+                f"out {mesh.get('datagrams_out')}")
+    else:
+        what = json.dumps(data)
+    return f"{when} {event['type']:<10} {what}"
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -633,6 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     link = add("link", cmd_link, "link with a peer")
     link.add_argument("uri", help="the peer's link URI (`p2pcloud id` on the peer)")
     add("peers", cmd_peers, "list known peers")
+    events = add("events", cmd_events, "follow live events (one JSON object a line with --json)")
+    events.add_argument("--type", action="append", default=[], metavar="TYPE",
+                        help="only events of this type (link.up, link.down, link.path, "
+                        "statistics); may be repeated")
+    events.add_argument("--count", type=int, default=0, metavar="N",
+                        help="exit after N events (default: follow until Ctrl-C)")
     dash = add("dashboard", cmd_dashboard, "open the web dashboard (one-time login link)")
     dash.add_argument("--no-open", action="store_true", help="only print the link")
     add("doctor", cmd_doctor, "check the setup and the daemon")

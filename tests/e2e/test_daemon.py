@@ -236,3 +236,18 @@ def test_doctor_and_status_against_a_running_daemon(make_daemon: Callable[[str],
     down = cli_json(a.data_dir, "down")
     assert down["stopped"] is True and down["pid"] == pid
     assert cli(a.data_dir, "status").returncode == 3
+
+
+def test_cli_follows_events(two_daemons: tuple[Daemon, Daemon]) -> None:
+    a, b = two_daemons
+    command = [sys.executable, "-m", "p2pcloudd.cli", "--data-dir", str(a.data_dir), "events",
+               "--json", "--type", "link.up", "--count", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env()) as follower:
+        wait_for("the follower subscribed", lambda: a.get("/api/statistics")["daemon"][
+            "event_subscribers"] == 1)
+        assert cli(a.data_dir, "link", b.status()["link_uri"]).returncode == 0
+        out, err = follower.communicate(timeout=WAIT)
+    assert follower.returncode == 0, err
+    event = json.loads(out)
+    assert event["type"] == "link.up" and event["data"]["hashname"] == b.status()["hashname"]
