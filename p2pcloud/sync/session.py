@@ -506,8 +506,16 @@ class SyncSession:
         if window_full and not batch:
             self._window_blocked = True  # ask again when an acknowledgement frees room
         if not batch and not window_full:
-            p.stalled.add(origin)
             self._stats["store had nothing to send"] += 1
+            if not p.snapshot_asked and self._snap_request is None:
+                # the log lacks what the peer needs (folded past what the catalog's floor
+                # says): the checkpoint may hold it
+                p.snapshot_asked = True
+                self._snap_request = subcloud
+                self._events.append(SnapshotWanted(subcloud))
+                self._flush()
+                return
+            p.stalled.add(origin)
         elif batch:
             p.remote[origin] = have
             self._send_batch(subcloud, batch, spans, size)

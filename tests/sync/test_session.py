@@ -474,3 +474,22 @@ def test_a_peer_reconciles_only_the_subclouds_it_may_hold() -> None:
     box.sessions[phone.hashname].rebuild_shares(net.now)
     net.run()
     assert phone.replicas[others[1]].encode_snapshot() == box.replicas[others[1]].encode_snapshot()
+
+
+def test_a_log_folded_past_the_catalog_floor_still_bootstraps_by_snapshot() -> None:
+    net = FakeNet(17)
+    a, b = net.add("a"), net.add("b")
+    sc = net.subcloud(a, b)
+    for i in range(20):
+        a.write(sc, doc_writer(i))
+    net.connect(a, b)
+    net.run()
+    a.fold(sc, a.replicas[sc].version())
+    a.catalog.set_subcloud(sc, a.replicas[sc].version(), {})  # the floor went unreported
+    c = net.add("c")
+    c.add_subcloud(sc)
+    net.writers[sc].add(c.hashname)
+    net.connect(a, c)
+    net.run()
+    assert same(a, c)
+    assert any(isinstance(e, SnapshotReceived) for e in c.events)
