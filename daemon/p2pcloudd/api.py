@@ -88,7 +88,8 @@ STATUS_TEXT = {
     403: "Forbidden: the Host is not loopback, or a dashboard request came cross-origin",
     404: "Not found",
     405: "Method not allowed", 413: "Body too large", 415: "Unsupported media type",
-    422: "Unprocessable", 502: "The peer failed", 503: "Unavailable", 504: "Timed out",
+    422: "Unprocessable", 500: "The daemon failed", 502: "The peer failed",
+    503: "Unavailable", 504: "Timed out",
 }
 
 
@@ -306,6 +307,11 @@ def _endpoint(daemon: Daemon, spec: ApiRoute) -> Callable[[Request], Awaitable[R
                 log.info("api error method=%s path=%s status=%d code=%s", request.method,
                          request.url.path, exc.status, exc.code)
             return exc.response()
+        except Exception:
+            # A bug, not a client error: log it whole, answer with the usual error body.
+            log.exception("api bug method=%s path=%s", request.method, request.url.path)
+            return error_response(500, "internal_error", "the daemon failed on this request",
+                                  "see the daemon's log (p2pcloudd.log in the data dir)")
         if isinstance(result, Response):
             return result
         if result is None:
