@@ -12,17 +12,32 @@ from hypothesis import strategies as st
 
 from p2pcloud._core import Replica
 from p2pcloud.sync import (
+    EnvelopesReceived,
+    EnvelopesWanted,
     MessageDropped,
     Reconciled,
     SessionFailed,
     SnapshotReceived,
+    SnapshotWanted,
     SubCloudUnknownToPeer,
     SyncSession,
     fold_point,
 )
 from p2pcloud.sync import envelope as E
 from p2pcloud.sync.catalog import Catalog
-from p2pcloud.sync.messages import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, Envelopes, encode_message
+from p2pcloud.sync.messages import (
+    MAX_BATCH_BYTES,
+    MAX_MESSAGE_BYTES,
+    Ack,
+    Envelopes,
+    Reconcile,
+    SnapshotChunk,
+    Unknown,
+    VectorOffer,
+    Vectors,
+    encode_message,
+)
+from p2pcloud.sync.reconcile import Range
 from p2pcloud.sync.session import ANTI_ENTROPY_INTERVAL, SNAPSHOT_CHUNK_BYTES
 from tests.sync.harness import FakeNet, FakeNode
 
@@ -493,3 +508,53 @@ def test_a_log_folded_past_the_catalog_floor_still_bootstraps_by_snapshot() -> N
     net.run()
     assert same(a, c)
     assert any(isinstance(e, SnapshotReceived) for e in c.events)
+
+
+_IDS = st.sampled_from([bytes(16), b"\x01" * 16])
+_RANGES = st.builds(
+    lambda depth, mode, payload: Range(depth, bytes((depth + 1) // 2), mode, payload),
+    st.integers(0, 32),
+    st.integers(0, 5),
+    st.binary(max_size=40),
+)
+_MESSAGES = st.one_of(
+    st.builds(Reconcile, st.booleans(), st.lists(_RANGES, max_size=4).map(tuple)),
+    st.builds(
+        Vectors,
+        st.lists(
+            st.builds(VectorOffer, _IDS, st.binary(max_size=40), st.booleans(), st.integers(0, 9)),
+            max_size=3,
+        ).map(tuple),
+    ),
+    st.builds(
+        Envelopes, _IDS, st.integers(0, 5), st.lists(st.binary(min_size=1, max_size=60), max_size=3).map(tuple)
+    ),
+    st.builds(Ack, st.lists(st.integers(0, 5), max_size=3).map(tuple)),
+    st.builds(
+        SnapshotChunk,
+        _IDS,
+        st.integers(0, 5),
+        st.integers(0, 3),
+        st.just(4),
+        st.binary(max_size=12),
+        st.binary(min_size=1, max_size=1),
+    ),
+    st.builds(Unknown, st.lists(_IDS, max_size=2).map(tuple)),
+)
+
+
+@settings(max_examples=200)
+@given(st.lists(_MESSAGES, max_size=6))
+def test_well_framed_hostile_messages_never_raise(messages: list[object]) -> None:
+    s, cat = _session()
+    for msg in messages:
+        s.receive_data(encode_message(msg), 1.0)  # type: ignore[arg-type]
+        for ev in _drain(s):
+            # a shell acknowledging whatever arrived must not break the session either
+            if isinstance(ev, (EnvelopesReceived, SnapshotReceived)):
+                s.acknowledge(ev.batch, 1.0)
+            elif isinstance(ev, EnvelopesWanted):
+                s.provide_envelopes(ev.subcloud, ev.origin, ev.after, [], 1.0)
+            elif isinstance(ev, SnapshotWanted):
+                s.provide_snapshot(ev.subcloud, b"", {}, 1.0)
+    assert s.statistics().get("messages in", 0) == len(messages)
