@@ -760,7 +760,8 @@ cdef bytes _element(object element):
 
 
 DEF FIELD_CACHE = 8  # FIELD_NAME_CACHE of the reference
-DEF NIDX_FLAG = 0x8000000000000000  # Entry.gen of a local entry: this flag | its name number
+# Entry.gen of a local entry: this flag | its name number
+cdef uint64_t NIDX_FLAG = (<uint64_t>1) << 63
 
 
 cdef class _Names:
@@ -768,14 +769,20 @@ cdef class _Names:
     cdef dict index
     cdef _Buf last
     cdef Py_ssize_t count
-    cdef list recent_names  # the last FIELD_CACHE field names introduced, newest first
+    # the last FIELD_CACHE field names introduced, newest first: the str objects (kept alive
+    # by the list), their UTF-8 bytes and their numbers
+    cdef list recent_names
+    cdef const char* recent_ptr[FIELD_CACHE]
+    cdef Py_ssize_t recent_len[FIELD_CACHE]
     cdef Py_ssize_t recent_idx[FIELD_CACHE]
+    cdef Py_ssize_t nrecent
 
     def __cinit__(self):
         self.index = {}
         self.last = _Buf()
         self.count = 0
-        self.recent_names = []
+        self.recent_names = [None] * FIELD_CACHE
+        self.nrecent = 0
 
     cdef Py_ssize_t new(self, _Buf buf, str name) except -1:
         cdef Py_ssize_t n, p, limit
@@ -802,26 +809,29 @@ cdef class _Names:
         return self.new(buf, name)
 
     cdef Py_ssize_t put_field(self, _Buf buf, str name, Py_ssize_t known) except -1:
-        cdef Py_ssize_t i, k, idx
+        cdef Py_ssize_t i, k, idx, n
         cdef list recent = self.recent_names
+        cdef const char* p = PyUnicode_AsUTF8AndSize(name, &n)
         if known < 0:
-            for i in range(len(recent)):
-                other = recent[i]
-                if other is name or other == name:
+            for i in range(self.nrecent):
+                if self.recent_len[i] == n and memcmp(self.recent_ptr[i], p, n) == 0:
                     known = self.recent_idx[i]
                     break
         if known >= 0:
             buf.varint((<uint64_t>known) << 1)
             return known
         idx = self.new(buf, name)
-        recent.insert(0, name)
-        k = len(recent)
-        if k > FIELD_CACHE:
-            del recent[FIELD_CACHE:]
-            k = FIELD_CACHE
+        k = self.nrecent + 1 if self.nrecent < FIELD_CACHE else FIELD_CACHE
         for i in range(k - 1, 0, -1):
+            recent[i] = recent[i - 1]
+            self.recent_ptr[i] = self.recent_ptr[i - 1]
+            self.recent_len[i] = self.recent_len[i - 1]
             self.recent_idx[i] = self.recent_idx[i - 1]
+        recent[0] = name
+        self.recent_ptr[0] = p
+        self.recent_len[0] = n
         self.recent_idx[0] = idx
+        self.nrecent = k
         return idx
 
 
