@@ -28,6 +28,7 @@ Errors always have the body ``{"error": {"code", "message", "hint"}}`` and a pro
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import urllib.parse
@@ -177,6 +178,9 @@ class Registry:
 
 REGISTRY = Registry()
 route = REGISTRY.route
+
+CAPABILITIES = ("p2pcloudd.routes_node",)
+"""Route modules, one per capability; the sub-cloud data routes add theirs here."""
 
 
 # -- request helpers ----------------------------------------------------------------------
@@ -579,7 +583,8 @@ class _Guard:
 
 def build_app(daemon: Daemon) -> ASGIApp:
     """The ASGI app for ``daemon``: every registered route, then the dashboard files."""
-    import p2pcloudd.routes_node  # noqa: F401  (registers the node capability's routes)
+    for module in CAPABILITIES:
+        importlib.import_module(module)  # each registers its routes into REGISTRY
 
     routes: list[Route | Mount] = [
         Route(spec.path, _endpoint(daemon, spec), methods=[spec.method], name=spec.name)
