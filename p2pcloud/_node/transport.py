@@ -52,6 +52,10 @@ TCP_READ = 256 * 1024  # bytes per read: several large frames per system call
 MAX_TCP_BACKLOG = 16 * 1024 * 1024  # bytes queued on one connection before sends are dropped,
 # like a full socket buffer; above what a reliable channel queues (2 windows x 50 x 128 KiB)
 MAX_IOV = 512  # buffers per sendmsg call, below Linux's IOV_MAX of 1024
+MAX_TCP_CONNECTIONS = 256  # open connections (in and out); more accepts are closed at once,
+# so a flood of connections cannot exhaust file descriptors (a personal cloud has a few peers)
+TCP_IDLE_TIMEOUT = 900.0  # seconds without a byte in either direction before a connection is
+# closed: three times the mesh's 5-minute TCP keepalive, so only dead links are cut
 CONNECT_TIMEOUT = 10.0  # seconds before an outgoing connection attempt is given up
 
 MAX_BATCH = 256  # datagrams read in one burst before the node pumps and others get a turn
@@ -217,6 +221,7 @@ class _Connection:
         self.cancel_scope = trio.CancelScope()
         self.frames_reported = False
         self.broken = False
+        self.last_active = trio.current_time()
 
     def kick(self) -> None:
         self.wake.set()
@@ -272,7 +277,8 @@ class TcpTransport:
     Attributes:
         path: the listening address as a ``tcp4`` path.
         counts: ``received``, ``sent``, ``connects``, ``accepts``, ``connect_errors``,
-            ``dropped_backlog``, ``malformed``, ``closed``, ``frames`` (large-frame connections).
+            ``dropped_backlog``, ``malformed``, ``closed``, ``closed_idle``,
+            ``refused_too_many``, ``frames`` (large-frame connections).
     """
 
     def __init__(
@@ -390,6 +396,10 @@ class TcpTransport:
                         self.counts["accept_errors"] += 1
                         await trio.sleep(0.1)  # e.g. out of file descriptors: do not spin
                         continue
+                    if len(self._connections) >= MAX_TCP_CONNECTIONS:
+                        self.counts["refused_too_many"] += 1
+                        sock.close()
+                        continue
                     self._configure(sock)
                     path = Path.tcp4(addr[0], addr[1])
                     conn = _Connection(path, StreamFraming(initiator=False,
@@ -439,6 +449,9 @@ class TcpTransport:
             if self._nursery is None:
                 self.counts["dropped_not_running"] += 1
                 return True
+            if len(self._connections) >= MAX_TCP_CONNECTIONS:
+                self.counts["dropped_too_many"] += 1
+                return True
             conn = _Connection(path, StreamFraming(initiator=True, offer_frames=self._offer,
                                                    max_frame=self._max_frame))
             self._connections[path] = conn
@@ -462,6 +475,7 @@ class TcpTransport:
             self.counts["dropped_backlog"] += 1
             return True
         self.counts["sent"] += 1
+        conn.last_active = trio.current_time()
         if conn.pending or not conn.write_now():
             conn.kick()  # the socket is full (or not connected yet): the writer waits
         return True
@@ -477,6 +491,7 @@ class TcpTransport:
                     self.counts["connects"] += 1
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn)
+                    nursery.start_soon(self._idle_watch, conn)
                     if conn.framing.state is Framing.NEGOTIATING:
                         nursery.start_soon(self._negotiation_timeout, conn)
                     await self._reader(conn)
@@ -511,6 +526,14 @@ class TcpTransport:
         sock.close()
         return None
 
+    async def _idle_watch(self, conn: _Connection) -> None:
+        while True:
+            await trio.sleep_until(conn.last_active + TCP_IDLE_TIMEOUT)
+            if trio.current_time() >= conn.last_active + TCP_IDLE_TIMEOUT:
+                self.counts["closed_idle"] += 1
+                conn.cancel_scope.cancel()
+                return
+
     async def _negotiation_timeout(self, conn: _Connection) -> None:
         await trio.sleep(HELLO_WAIT)
         if conn.framing.state is Framing.NEGOTIATING:
@@ -533,6 +556,7 @@ class TcpTransport:
                 return
             if not data:
                 return  # the peer closed the connection
+            conn.last_active = trio.current_time()
             framing.receive_data(data)
             try:
                 while True:

@@ -15,11 +15,14 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from p2pcloud._crypto import LocalIdentity
 from p2pcloud._framing import Framing
+from p2pcloud._node import transport
 from p2pcloud._node.node import Node, open_node
 from p2pcloud._node.stream import ChannelStream
+from p2pcloud._node.transport import TCP_IDLE_TIMEOUT
 from p2pcloud._wire import MAX_INNER_PACKET
 
 MIB = 1 << 20
@@ -229,3 +232,31 @@ async def test_garbage_on_tcp_and_udp_is_dropped_and_the_node_keeps_working() ->
         assert sum(b.statistics().dropped.values()) >= 1
         await transfer(a, b, MIB)
         assert hashname == b.hashname
+
+
+async def test_idle_tcp_connections_are_closed(autojump_clock: trio.testing.MockClock) -> None:
+    # Virtual time over real sockets: a connection that never sends a byte is cut after
+    # TCP_IDLE_TIMEOUT (links themselves stay alive with the mesh's 5-minute keepalive).
+    async with open_node(identity=new_identity(), port=None) as node:
+        assert node._tcp is not None
+        path = node._tcp.path
+        stream = await trio.open_tcp_stream(path.ip, path.port)
+        with trio.fail_after(TCP_IDLE_TIMEOUT * 2):
+            assert await stream.receive_some(10) == b""  # closed by the node
+        await stream.aclose()
+        assert node.statistics().transports["tcp"]["closed_idle"] == 1
+
+
+async def test_tcp_connections_are_capped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(transport, "MAX_TCP_CONNECTIONS", 3)
+    async with open_node(identity=new_identity(), port=None) as node:
+        assert node._tcp is not None
+        path = node._tcp.path
+        streams = [await trio.open_tcp_stream(path.ip, path.port) for _ in range(5)]
+        with trio.fail_after(30):
+            for extra in streams[3:]:
+                assert await extra.receive_some(10) == b""  # closed at once by the node
+        assert node.statistics().transports["tcp"]["refused_too_many"] == 2
+        assert node._tcp.connections == 3
+        for stream in streams:
+            await stream.aclose()
