@@ -56,24 +56,27 @@ import segno
 from p2pcloud._crypto import KEY_SIZE, LocalIdentity, hashname_from_keys
 from p2pcloud._ids import CloudId, Hashname
 from p2pcloud._wire import Entropy, b32decode, b32encode
-from p2pcloud.cloud.grants import (
-    ID_SIZE,
-    MAX_RECORD_BYTES,
-    Grant,
-    Scope,
-    decode_record,
-    keys_belong,
+from p2pcloud.cloud._join import (
+    CHANNEL_TYPE,
+    PROTOCOL_VERSION,
+    Joined,
+    accept_welcome,
+    admit,
+    decode_message,
+    lp,
+    peer_keys,
+    refusal,
+    welcome,
 )
+from p2pcloud.cloud.grants import ID_SIZE, Grant, Scope, keys_belong
 from p2pcloud.cloud.membership import Membership
-from p2pcloud.errors import BadRecord, BadURI, JoinFailed, LocalProtocolError, MalformedPacket
+from p2pcloud.errors import BadURI, JoinFailed, LocalProtocolError, MalformedPacket
 
 __all__ = [
     "CHANNEL_TYPE",
     "DEFAULT_TTL",
     "INVITE_VERSION",
-    "MAX_CHAIN",
     "MAX_INVITE_PATHS",
-    "MAX_MESSAGE",
     "Invite",
     "InviteBook",
     "InviteJoiner",
@@ -89,9 +92,7 @@ __all__ = [
     "parse_invite",
 ]
 
-CHANNEL_TYPE: Final = "pair"  # the reliable channel both join protocols run on
 INVITE_VERSION: Final = 1
-PROTOCOL_VERSION: Final = 1
 DEFAULT_TTL: Final = 24 * 3600  # an invite shown today is used today; a lost one dies soon
 MAX_TTL: Final = 30 * 24 * 3600  # an invite is not a standing credential
 SECRET_SIZE: Final = 16  # 128 bits: unguessable, and short enough for a small QR code
@@ -103,13 +104,6 @@ MAX_INVITE_PATHS: Final = 8
 MAX_INVITE_TEXT: Final = 2048
 """Longest invite we parse: keys, secret and 8 paths take ~400 characters; a version 40 QR
 code holds ~4 KiB, and nothing legitimate is longer than this."""
-MAX_CHAIN: Final = 64
-"""Most records in a welcome's chain: the admin chain's depth plus revocations that keep
-records on it; a person's cloud is a few levels deep."""
-MAX_MESSAGE: Final = MAX_CHAIN * 8 * 1024 + MAX_RECORD_BYTES
-"""Largest join message: a chain of typical records (a few hundred bytes each, revocations
-bigger) plus one full-size record. Bounds what a peer can make us parse."""
-MAX_REASON: Final = 200  # characters of a refusal reason we show the user
 MAX_BOOK: Final = 1024  # open invites one device keeps; older expired ones are pruned first
 
 _PREFIX: Final = "p2pcloud:invite/"
@@ -117,7 +111,6 @@ _B32_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 _CHECK_CONTEXT: Final = b"p2pcloud invite v1"
 _ID_CONTEXT: Final = b"p2pcloud invite id"
 _JOIN_CONTEXT: Final = b"p2pcloud join v1"
-_WELCOME_CONTEXT: Final = b"p2pcloud welcome v1"
 
 
 def _when(seconds: int) -> str:
@@ -548,31 +541,31 @@ class InviteBook:
             it with :func:`~p2pcloud.cloud.membership.write_records` and save the book).
         """
         try:
-            msg = _decode_message(data, "join")
+            msg = decode_message(data, "join")
             invite_id, key, vk, nonce, mac = (msg.get(k) for k in ("i", "a", "k", "n", "m"))
             if not (isinstance(invite_id, bytes) and len(invite_id) == ID_SIZE
                     and isinstance(nonce, bytes) and len(nonce) == NONCE_SIZE
                     and isinstance(mac, bytes) and len(mac) == MAC_SIZE):
                 raise JoinFailed("malformed join message")
-            key, vk = _peer_keys(key, vk, peer)
+            key, vk = peer_keys(key, vk, peer)
             entry = self.check(invite_id, now)
         except JoinFailed as exc:
-            return JoinOutcome(_refusal(exc.reason), None, exc.reason)
+            return JoinOutcome(refusal(exc.reason), None, exc.reason)
         # one attempt per invite: burn it before looking at the proof
         self.burn(entry.id, peer, now)
         transcript = _join_transcript(entry.cloud, local.hashname, peer, vk, nonce)
         expected = hmac.new(entry.secret, transcript, hashlib.sha256).digest()
         if not hmac.compare_digest(expected, mac):
             reason = "the invite proof is wrong (a forged or altered join); the invite is burned"
-            return JoinOutcome(_refusal(reason), None, reason)
+            return JoinOutcome(refusal(reason), None, reason)
         try:
             grant, chain = admit(
                 membership, local, subject_key=key, subject_verify_key=vk, role=entry.role,
                 rights=entry.rights, expires=entry.grant_expires, entropy=entropy,
             )
         except LocalProtocolError as exc:
-            return JoinOutcome(_refusal(str(exc)), None, str(exc))
-        reply = _welcome(entry.secret, mac, grant, chain)
+            return JoinOutcome(refusal(str(exc)), None, str(exc))
+        reply = welcome(entry.secret, mac, grant, chain)
         return JoinOutcome(reply, grant, None)
 
     def to_bytes(self) -> bytes:
@@ -635,62 +628,12 @@ class JoinOutcome:
     error: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class Joined:
-    """A successful join, on the joiner's side.
-
-    Attributes:
-        cloud: the cloud id.
-        grant: our grant.
-        records: the grant and its chain (store them in the cloud sub-cloud).
-        membership: the membership those records make (we are a member in it).
-    """
-
-    cloud: CloudId
-    grant: Grant
-    records: tuple[bytes, ...]
-    membership: Membership
-
-
-def admit(
-    membership: Membership,
-    local: LocalIdentity,
-    *,
-    subject_key: bytes,
-    subject_verify_key: bytes,
-    role: str,
-    rights: Mapping[Scope, Iterable[str]],
-    expires: int | None,
-    entropy: Entropy,
-) -> tuple[Grant, list[bytes]]:
-    """Sign a grant for a joiner and collect the records that prove it (invites and pairing).
-
-    Args:
-        membership: the cloud's membership now.
-        local: the inviter (a valid admin).
-        subject_key: the joiner's CS3a key.
-        subject_verify_key: its Ed25519 verify key.
-        role: its role.
-        rights: its rights.
-        expires: its grant's expiry, or None.
-        entropy: randomness source.
-
-    Returns:
-        ``(grant, chain)``: the chain holds the founding grant first and every record the
-        joiner needs to check its grant with no other knowledge.
-
-    Raises:
-        LocalProtocolError: we are not an admin, or the joiner was revoked.
-    """
-    grant = membership.grant(
-        local, subject_key=subject_key, subject_verify_key=subject_verify_key, role=role,
-        rights=rights, expires=expires, entropy=entropy,
+def _join_transcript(
+    cloud: bytes, inviter: str, joiner: str, joiner_vk: bytes, nonce: bytes
+) -> bytes:
+    return _JOIN_CONTEXT + lp(
+        bytes(cloud), inviter.encode("ascii"), joiner.encode("ascii"), joiner_vk, nonce
     )
-    after = membership.with_records([grant])
-    chain = [r for r in after.chain_for(grant.subject) if r != grant.raw]
-    if len(chain) >= MAX_CHAIN:
-        raise LocalProtocolError("the grant chain is too long to send")
-    return grant, chain
 
 
 # -- the joiner ----------------------------------------------------------------------------
@@ -701,7 +644,7 @@ class InviteJoiner:
 
     Use: parse the invite, link to ``invite.inviter`` (its keys and paths are in the
     invite), open a ``pair`` channel, send :meth:`request`, feed the reply to
-    :meth:`receive`.
+    :meth:`finish`.
     """
 
     def __init__(self, identity: LocalIdentity, invite: Invite, *, entropy: Entropy) -> None:
@@ -734,7 +677,7 @@ class InviteJoiner:
             "m": self._mac,
         })
 
-    def receive(self, data: bytes, *, peer: Hashname, now: float) -> Joined:
+    def finish(self, data: bytes, *, peer: Hashname, now: float) -> Joined:
         """Check the inviter's reply.
 
         Args:
@@ -754,99 +697,8 @@ class InviteJoiner:
         self._done = True
         if peer != self._invite.inviter:
             raise JoinFailed("the reply did not come from the device that made the invite")
-        return _accept_welcome(
+        return accept_welcome(
             data, self._invite.secret, self._mac, self._identity, self._invite.cloud, now
         )
 
-
-# -- shared message helpers (invites and pairing) ------------------------------------------
-
-
-def _lp(*parts: bytes) -> bytes:
-    # length-prefixed concatenation: no two different transcripts serialize alike
-    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
-
-
-def _join_transcript(
-    cloud: bytes, inviter: str, joiner: str, joiner_vk: bytes, nonce: bytes
-) -> bytes:
-    return _JOIN_CONTEXT + _lp(
-        bytes(cloud), inviter.encode("ascii"), joiner.encode("ascii"), joiner_vk, nonce
-    )
-
-
-def _decode_message(data: bytes, *types: str) -> dict[str, Any]:
-    if not isinstance(data, (bytes, bytearray)) or len(data) > MAX_MESSAGE:
-        raise JoinFailed("malformed message (not bytes or too long)")
-    try:
-        obj: Any = cbor2.loads(bytes(data))
-    except Exception as exc:  # hostile bytes: one typed outcome
-        raise JoinFailed("malformed message (not CBOR)") from exc
-    if not isinstance(obj, dict) or any(not isinstance(k, str) for k in obj):
-        raise JoinFailed("malformed message (not a map)")
-    if obj.get("v") != PROTOCOL_VERSION or type(obj.get("v")) is not int:
-        raise JoinFailed(
-            f"the other device speaks join protocol version {obj.get('v')!r:.20}; update "
-            "p2pcloud on both devices"
-        )
-    if obj.get("t") not in types:
-        raise JoinFailed(f"unexpected message type {obj.get('t')!r:.20}")
-    return obj
-
-
-def _peer_keys(key: Any, vk: Any, peer: Hashname) -> tuple[bytes, bytes]:
-    if not (isinstance(key, bytes) and isinstance(vk, bytes)
-            and len(key) == KEY_SIZE and len(vk) == KEY_SIZE):
-        raise JoinFailed("malformed keys in the join message")
-    if hashname_from_keys({"3a": key}) != peer:
-        raise JoinFailed("the join message names another endpoint than the link")
-    if not keys_belong(key, vk):
-        raise JoinFailed("the joiner's verify key does not belong to its hashname")
-    return key, vk
-
-
-def _refusal(reason: str) -> bytes:
-    return cbor2.dumps({"v": PROTOCOL_VERSION, "t": "refused", "r": reason[:MAX_REASON]})
-
-
-def _welcome_mac(key: bytes, bound: bytes, grant: bytes, chain: Sequence[bytes]) -> bytes:
-    return hmac.new(key, _WELCOME_CONTEXT + _lp(bound, grant, *chain), hashlib.sha256).digest()
-
-
-def _welcome(key: bytes, bound: bytes, grant: Grant, chain: Sequence[bytes]) -> bytes:
-    return cbor2.dumps({
-        "v": PROTOCOL_VERSION, "t": "welcome", "g": grant.raw, "ch": list(chain),
-        "m": _welcome_mac(key, bound, grant.raw, chain),
-    })
-
-
-def _accept_welcome(
-    data: bytes, key: bytes, bound: bytes, identity: LocalIdentity, cloud: CloudId | None,
-    now: float,
-) -> Joined:
-    msg = _decode_message(data, "welcome", "refused")
-    if msg["t"] == "refused":
-        reason = msg.get("r")
-        text = reason[:MAX_REASON] if isinstance(reason, str) else "no reason given"
-        raise JoinFailed(f"the inviting device refused: {text}")
-    grant_raw, chain, mac = msg.get("g"), msg.get("ch"), msg.get("m")
-    if not (isinstance(grant_raw, bytes) and isinstance(chain, list) and isinstance(mac, bytes)
-            and len(chain) < MAX_CHAIN and all(isinstance(r, bytes) for r in chain)):
-        raise JoinFailed("malformed welcome message")
-    if not hmac.compare_digest(_welcome_mac(key, bound, grant_raw, chain), mac):
-        raise JoinFailed("the welcome is not from the device that holds the secret (forged)")
-    try:
-        grant = decode_record(grant_raw)
-    except BadRecord as exc:
-        raise JoinFailed(f"the grant we were given does not verify: {exc}") from exc
-    if not isinstance(grant, Grant) or grant.subject != identity.hashname:
-        raise JoinFailed("the grant we were given is not for this device")
-    if cloud is not None and grant.cloud != cloud:
-        raise JoinFailed("the grant we were given is for another cloud")
-    records = (grant_raw, *chain)
-    membership = Membership(grant.cloud, records, now=now)
-    if not membership.is_member(identity.hashname):
-        why = "; ".join(f"{r.reason} ({r.detail})" for r in membership.rejected) or "no chain"
-        raise JoinFailed(f"the grant we were given does not make us a member: {why}"[:400])
-    return Joined(grant.cloud, grant, tuple(records), membership)
 

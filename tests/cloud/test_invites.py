@@ -126,7 +126,7 @@ def test_join_round_trip_gives_a_verified_grant():
     j, outcome = join(book, parse_invite(format_invite(invite), now=NOW))
     assert outcome.error is None and outcome.grant is not None
     assert outcome.grant.subject == PHONE.hashname and outcome.grant.issuer == HOME.hashname
-    joined = j.receive(outcome.reply, peer=HOME.hashname, now=NOW + 1)
+    joined = j.finish(outcome.reply, peer=HOME.hashname, now=NOW + 1)
     assert joined.cloud == CLOUD and joined.grant == outcome.grant
     assert joined.membership.is_member(PHONE.hashname)
     assert joined.membership.can_write(b"\x05" * 16, PHONE.hashname)
@@ -142,7 +142,7 @@ def test_used_invite_fails_clearly():
     assert outcome.grant is None
     assert outcome.error == "this invite was already used; ask for a new one"
     with pytest.raises(JoinFailed, match="already used"):
-        j.receive(outcome.reply, peer=HOME.hashname, now=NOW)
+        j.finish(outcome.reply, peer=HOME.hashname, now=NOW)
 
 
 def test_expired_invite_fails_at_the_inviter():
@@ -151,7 +151,7 @@ def test_expired_invite_fails_at_the_inviter():
     assert outcome.grant is None
     assert "this invite expired at 2027-01-15 08:01:00 UTC" in outcome.error
     with pytest.raises(JoinFailed, match="expired"):
-        j.receive(outcome.reply, peer=HOME.hashname, now=NOW + 61)
+        j.finish(outcome.reply, peer=HOME.hashname, now=NOW + 61)
 
 
 def test_wrong_secret_burns_the_invite():
@@ -181,7 +181,7 @@ def test_join_binds_both_hashnames():
     j2, ok = join(book2, invite2)
     # a reply relayed from another endpoint than the inviter is refused by the joiner
     with pytest.raises(JoinFailed, match="did not come from"):
-        j2.receive(ok.reply, peer=THIEF.hashname, now=NOW)
+        j2.finish(ok.reply, peer=THIEF.hashname, now=NOW)
 
 
 def test_forged_welcome_is_refused():
@@ -190,7 +190,7 @@ def test_forged_welcome_is_refused():
     msg = cbor2.loads(outcome.reply)
     msg["m"] = bytes(32)
     with pytest.raises(JoinFailed, match="forged"):
-        j.receive(cbor2.dumps(msg), peer=HOME.hashname, now=NOW)
+        j.finish(cbor2.dumps(msg), peer=HOME.hashname, now=NOW)
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff\x00", cbor2.dumps({"v": 9, "t": "join"}),
