@@ -259,7 +259,7 @@ def many_subclouds(rng: random.Random, m: int, k: int) -> tuple[list[str], dict[
     row = (
         f"| M = {m:,}, {name} | {wire:,} | {flights[0]} | {payload:,} | {overhead:,}"
         f"{'' if k == 0 else f' ({overhead / k:.0f} per changed)'} | {rtt} "
-        f"({'-' if k == 0 else bound} goal) | {len(flights)} | {naive:,} B in 2 x {m:,} msgs |"
+        f"({1 if k == 0 else bound} goal) | {len(flights)} | {naive:,} B in 2 x {m:,} msgs |"
     )
     return [row], {"overhead_per": overhead / max(k, 1)}
 
