@@ -32,6 +32,7 @@ from p2pcloud.errors import (
 
 if TYPE_CHECKING:
     from p2pcloud._node.node import Node, open_node
+    from p2pcloud._node.subcloud import SubCloud
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "P2PCloudError",
     "RemoteProtocolError",
     "StoreError",
+    "SubCloud",
     "WrongPassphrase",
     "core_implementation",
     "open_node",
@@ -71,4 +73,8 @@ def __getattr__(name: str) -> Any:
         from p2pcloud._node import node as _node_mod
 
         return getattr(_node_mod, name)
+    if name == "SubCloud":
+        from p2pcloud._node.subcloud import SubCloud
+
+        return SubCloud
     raise AttributeError(f"module 'p2pcloud' has no attribute {name!r}")

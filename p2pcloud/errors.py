@@ -186,3 +186,23 @@ class JoinFailed(P2PCloudError):
         """
         super().__init__(reason)
         self.reason = reason
+
+
+# -- sub-clouds in the node -------------------------------------------------------------------
+
+
+class SubCloudError(P2PCloudError):
+    """Base of the errors raised by the node's sub-cloud API (``Node.subcloud``, ``SubCloud``)."""
+
+
+class UnknownSubCloud(SubCloudError, KeyError):
+    """No sub-cloud with that id or name is held by this node."""
+
+
+class AccessDenied(SubCloudError):
+    """This endpoint lacks the rights for the call (a write without write rights, a share by
+    an endpoint that does not own the sub-cloud)."""
+
+
+class SubscriptionLost(SubCloudError):
+    """A subscriber fell too far behind and its changes were dropped: re-read the state."""

@@ -41,7 +41,9 @@ from p2pcloud import _keyfile
 from p2pcloud._crypto import LocalIdentity
 from p2pcloud._ids import ChannelId, Hashname
 from p2pcloud._node.memory import MemoryEndpoint, MemoryNetwork
+from p2pcloud._node.replication import Replication, open_replication
 from p2pcloud._node.stream import ChannelStream, UnreliableChannel
+from p2pcloud._node.subcloud import SubCloud
 from p2pcloud._node.transport import TcpTransport, TransportError, UdpTransport
 from p2pcloud._wire import MAX_PACKET, MAX_UDP_PACKET, b32decode
 from p2pcloud.errors import (
@@ -198,6 +200,9 @@ class Node:
         self._closed = False
         self._pumping = False
         self._public_host: str | None = None
+        # sub-clouds (docs/subclouds.md): open_node attaches the engine when there is a data dir
+        self.replication: Replication | None = None
+        self._link_listeners: list[Callable[[Hashname, bool], None]] = []
 
     # -- properties --------------------------------------------------------------------
 
@@ -283,6 +288,9 @@ class Node:
         if self._closed:
             await trio.lowlevel.checkpoint()
             return
+        if self.replication is not None:
+            with trio.CancelScope(shield=True):
+                await self.replication.aclose()  # checkpoints, while the store is open
         self._closed = True
         for channel in list(self._channels.values()):
             channel._on_closed("node closed")
@@ -431,6 +439,8 @@ class Node:
             self._paths_changed = trio.Event()
             for waiter in self._link_waiters.pop(event.hashname, []):
                 waiter.event.set()
+            for listener in self._link_listeners:
+                listener(event.hashname, True)
         elif isinstance(event, ev.LinkDown):
             self._links_up.discard(event.hashname)
             for waiter in self._link_waiters.pop(event.hashname, []):
@@ -440,6 +450,8 @@ class Node:
                 if key[0] == event.hashname:
                     del self._channels[key]
                     channel._on_closed("link down")
+            for listener in self._link_listeners:
+                listener(event.hashname, False)
         elif isinstance(event, ev.PathChanged):
             self._link_paths[event.hashname] = event.path
             self._paths_changed.set()
@@ -734,6 +746,40 @@ class Node:
     def _register_type(self, type: str) -> None:
         self._mesh.handle_types(type)
 
+    # -- sub-clouds (docs/subclouds.md) ---------------------------------------------------
+
+    def _replication(self) -> Replication:
+        if self.replication is None:
+            raise LocalProtocolError("sub-clouds need a node with a data dir (open_node(path))")
+        return self.replication
+
+    async def create_subcloud(self, name: str, kind: str = "device") -> SubCloud:
+        """Create a sub-cloud owned by this node.
+
+        Args:
+            name: its name (1..200 characters).
+            kind: ``"device"``, ``"thing"`` or ``"cloud"``.
+
+        Returns:
+            The new :class:`SubCloud` (durable when this returns).
+
+        Raises:
+            LocalProtocolError: a bad name or kind, or a node without a data dir.
+        """
+        return await self._replication().create_subcloud(name, kind)
+
+    def subcloud(self, id_or_name: str | bytes) -> SubCloud:
+        """A sub-cloud this node holds, by id (16 bytes or base32) or name.
+
+        Raises:
+            UnknownSubCloud: no such sub-cloud (or a name several share).
+        """
+        return self._replication().find(id_or_name)
+
+    def subclouds(self) -> list[SubCloud]:
+        """Every sub-cloud this node holds."""
+        return list(self._replication().subclouds.values())
+
     def statistics(self) -> NodeStatistics:
         """Return a snapshot of the node's counters."""
         transports: dict[str, dict[str, int]] = {}
@@ -834,6 +880,7 @@ async def open_node(
     elif path is not None:
         data_dir = FsPath(path)
     node = Node(identity, data_dir=data_dir, accept=accept)
+    store = None
     try:
         async with trio.open_nursery() as nursery:
             await node._start(
@@ -845,6 +892,8 @@ async def open_node(
                 offer_frames=large_frames,
                 max_frame=max_frame,
             )
+            if data_dir is not None:  # sub-clouds: the store and the replication engine
+                store = await open_replication(node, nursery)
             try:
                 yield node
             finally:
@@ -856,4 +905,7 @@ async def open_node(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from group.exceptions[0].__cause__
         raise
+    finally:
+        if store is not None:
+            store.close()
 

@@ -1,0 +1,418 @@
+"""The node's blob engine: BlobTransfers over one ``blob`` channel per peer, LMDB as chunk store.
+
+Theory of operation
+-------------------
+:class:`BlobEngine` is the thin Trio shell around the pure
+:class:`p2pcloud.blobs.BlobTransfers` (docs/files.md). Every call into the coordinator runs
+in a worker thread, one at a time (``self._limiter`` has one token), because the
+coordinator reads the store (``has``/``get``/``get_manifest`` are LMDB reads and folder
+file reads) inside its methods, and STYLE.md section 3 keeps LMDB off the event loop. One
+such call also drains the coordinator's events and outgoing messages, so each input costs
+one thread hop.
+
+* **Channel.** One reliable ``blob`` channel per linked peer; its byte stream carries
+  length-prefixed frames (u32 big-endian, at most ``MAX_BLOB_MESSAGE``), one blob message
+  each. A reader task feeds frames in; a writer task per peer sends what comes out.
+* **Storing.** ``ChunkReceived`` chunks (already verified by the coordinator) are
+  batched and written by one writer task, one LMDB transaction per batch (one fsync for
+  many chunks). A ``BlobCompleted`` is released only after every chunk received before it
+  is durable. ``ManifestReceived`` stores the manifest bytes as a chunk keyed by the blob
+  hash (the blob hash *is* the manifest's BLAKE3, so it is content-addressed like any
+  chunk), pinned by a record ``b"m" + blob`` so garbage collection keeps it, plus the
+  blob record (size, chunk list) that ``missing_chunks`` reads.
+* **Wanting.** ``want`` queues blobs beyond ``MAX_ACTIVE_BLOBS`` and feeds them as others
+  complete; waiters (``open_blob``, folders) get a :class:`trio.Event` per blob.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from p2pcloud._ids import Hashname
+from p2pcloud.blobs import (
+    MAX_BLOB_MESSAGE,
+    BlobCompleted,
+    BlobStalled,
+    BlobTransfers,
+    ChunkReceived,
+    Manifest,
+    ManifestReceived,
+    MessageDropped,
+    decode_manifest,
+)
+from p2pcloud.blobs.transfer import MAX_ACTIVE_BLOBS
+from p2pcloud.errors import BadManifest, StoreError
+
+if TYPE_CHECKING:
+    from p2pcloud._node.stream import ChannelStream
+    from p2pcloud._store import Store
+
+__all__ = ["BLOB_FRAME", "BlobEngine", "manifest_record_id"]
+
+log = logging.getLogger("p2pcloud.blobs")
+
+BLOB_FRAME: Final = struct.Struct(">I")  # length prefix of one blob message on the stream
+MAX_PENDING_CHUNK_BYTES: Final = 64 * 1024 * 1024
+"""Verified chunks held in memory waiting for their LMDB batch: the reader pauses beyond
+this, so a disk slower than the network pushes back instead of filling memory."""
+MAX_WRITE_BATCH_BYTES: Final = 32 * 1024 * 1024  # per put_chunks transaction (dirty pages)
+MAX_WRITE_BATCH_CHUNKS: Final = 4096  # the store's MAX_CHUNK_BATCH
+MAX_MANIFEST_CACHE: Final = 4096  # manifests kept decoded in memory (~0.5 MiB per GiB of blob)
+
+
+def manifest_record_id(blob: bytes) -> bytes:
+    """The blob record id that pins a blob's manifest bytes (stored as chunk ``blob``)."""
+    return b"m" + blob
+
+
+class BlobEngine:
+    """Blob transfers of one node over LMDB (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        write_limiter: trio.CapacityLimiter,
+        extra_chunks: Callable[[bytes], bytes | None] | None = None,
+        extra_manifest: Callable[[bytes], Manifest | None] | None = None,
+        on_completed: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """Create the engine (no tasks yet: :meth:`run` starts them).
+
+        Args:
+            store: the node's store.
+            write_limiter: the node's one-writer limiter for LMDB writes.
+            extra_chunks: a second chunk source (synced folders' files).
+            extra_manifest: a second manifest source (synced folders' index).
+            on_completed: called in the Trio thread when a blob is complete and durable.
+        """
+        self._store = store
+        self._writer = write_limiter
+        self._limiter = trio.CapacityLimiter(1)  # the coordinator is used by one thread at a time
+        self._extra_chunks = extra_chunks
+        self._extra_manifest = extra_manifest
+        self._on_completed = on_completed
+        self._manifests: dict[bytes, Manifest] = {}
+        self._pending: dict[bytes, bytes] = {}  # verified chunks not yet written
+        self._pending_bytes = 0
+        self._flushing: dict[bytes, bytes] = {}  # the batch being written now
+        self._received_gen = 0
+        self._stored_gen = 0
+        self._completions: deque[tuple[int, bytes]] = deque()
+        self._wake_writer = trio.Event()
+        self._room = trio.Event()
+        self._transfers = BlobTransfers(self._has, self._get, self._get_manifest)
+        self._out: dict[Hashname, trio.MemorySendChannel[bytes]] = {}
+        self._waiters: dict[bytes, trio.Event] = {}
+        self._backlog: deque[bytes] = deque()  # wanted blobs beyond MAX_ACTIVE_BLOBS
+        self._wanted: set[bytes] = set()
+        self._stats: Counter[str] = Counter()
+        self.bytes_received: Counter[Hashname] = Counter()
+        """Blob channel bytes read from each peer (frames included)."""
+        self._timer_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- chunk store callables (run in the coordinator's worker thread) ---------------------
+
+    def _has(self, digest: bytes) -> bool:
+        if digest in self._pending or digest in self._flushing:
+            return True
+        if self._store.has_chunks([digest]):
+            return True
+        return self._extra_chunks is not None and self._extra_chunks(digest) is not None
+
+    def _get(self, digest: bytes) -> bytes | None:
+        data = self._pending.get(digest) or self._flushing.get(digest)
+        if data is not None:
+            return data
+        data = self._store.get_chunk(digest)
+        if data is None and self._extra_chunks is not None:
+            data = self._extra_chunks(digest)
+        return data
+
+    def _get_manifest(self, blob: bytes) -> Manifest | None:
+        cached = self._manifests.get(blob)
+        if cached is not None:
+            return cached
+        raw = self._store.get_chunk(blob)
+        if raw is not None:
+            try:
+                manifest = decode_manifest(raw, blob)
+            except BadManifest:
+                manifest = None
+            if manifest is not None:
+                self._cache(manifest)
+                return manifest
+        if self._extra_manifest is not None:
+            return self._extra_manifest(blob)
+        return None
+
+    def _cache(self, manifest: Manifest) -> None:
+        if len(self._manifests) >= MAX_MANIFEST_CACHE:
+            self._manifests.pop(next(iter(self._manifests)))
+        self._manifests[manifest.blob_hash] = manifest
+
+    def manifest(self, blob: bytes) -> Manifest | None:
+        """A held manifest (store, cache or a folder), read synchronously (worker threads)."""
+        return self._get_manifest(blob)
+
+    # -- running ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the timer and the chunk writer until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self._writer_loop)
+            task_status.started()
+
+    async def _step(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run one coordinator call in the worker thread, then act on what it produced."""
+        now = trio.current_time()
+
+        def work() -> tuple[list[Any], list[tuple[Hashname, bytes]]]:
+            fn(*args)
+            events = []
+            while (event := self._transfers.next_event()) is not None:
+                events.append(event)
+            return events, self._transfers.messages_to_send(now)
+
+        events, messages = await trio.to_thread.run_sync(work, limiter=self._limiter)
+        await self._handle(events)
+        for peer, body in messages:
+            out = self._out.get(peer)
+            if out is not None:
+                out.send_nowait(body)
+        self._timer_changed.set()
+
+    async def _handle(self, events: Iterable[Any]) -> None:
+        manifests: list[Manifest] = []
+        for event in events:
+            if isinstance(event, ChunkReceived):
+                if event.hash not in self._pending:
+                    self._pending[event.hash] = event.data
+                    self._pending_bytes += len(event.data)
+                self._received_gen += 1
+                self._stats["chunks received"] += 1
+            elif isinstance(event, ManifestReceived):
+                manifests.append(event.manifest)
+            elif isinstance(event, BlobCompleted):
+                self._completions.append((self._received_gen, event.blob))
+            elif isinstance(event, BlobStalled):
+                self._stats["stalled"] += 1
+                log.info("blob %s stalled: no peer has %d chunk(s)%s", event.blob.hex()[:16],
+                         len(event.missing), "" if event.manifest else " nor the manifest")
+            elif isinstance(event, MessageDropped):
+                self._stats[f"dropped: {event.reason.split(':')[0]}"] += 1
+                log.warning("blob message from %s refused: %s", event.peer[:8], event.reason)
+        if manifests:
+            for m in manifests:
+                self._cache(m)
+            await trio.to_thread.run_sync(self._store_manifests, manifests, limiter=self._writer)
+        if self._pending or self._completions:
+            self._wake_writer.set()
+
+    def _store_manifests(self, manifests: list[Manifest]) -> None:
+        for m in manifests:
+            self._store.put_blob(manifest_record_id(m.blob_hash), len(m.encoded), [m.blob_hash],
+                                 {m.blob_hash: m.encoded})
+            self._store.put_blob(m.blob_hash, m.size, [c.hash for c in m.chunks])
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer = trio.Event()
+            while self._pending:
+                gen = self._received_gen
+                batch: dict[bytes, bytes] = {}
+                size = 0
+                for digest in list(self._pending):
+                    if batch and (size >= MAX_WRITE_BATCH_BYTES
+                                  or len(batch) >= MAX_WRITE_BATCH_CHUNKS):
+                        gen = -1  # more remain: completions wait for the next batch
+                        break
+                    data = self._pending.pop(digest)
+                    batch[digest] = data
+                    size += len(data)
+                self._flushing = batch
+                try:
+                    await trio.to_thread.run_sync(self._store.put_chunks, batch,
+                                                  limiter=self._writer)
+                except StoreError:
+                    log.exception("storing %d received chunks failed; they will be re-fetched",
+                                  len(batch))
+                    self._stats["chunk writes failed"] += 1
+                finally:
+                    self._flushing = {}
+                    self._pending_bytes -= size
+                    self._room.set()
+                    self._room = trio.Event()
+                if gen >= 0:
+                    self._stored_gen = gen
+            if not self._pending:
+                self._stored_gen = self._received_gen
+            done: list[bytes] = []
+            while self._completions and self._completions[0][0] <= self._stored_gen:
+                done.append(self._completions.popleft()[1])
+            for blob in done:
+                self._complete(blob)
+            if done:
+                await self._feed_backlog()
+
+    def _complete(self, blob: bytes) -> None:
+        self._stats["blobs completed"] += 1
+        self._wanted.discard(blob)
+        event = self._waiters.pop(blob, None)
+        if event is not None:
+            event.set()
+        if self._on_completed is not None:
+            self._on_completed(blob)
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self._transfers.get_timer()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._timer_changed.wait()
+                self._timer_changed = trio.Event()
+                continue
+            await self._step(self._transfers.handle_timer, trio.current_time())
+
+    # -- wanting ------------------------------------------------------------------------------
+
+    async def want(self, blobs: Iterable[tuple[bytes, Manifest | None]]) -> None:
+        """Fetch these blobs (resuming: chunks held are not asked for).
+
+        Args:
+            blobs: ``(blob hash, manifest or None)`` pairs.
+        """
+        for blob, manifest in blobs:
+            if blob in self._wanted:
+                continue
+            self._wanted.add(blob)
+            if manifest is not None:
+                self._cache(manifest)
+            self._backlog.append(blob)
+        await self._feed_backlog()
+
+    async def _feed_backlog(self) -> None:
+        take: list[bytes] = []
+        active = len(self._wanted) - len(self._backlog)
+        while self._backlog and active + len(take) < MAX_ACTIVE_BLOBS:
+            take.append(self._backlog.popleft())
+        if not take:
+            return
+
+        def start() -> None:
+            for blob in take:
+                try:
+                    self._transfers.want_blob(blob)
+                except ValueError:
+                    self._backlog.appendleft(blob)  # the coordinator is full: later
+
+        await self._step(start)
+
+    def waiter(self, blob: bytes) -> trio.Event:
+        """An event set when ``blob`` is complete and durable (the caller wants it first)."""
+        return self._waiters.setdefault(blob, trio.Event())
+
+    def progress(self) -> tuple[int, int]:
+        """``(bytes done, bytes total)`` over the blobs being fetched (manifests known)."""
+        done = total = 0
+        for blob in list(self._wanted):
+            p = self._transfers.progress(blob)
+            if p is not None:
+                done += p[0]
+                total += p[1]
+        return done, total
+
+    def statistics(self) -> dict[str, int]:
+        """Counters of the engine and of the coordinator."""
+        out = dict(self._stats)
+        out.update(self._transfers.statistics())
+        out["wanted"] = len(self._wanted)
+        return out
+
+    # -- channels -------------------------------------------------------------------------------
+
+    async def run_channel(self, stream: ChannelStream) -> None:
+        """Serve one peer's ``blob`` channel until it ends (either side may have opened it).
+
+        Args:
+            stream: the reliable channel.
+        """
+        peer = stream.hashname
+        send, receive = trio.open_memory_channel[bytes](math.inf)
+        old = self._out.get(peer)
+        if old is not None:
+            old.close()
+        self._out[peer] = send
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_frames, stream, receive, nursery.cancel_scope)
+                await self._step(self._transfers.peer_up, peer)
+                await self._read_frames(stream, peer)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self._out.get(peer) is send:
+                del self._out[peer]
+                with trio.CancelScope(shield=True):
+                    await self._step(self._transfers.peer_down, peer)
+            send.close()
+
+    async def _write_frames(self, stream: ChannelStream, receive: trio.MemoryReceiveChannel[bytes],
+                            scope: trio.CancelScope) -> None:
+        try:
+            async for body in receive:
+                frames = [BLOB_FRAME.pack(len(body)), body]
+                while True:  # coalesce what is queued into one write
+                    try:
+                        more = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    frames += [BLOB_FRAME.pack(len(more)), more]
+                    if len(frames) >= 64:
+                        break
+                await stream.send_all(b"".join(frames))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            scope.cancel()
+
+    async def _read_frames(self, stream: ChannelStream, peer: Hashname) -> None:
+        buf = bytearray()
+        while True:
+            try:
+                data = await stream.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self.bytes_received[peer] += len(data)
+            buf += data
+            bodies: list[bytes] = []
+            while len(buf) >= BLOB_FRAME.size:
+                (n,) = BLOB_FRAME.unpack_from(buf)
+                if n > MAX_BLOB_MESSAGE:
+                    self._stats["dropped: oversized frame"] += 1
+                    log.warning("blob channel from %s sent a %d-byte frame; closing it",
+                                peer[:8], n)
+                    return
+                if len(buf) < BLOB_FRAME.size + n:
+                    break
+                bodies.append(bytes(buf[BLOB_FRAME.size:BLOB_FRAME.size + n]))
+                del buf[:BLOB_FRAME.size + n]
+            if bodies:
+                now = trio.current_time()
+
+                def feed(bodies: list[bytes] = bodies, now: float = now) -> None:
+                    for body in bodies:
+                        self._transfers.receive(peer, body, now)
+
+                await self._step(feed)
+            while self._pending_bytes > MAX_PENDING_CHUNK_BYTES:
+                await self._room.wait()
