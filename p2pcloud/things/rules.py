@@ -29,7 +29,9 @@ Exactly once, with several owner devices online (docs/things.md "exactly once"):
   that comes back after a partition merges the markers first and skips what was done.
 * Limits, honestly: when devices cannot sync for longer than ``TAKEOVER_MS`` the next
   candidate acts too (availability over coordination); both markers then merge into one
-  multi-value field that shows the duplicate. External actions (notify, forward) run after the
+  multi-value field that shows the duplicate. A device that (re)starts waits ``SETTLE_MS``
+  before handling work that became due while it was down, so its first sync can bring in the
+  markers of whoever took over. External actions (notify, forward) run after the
   marker is written, so a crash between the two loses that notification rather than
   repeating it.
 
@@ -61,6 +63,7 @@ __all__ = [
     "MAX_RULE_TEXT",
     "MAX_RULES",
     "MAX_TOKENS",
+    "SETTLE_MS",
     "TAKEOVER_MS",
     "Action",
     "Event",
@@ -104,6 +107,9 @@ reminder from a month ago is noise, and the bound caps the work after a long sle
 TAKEOVER_MS: Final = 60_000
 """How long each candidate waits for the one before it (1 minute): long enough for a done
 marker to sync between online devices, short enough that a notification is still timely."""
+SETTLE_MS: Final = TAKEOVER_MS
+"""After a (re)start, how long overdue firings wait for the first sync with the other devices
+(whose done-markers would show the work was taken over meanwhile)."""
 _DAY_MS: Final = 86_400_000
 
 # -- tokens -----------------------------------------------------------------------------------
@@ -738,20 +744,26 @@ class RuleRunner:
     """
 
     def __init__(self, me: str, hosts: Sequence[str], *,
-                 registry: HandlerRegistry | None = None, started_ms: int = 0) -> None:
-        """Create the runner.
+                 registry: HandlerRegistry | None = None, started_ms: int,
+                 schedules_since_ms: int | None = None) -> None:
+        """Create the runner (once per thing when the device starts).
 
         Args:
             me: this device's hashname. hosts: the cloud's rule hosts.
-            registry: Python handlers, if any. started_ms: schedules are computed from here
-                (the last time the shell ran, when it remembers it).
+            registry: Python handlers, if any.
+            started_ms: when this device started. Firings of events older than that wait
+                ``SETTLE_MS`` more, so the first sync can bring in done-markers other devices
+                wrote while this one was down.
+            schedules_since_ms: schedule occurrences after this time are considered (the
+                last time the device ran, if the shell remembers it; default started_ms).
         """
         self.me = me
         self.hosts = list(hosts)
         self.registry = registry
+        self.started_ms = started_ms
         self._pending: dict[tuple[str, str], Due] = {}
         self._seen: set[str] = set()
-        self._schedule_since = started_ms
+        self._schedule_since = started_ms if schedules_since_ms is None else schedules_since_ms
         self._wake: int | None = None
 
     def observe(self, replica: Replica, now_ms: int) -> None:
@@ -778,9 +790,22 @@ class RuleRunner:
             for f in firings + ([extra] if extra is not None else []):
                 self._pending[(f.rule_id, f.event_id)] = Due(event, f)
 
+    def resume(self, now_ms: int) -> None:
+        """Call when the device wakes from sleep or its links come back after a cut: work that
+        became due meanwhile waits ``SETTLE_MS`` for the first sync, as after a start.
+
+        Args:
+            now_ms: now.
+        """
+        self.started_ms = now_ms
+
     def _start(self, event: Event) -> int:
         rank = candidates(event, self.hosts).index(self.me)
-        return event.at_ms + rank * TAKEOVER_MS
+        start = event.at_ms + rank * TAKEOVER_MS
+        if event.at_ms < self.started_ms:
+            # Overdue work found at start-up: let the first sync deliver markers first.
+            start = max(start, self.started_ms + SETTLE_MS)
+        return start
 
     def due(self, replica: Replica, now_ms: int) -> list[Due]:
         """The firings this device must handle now (done-markers merged so far are skipped).
