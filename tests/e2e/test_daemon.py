@@ -251,3 +251,18 @@ def test_cli_follows_events(two_daemons: tuple[Daemon, Daemon]) -> None:
     assert follower.returncode == 0, err
     event = json.loads(out)
     assert event["type"] == "link.up" and event["data"]["hashname"] == b.status()["hashname"]
+
+
+def test_up_reports_why_the_daemon_could_not_start(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli(tmp_path / "d", "up", "--port", "0", "--tcp-port", "0",
+                   "--api-port", str(port))
+    assert done.returncode == 1
+    assert "exited with status 2 while starting" in done.stderr
+    assert f"API port {port} on 127.0.0.1 is already in use" in done.stderr
+    assert "p2pcloudd.log" in done.stderr
