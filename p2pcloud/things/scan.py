@@ -27,6 +27,7 @@ request ``{v:1, op, t: thing hashname, ...}``, response ``{v:1, ok, ...}`` or
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -63,6 +64,7 @@ __all__ = [
     "Served",
     "card_request",
     "check_finder_request",
+    "claim_host",
     "claim_here",
     "claim_request",
     "current_tag",
@@ -111,6 +113,7 @@ REFUSE_MOVED: Final = "the thing moved to another cloud"
 REFUSE_BAD_SECRET: Final = "wrong claim secret"  # noqa: S105 - a reason, not a password
 REFUSE_SPENT: Final = "claim secret already spent: the thing is claimed"
 REFUSE_NO_KEY: Final = "this device cannot act for the thing"
+REFUSE_NOT_CLAIM_HOST: Final = "another device of the cloud answers claims for this thing"
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -372,9 +375,28 @@ def _messages_today(replica: Replica, finder: Hashname, now_ms: int) -> int:
                and isinstance(v.get("at_ms"), int) and now_ms - v["at_ms"] < _DAY_MS)
 
 
+def claim_host(thing: Hashname, hosts: Sequence[str]) -> str | None:
+    """The one device of the holding cloud that answers claims for ``thing``.
+
+    A claim secret is single use; if two devices of the holding cloud answered two claimants
+    while cut off from each other, both would hand the thing out. One device per thing
+    (rendezvous hashing over the cloud's rule hosts, as p2pcloud.things.rules does for
+    schedules) answers claims; the others refuse with ``REFUSE_NOT_CLAIM_HOST`` and name it.
+
+    Args:
+        thing: the thing's hashname. hosts: the cloud's rule hosts.
+
+    Returns:
+        The host's hashname, or None when there are no hosts.
+    """
+    if not hosts:
+        return None
+    return min(hosts, key=lambda h: (hashlib.sha256(f"claim|{thing}|{h}".encode()).digest(), h))
+
+
 def serve_request(replica: Replica, data: bytes, *, requester: Hashname, me: Hashname,
-                  thing_identity: LocalIdentity | None, entropy: Entropy,
-                  now_ms: int) -> Served:
+                  thing_identity: LocalIdentity | None, entropy: Entropy, now_ms: int,
+                  claim_hosts: Sequence[str] = ()) -> Served:
     """Answer one request that arrived on a ``thing`` channel for the thing of ``replica``.
 
     Never raises on bad input: every failure is a refusal response and a
@@ -389,6 +411,8 @@ def serve_request(replica: Replica, data: bytes, *, requester: Hashname, me: Has
         me: this device's hashname (events record where they originated).
         thing_identity: the thing's keys if this device opened them (needed for claims).
         entropy: randomness. now_ms: wall-clock milliseconds.
+        claim_hosts: the cloud's rule hosts; when given, only :func:`claim_host` of them
+            answers claims (empty: this device answers, e.g. a cloud of one device).
 
     Returns:
         The :class:`Served`.
@@ -406,6 +430,9 @@ def serve_request(replica: Replica, data: bytes, *, requester: Hashname, me: Has
         return _refuse(REFUSE_MOVED, requester, info.hashname,
                        "ask the owner for the thing's new tag")
     if request.op == OP_CLAIM:
+        host = claim_host(info.hashname, claim_hosts)
+        if host is not None and host != me:
+            return _refuse(REFUSE_NOT_CLAIM_HOST, requester, info.hashname, host)
         return _serve_claim(replica, request, info, requester=requester,
                             thing_identity=thing_identity, entropy=entropy, now_ms=now_ms)
     finder_hash = replica.get(_t.ACCESS, _t.ACCESS_DOC, "finder_hash")
@@ -420,7 +447,9 @@ def serve_request(replica: Replica, data: bytes, *, requester: Hashname, me: Has
         replica.begin(now_ms)
         replica.append(_t.EVENTS, event)
         delta = bytes(replica.commit())
-        return Served(encode_response(True, card=_t.card(replica), name=info.name), delta,
+        # The card and nothing else: not even the thing's name (the owner puts on the card
+        # what a finder may see).
+        return Served(encode_response(True, card=_t.card(replica)), delta,
                       [CardShown(info.hashname, requester, event)])
     if _messages_today(replica, requester, now_ms) >= MAX_MESSAGES_PER_FINDER:
         return _refuse(REFUSE_RATE, requester, info.hashname)

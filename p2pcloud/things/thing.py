@@ -261,6 +261,9 @@ def open_sealed(identity: LocalIdentity, sealed: bytes) -> bytes:
 
 
 def _check_members(members: Mapping[Hashname, bytes]) -> dict[Hashname, bytes]:
+    if not members:
+        # Sealed to nobody, the key would be lost and nobody could act for the thing again.
+        raise ThingError("the thing key must be sealed to at least one member")
     if len(members) > MAX_SEALS:
         raise ThingError(f"more than {MAX_SEALS} members to seal the thing key to")
     out: dict[Hashname, bytes] = {}
@@ -305,8 +308,10 @@ def reseal_thing_key(replica: Replica, identity: LocalIdentity,
         The delta.
 
     Raises:
-        ThingError: a member's key does not match its hashname, or too many members.
+        ThingError: a member's key does not match its hashname, no members or too many;
+            nothing is written.
     """
+    _check_members(members)
     replica.begin(now_ms)
     try:
         _write_seals(replica, identity, members, entropy)

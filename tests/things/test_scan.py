@@ -131,6 +131,27 @@ def test_claim_by_another_cloud_moves_the_thing_and_a_replay_fails() -> None:
     assert again.action == s.SCAN_REFUSED and again.reason == s.REFUSE_SPENT
 
 
+def test_only_the_claim_host_answers_claims() -> None:
+    maker, buyer = make_cloud("maker", 3), make_cloud("buyer")
+    new, held, _ = make_thing(maker)
+    hosts = [d.hashname for d in maker.devices]
+    host = s.claim_host(new.hashname, hosts)
+    assert host in hosts and s.claim_host(new.hashname, list(reversed(hosts))) == host
+    identity = t.open_thing_key(held, maker.devices[0])
+    request = s.claim_request(tg.fresh_tag(new), cloud=buyer.id, members=buyer.members)
+    answers = {}
+    for device in maker.devices:
+        served = s.serve_request(held.__class__.load(held.encode_snapshot(), b"x" * 16, NOW),
+                                 request, requester=buyer.devices[0].hashname,
+                                 me=device.hashname, thing_identity=identity,
+                                 entropy=SeededEntropy("e"), now_ms=NOW + 5, claim_hosts=hosts)
+        answers[device.hashname] = s.decode_response(served.response)
+    assert [hn for hn, resp in answers.items() if resp["ok"]] == [host]
+    for hn, resp in answers.items():
+        if hn != host:
+            assert resp["err"] == s.REFUSE_NOT_CLAIM_HOST and resp["detail"] == host
+
+
 def test_remote_claim_refusals() -> None:
     maker, buyer = make_cloud("maker"), make_cloud("buyer")
     new, held, _ = make_thing(maker)
@@ -167,8 +188,7 @@ def test_finder_reads_the_card() -> None:
     _new, replica, tag = claimed_thing(home)
     served = serve(replica, s.card_request(tag))
     response = s.decode_response(served.response)
-    assert response == {"v": 1, "ok": True, "card": {"if found": "call 555 0100"},
-                        "name": "bike"}
+    assert response == {"v": 1, "ok": True, "card": {"if found": "call 555 0100"}}
     assert isinstance(served.events[0], s.CardShown)
     event = replica.log(t.EVENTS)[-1][2]
     assert event["type"] == "scanned" and event["owner"] is False and event["finder"] == FINDER

@@ -124,6 +124,19 @@ def test_reseal_when_members_change() -> None:
         t.open_thing_key(replica, leaving)
 
 
+def test_the_key_is_never_sealed_to_nobody() -> None:
+    cloud = make_cloud("home", 1)
+    new, replica, _ = make_thing(cloud)
+    with pytest.raises(ThingError, match="at least one member"):
+        t.reseal_thing_key(replica, new.identity, {}, entropy=SeededEntropy("s"),
+                           now_ms=NOW + 1)
+    assert t.open_thing_key(replica, cloud.devices[0]).hashname == new.hashname
+    other = t.new_thing(SeededEntropy("o"))
+    with pytest.raises(ThingError, match="at least one member"):
+        t.create_layout(replica_for(other.subcloud, cloud.devices[0]), other, cloud=cloud.id,
+                        members={}, entropy=SeededEntropy("s"), now_ms=NOW)
+
+
 def test_member_key_must_match_hashname() -> None:
     cloud = make_cloud("home", 2)
     new, replica, _ = make_thing(cloud)
