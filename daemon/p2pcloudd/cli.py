@@ -1,8 +1,8 @@
 """``p2pcloud``: the command line; it talks to the running daemon through its HTTP API.
 
 Commands (``p2pcloud COMMAND --help`` for each): ``init``, ``up``, ``down``, ``status``,
-``id``, ``link URI``, ``peers``, ``events``, ``dashboard``, ``doctor``. Every command that shows
-something takes ``--json`` for scripts. The data dir is ``--data-dir``, else
+``id``, ``link URI``, ``peers``, ``events``, ``demo``, ``dashboard``, ``doctor``. Every
+command that shows something takes ``--json`` for scripts. The data dir is ``--data-dir``, else
 ``$P2PCLOUD_HOME``, else ``$XDG_DATA_HOME/p2pcloud``, else ``~/.local/share/p2pcloud``; the
 CLI finds the daemon's API in its ``api.json`` and the token in its ``api-token``.
 
@@ -240,15 +240,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _daemon_command(args: argparse.Namespace, data_dir: Path) -> list[str]:
-    command = [sys.executable, "-m", "p2pcloudd.service", "--data-dir", str(data_dir)]
+def _daemon_flags(args: argparse.Namespace) -> list[str]:
+    flags: list[str] = []
     for flag in ("port", "tcp_port", "bind", "api_port", "api_bind", "log_level", "log_format"):
         value = getattr(args, flag)
         if value is not None:
-            command += [f"--{flag.replace('_', '-')}", str(value)]
+            flags += [f"--{flag.replace('_', '-')}", str(value)]
     for uri in args.link:
-        command += ["--link", uri]
-    return command
+        flags += ["--link", uri]
+    return flags
 
 
 def _running_status(data_dir: Path) -> dict[str, Any] | None:
@@ -262,14 +262,22 @@ def _running_status(data_dir: Path) -> dict[str, Any] | None:
     return dict(status)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    """Start the daemon in the background and wait until its API answers."""
+def start_daemon(data_dir: Path, flags: Sequence[str], *, quiet: bool) -> dict[str, Any]:
+    """Start ``p2pcloudd`` on ``data_dir`` in the background and wait until its API answers.
+
+    Args:
+        data_dir: its data dir (created if missing).
+        flags: extra daemon flags (ports, bind, links...).
+        quiet: no spinner.
+
+    Returns:
+        Its ``/api/status``.
+
+    Raises:
+        CliError: it exited while starting (with the end of its log), or did not answer.
+    """
     from p2pcloudd import datadir
 
-    data_dir = _data_dir(args)
-    status = _running_status(data_dir)
-    if status is not None:
-        return _print_up(args, data_dir, status, already=True)
     holder = datadir.lock_holder(data_dir)
     if holder is not None:
         raise CliError(f"a daemon (pid {holder}) holds {data_dir} but its API does not answer",
@@ -284,16 +292,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         if log_path.stat().st_size > MAX_LOG_BYTES:
             os.replace(log_path, log_path.with_name(log_path.name + ".1"))
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    command = [sys.executable, "-m", "p2pcloudd.service", "--data-dir", str(data_dir), *flags]
     try:
         child = subprocess.Popen(  # noqa: S603  (our own interpreter and module)
-            _daemon_command(args, data_dir), stdin=subprocess.DEVNULL, stdout=log_fd,
-            stderr=log_fd, start_new_session=True, close_fds=True)
+            command, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            start_new_session=True, close_fds=True)
     finally:
         os.close(log_fd)
     deadline = time.monotonic() + UP_TIMEOUT
-    console = _console(stderr=True)
-    spinner = (console.status("starting p2pcloudd…") if sys.stderr.isatty() and not args.json
-               else contextlib.nullcontext())
+    spinner = (_console(stderr=True).status("starting p2pcloudd…")
+               if sys.stderr.isatty() and not quiet else contextlib.nullcontext())
     with spinner:
         while True:
             code = child.poll()
@@ -307,11 +315,21 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if info is not None and info.get("pid") == child.pid:
                     status = _running_status(data_dir)
                     if status is not None:
-                        return _print_up(args, data_dir, status, already=False)
+                        return status
             if time.monotonic() > deadline:
                 raise CliError(f"the daemon (pid {child.pid}) did not answer in "
                                f"{UP_TIMEOUT:.0f} s", f"see its log: {log_path}", EXIT_TIMEOUT)
             time.sleep(0.05)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the daemon in the background and wait until its API answers."""
+    data_dir = _data_dir(args)
+    status = _running_status(data_dir)
+    if status is not None:
+        return _print_up(args, data_dir, status, already=True)
+    status = start_daemon(data_dir, _daemon_flags(args), quiet=args.json)
+    return _print_up(args, data_dir, status, already=False)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -344,9 +362,12 @@ def _print_up(args: argparse.Namespace, data_dir: Path, status: dict[str, Any],
     return EXIT_OK
 
 
-def cmd_down(args: argparse.Namespace) -> int:
-    """Ask the daemon to stop and wait until its process has exited."""
-    data_dir = _data_dir(args)
+def stop_daemon(data_dir: Path) -> int:
+    """Ask the daemon of ``data_dir`` to stop, wait until its process exited; return its pid.
+
+    Raises:
+        CliError: not running (status 3), or still running after :data:`DOWN_TIMEOUT`.
+    """
     client = Client(data_dir)
     _, answer = client.request("POST", "/api/shutdown")
     pid = int(answer.get("pid") or client.pid)
@@ -357,6 +378,12 @@ def cmd_down(args: argparse.Namespace) -> int:
                            f"see {data_dir / 'p2pcloudd.log'}; `kill {pid}` stops it",
                            EXIT_TIMEOUT)
         time.sleep(0.05)
+    return pid
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Ask the daemon to stop and wait until its process has exited."""
+    pid = stop_daemon(_data_dir(args))
     if args.json:
         _emit_json({"stopped": True, "pid": pid})
     else:
@@ -377,6 +404,58 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+DEMO_PEER_DIR = "demo-peer"  # inside the data dir: one place to look, one place to delete
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Start a second node beside yours (a stand-in for another device) and link them.
+
+    Your node is started too if it is not running. The second node lives in
+    DATA_DIR/demo-peer with ports of its own; ``p2pcloud demo --stop`` stops it.
+    """
+    data_dir = _data_dir(args)
+    peer_dir = data_dir / DEMO_PEER_DIR
+    if args.stop:
+        if _running_status(peer_dir) is None:
+            raise CliError("the demo peer is not running", "start it with `p2pcloud demo`",
+                           EXIT_NOT_RUNNING)
+        pid = stop_daemon(peer_dir)
+        if args.json:
+            _emit_json({"stopped": True, "pid": pid})
+        else:
+            _console().print(f"demo peer stopped (pid {pid}); its files stay in {peer_dir}")
+        return EXIT_OK
+    console = _console()
+    ours = _running_status(data_dir)
+    started_ours = ours is None
+    if ours is None:
+        ours = start_daemon(data_dir, [], quiet=args.json)
+    if not args.json:
+        verb = "started" if started_ours else "running"
+        console.print(f"1. your node ({verb}):  {ours['hashname']}")
+    peer = _running_status(peer_dir)
+    if peer is None:
+        first = not (peer_dir / "state.json").exists()
+        flags = ["--port", "0", "--tcp-port", "0", "--api-port", "0"] if first else []
+        peer = start_daemon(peer_dir, flags, quiet=args.json)
+    if not args.json:
+        console.print(f"2. a second node:       {peer['hashname']}  (in {peer_dir})")
+    spinner = (_console(stderr=True).status("linking…") if sys.stderr.isatty() and not args.json
+               else contextlib.nullcontext())
+    with spinner:
+        _, linked = Client(data_dir).request("POST", "/api/links", {"uri": peer["link_uri"]},
+                                             timeout=LINK_REQUEST_TIMEOUT)
+    url = _login_url(data_dir)
+    if args.json:
+        _emit_json({"node": ours["hashname"], "peer": peer["hashname"], "path": linked["path"],
+                    "peer_data_dir": str(peer_dir), "dashboard_login_url": url})
+        return EXIT_OK
+    console.print(f"3. linked, encrypted:   {_path_text(linked['path'])}")
+    console.print(f"4. see it live:         {url}")
+    console.print("   `p2pcloud peers` lists the second node; `p2pcloud demo --stop` stops it.")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -694,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics); may be repeated")
     events.add_argument("--count", type=int, default=0, metavar="N",
                         help="exit after N events (default: follow until Ctrl-C)")
+    demo = add("demo", cmd_demo, "start a second node beside yours and link them")
+    demo.add_argument("--stop", action="store_true", help="stop the demo's second node")
     dash = add("dashboard", cmd_dashboard, "open the web dashboard (one-time login link)")
     dash.add_argument("--no-open", action="store_true", help="only print the link")
     add("doctor", cmd_doctor, "check the setup and the daemon")
