@@ -20,9 +20,10 @@ WAIT = 60  # seconds a step may take on a loaded 2-core machine before the test 
 async def wait_for(predicate: Any, what: str) -> None:
     """Poll until ``predicate()`` holds (the failure message says what never happened)."""
     with trio.move_on_after(WAIT):
-        while not predicate():
+        while True:
+            if predicate():
+                return
             await trio.sleep(0.02)
-        return
     raise AssertionError(f"timed out waiting for {what}")
 
 

@@ -58,6 +58,20 @@ def same_stats(a: Path, b: Path) -> bool:
     return True
 
 
+def edit_middle(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.seek(EDIT_AT)
+        f.write(random.Random(11).randbytes(EDIT_SIZE))
+
+
+async def wait_same(src: Path, dst: Path) -> None:
+    with trio.fail_after(WAIT_LARGE):
+        while True:
+            if await trio.to_thread.run_sync(same_stats, src, dst):
+                return
+            await trio.sleep(0.5)
+
+
 async def test_folder_of_2000_files_and_a_200_mib_file(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
@@ -67,9 +81,7 @@ async def test_folder_of_2000_files_and_a_200_mib_file(tmp_path: Path) -> None:
         sc_a, sc_b = await shared_pair(a, b)
         await sc_a.add_folder(src)
         await sc_b.add_folder(dst)
-        with trio.fail_after(WAIT_LARGE):
-            while not await trio.to_thread.run_sync(same_stats, src, dst):
-                await trio.sleep(0.5)
+        await wait_same(src, dst)
         want = await trio.to_thread.run_sync(tree_hashes, src)
         got = await trio.to_thread.run_sync(tree_hashes, dst)
         assert len(want) == SMALL_FILES + 1
@@ -78,13 +90,8 @@ async def test_folder_of_2000_files_and_a_200_mib_file(tmp_path: Path) -> None:
         # an edit in the middle of the large file re-sends a few chunks, not the file
         blobs_b = b.replication.blobs  # type: ignore[union-attr]
         before = blobs_b.bytes_received[a.hashname]
-        rng = random.Random(11)
-        with open(src / "large.bin", "r+b") as f:
-            f.seek(EDIT_AT)
-            f.write(rng.randbytes(EDIT_SIZE))
-        with trio.fail_after(WAIT_LARGE):
-            while not await trio.to_thread.run_sync(same_stats, src, dst):
-                await trio.sleep(0.5)
+        await trio.to_thread.run_sync(edit_middle, src / "large.bin")
+        await wait_same(src, dst)
         sent_again = blobs_b.bytes_received[a.hashname] - before
         assert 0 < sent_again < LARGE_SIZE * 5 // 100, sent_again
         want = await trio.to_thread.run_sync(tree_hashes, src)
