@@ -40,6 +40,8 @@ from p2pcloud._core import BlobRef, Replica
 from p2pcloud._crypto import KEY_SIZE, LocalIdentity, hashname_from_keys
 from p2pcloud._ids import CloudId, Hashname, SubCloudId
 from p2pcloud._wire import Entropy, b32encode
+from p2pcloud.cloud.grants import ROLE_THING
+from p2pcloud.cloud.membership import Membership
 from p2pcloud.errors import CoreError, LocalProtocolError, MalformedPacket, ThingError
 
 __all__ = [
@@ -81,6 +83,7 @@ __all__ = [
     "rename",
     "reseal_thing_key",
     "seal_to",
+    "sealing_members",
     "secret_matches",
     "set_archived",
     "set_card",
@@ -276,6 +279,22 @@ def _check_members(members: Mapping[Hashname, bytes]) -> dict[Hashname, bytes]:
             raise ThingError(f"member {hashname}: the CS3a key does not match the hashname")
         out[hashname] = bytes(key)
     return out
+
+
+def sealing_members(membership: Membership, subcloud: SubCloudId) -> dict[Hashname, bytes]:
+    """The members a thing's key is sealed to, from the cloud's membership (docs/cloud.md).
+
+    Every device or admin that may read the thing's sub-cloud; smart things (role
+    ``thing``) act for themselves and get no other thing's key.
+
+    Args:
+        membership: the cloud's current membership. subcloud: the thing's sub-cloud.
+
+    Returns:
+        hashname -> CS3a key, for :func:`create_layout` and :func:`reseal_thing_key`.
+    """
+    return {h: m.key for h, m in membership.members().items()
+            if m.role != ROLE_THING and membership.can_read(subcloud, h)}
 
 
 def _write_seals(replica: Replica, identity: LocalIdentity,

@@ -6,6 +6,8 @@ import io
 import random
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from p2pcloud._crypto import LocalIdentity
@@ -258,3 +260,42 @@ def test_qr_code_that_is_not_a_tag() -> None:
 def test_b32_helpers_agree() -> None:
     data = body(fresh())
     assert b32decode(b32encode(data)) == data
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+_paths = st.one_of(
+    st.builds(lambda ip, port: tg.TagPath("udp4", ip, port),
+              st.ip_addresses(v=4).map(str), st.integers(1, 65535)),
+    st.builds(lambda ip, port: tg.TagPath("tcp4", ip, port),
+              st.ip_addresses(v=4).map(str), st.integers(1, 65535)),
+    st.builds(lambda ip, port: tg.TagPath("udp6", ip, port),
+              st.ip_addresses(v=6).map(str), st.integers(1, 65535)),
+    st.builds(lambda ip, port, seed: tg.TagPath(
+        "router", ip, port, LocalIdentity.from_seed(seed).cs3a_public),
+        st.ip_addresses(v=4).map(str), st.integers(1, 65535), st.binary(min_size=32,
+                                                                        max_size=32)),
+)
+
+
+@given(seed=st.binary(min_size=32, max_size=32), secret=st.binary(min_size=16, max_size=16),
+       fresh_kind=st.booleans(), paths=st.lists(_paths, max_size=tg.MAX_TAG_PATHS))
+def test_any_tag_round_trips(seed: bytes, secret: bytes, fresh_kind: bool,
+                             paths: list[tg.TagPath]) -> None:
+    key = LocalIdentity.from_seed(seed).cs3a_public
+    tag = tg.claimed_tag(key, secret, paths)
+    if fresh_kind:
+        tag = tg.Tag(tg.KIND_FRESH, tag.key, tag.hashname, tag.secret, tag.paths)
+    assert tg.parse_tag(tag.uri()) == tag
+    assert len(tag.uri()) <= tg.MAX_TAG_TEXT
+
+
+@given(st.text(max_size=300))
+def test_any_text_parses_or_raises_bad_uri(text: str) -> None:
+    """Whatever the text, parsing gives a tag that writes back the same, or BadURI."""
+    for candidate in (text, "p2pcloud:" + text, "P2PCLOUD:" + text.upper()):
+        try:
+            tag = tg.parse_tag(candidate)
+        except BadURI:
+            continue
+        assert tag.uri() == candidate.strip().upper()

@@ -137,6 +137,36 @@ def test_the_key_is_never_sealed_to_nobody() -> None:
                         members={}, entropy=SeededEntropy("s"), now_ms=NOW)
 
 
+def test_sealing_members_from_a_real_membership() -> None:
+    from p2pcloud.cloud import grants as g
+    from p2pcloud.cloud.membership import Membership
+
+    entropy = SeededEntropy("membership")
+    founder, phone, sensor, guest = (LocalIdentity.generate(entropy) for _ in range(4))
+    founding = g.found_cloud(founder, now=NOW / 1000, entropy=entropy)
+    cloud = founding.cloud
+    new = t.new_thing(entropy)
+
+    def grant(who: LocalIdentity, role: str, scope: object) -> g.Grant:
+        assert who.verify_key is not None
+        return g.issue_grant(founder, cloud, subject_key=who.cs3a_public,
+                             subject_verify_key=who.verify_key, role=role,
+                             rights={scope: ["read", "write"]},  # type: ignore[dict-item]
+                             not_before=int(NOW / 1000), expires=None, entropy=entropy)
+
+    other_subcloud = bytes(16)
+    records = [founding, grant(phone, "device", "*"), grant(sensor, "thing", "*"),
+               grant(guest, "device", other_subcloud)]
+    membership = Membership(cloud, records, now=NOW / 1000 + 1)
+    members = t.sealing_members(membership, new.subcloud)
+    assert members == {founder.hashname: founder.cs3a_public, phone.hashname: phone.cs3a_public}
+    replica = replica_for(new.subcloud, phone)
+    t.create_layout(replica, new, cloud=cloud, members=members, entropy=entropy, now_ms=NOW)
+    assert t.open_thing_key(replica, phone).hashname == new.hashname
+    with pytest.raises(ThingError):
+        t.open_thing_key(replica, guest)
+
+
 def test_member_key_must_match_hashname() -> None:
     cloud = make_cloud("home", 2)
     new, replica, _ = make_thing(cloud)
