@@ -1308,7 +1308,7 @@ cdef class Text:
     cdef list _ops_of(self, int32_t a, int64_t lo, int64_t hi):
         """Canonical op runs of replica ``a`` with counters in lo..hi, in counter order."""
         cdef Agent *ag = &self._agents[a]
-        cdef Py_ssize_t k, lo_c = 0, hi_c
+        cdef Py_ssize_t k, lo_c = 0, hi_c, first
         cdef int32_t r
         cdef int64_t s, e, fs, fe
         cdef list inserts = [], out = []
@@ -1348,7 +1348,15 @@ cdef class Text:
         dels.p = NULL
         dels.n = dels.cap = 0
         try:
-            for k in range(self._dels.n):
+            # the log is in integration order, so each replica's runs are in counter order:
+            # start after the last run of this replica that ends at or before ``lo``
+            first = self._dels.n
+            while first > 0:
+                d = &self._dels.p[first - 1]
+                if d.agent == a and <int64_t>d.counter + d.length <= lo:
+                    break
+                first -= 1
+            for k in range(first, self._dels.n):
                 d = &self._dels.p[k]
                 if d.agent != a:
                     continue
@@ -1981,6 +1989,7 @@ cdef class Text:
         cdef int32_t R, bl = NONE, o, off, rr, x
         cdef Run *run
         cdef Block *b
+        cdef DelRun *d
         # remap every replica index of the rows and delete runs
         for k in range(n_rows):
             rows[k].agent = amap[rows[k].agent]
@@ -2077,8 +2086,17 @@ cdef class Text:
                 targets[n_targets].start = lo
                 targets[n_targets].end = hi + 1
                 n_targets += 1
-                _push_del(&self._dels, dl[k].agent, dl[k].counter, dl[k].length,
-                          dl[k].target_agent, dl[k].target, dl[k].step)
+            # the delete log must list each replica's runs in counter order (encode_since
+            # and encode_state rely on it); a snapshot may list them in any order
+            for k in range(n_dels):
+                spans[k].agent = dl[k].agent
+                spans[k].start = dl[k].counter
+                spans[k].extra = k
+            _sort_spans(spans, n_dels)
+            for k in range(n_dels):
+                d = &dl[spans[k].extra]
+                _push_del(&self._dels, d.agent, d.counter, d.length, d.target_agent, d.target,
+                          d.step)
             _sort_spans(targets, n_targets)
             m = 0  # union of the target intervals, in place
             for k in range(n_targets):
