@@ -112,7 +112,11 @@ class EventHub:
         if len(self._subscribers) >= MAX_SUBSCRIBERS:
             raise TooManySubscribers(f"{MAX_SUBSCRIBERS} event streams are open already")
         missed: list[EventPublished] = []
-        if last_id is not None and last_id < self._next_id - 1:
+        if last_id is not None and last_id > self._next_id - 1:
+            # An id from the future: the client saw an earlier run of the daemon (ids start
+            # at 1 again after a restart), so everything it knows may be stale.
+            missed = [EventPublished(0, "reset", time.time(), {"reason": "daemon restarted"})]
+        elif last_id is not None and last_id < self._next_id - 1:
             oldest = self._history[0].id if self._history else self._next_id
             if last_id + 1 < oldest:
                 missed = [EventPublished(0, "reset", time.time(), {"reason": "events lost"})]

@@ -41,6 +41,8 @@ async def test_reconnect_with_last_event_id_replays_or_resets() -> None:
         assert [e.id for e in missed] == [8, 9, 10]
     with hub.subscribe(last_id=10) as (missed, _rx):
         assert missed == []
+    with hub.subscribe(last_id=11) as (missed, _rx):  # from an earlier run of the daemon
+        assert [e.type for e in missed] == ["reset"]
     for i in range(MAX_HISTORY):
         hub.publish("statistics", {"n": i})
     with hub.subscribe(last_id=3) as (missed, _rx):  # those are gone from the ring
