@@ -8,16 +8,18 @@ thing key (p2pcloud.things.thing.open_thing_key):
 
 1. :func:`prepare_transfer` builds a *new* sub-cloud for the thing: a filtered copy of the old
    one (all collections and logs, or the chosen ones; the profile always), authored by the
-   thing itself (replica id ``replica_id_for(new sub-cloud, thing hashname)``). It re-seals
-   the thing key to the new cloud's members only, rotates the finder capability, keeps the
-   claim secret spent, and signs a :class:`TransferRecord` with the thing's Ed25519 key:
-   old and new sub-cloud, old and new cloud, the scope and the SHA-256 of the snapshot.
-2. The :class:`TransferPackage` (record + snapshot + new finder capability) goes to the new
+   thing itself (replica id ``replica_id_for(new sub-cloud, thing hashname)``) in one or more
+   transactions, each sealed as an ordinary signed delta (p2pcloud/sync/envelope.py), so the
+   new cloud's store keeps and forwards them like any other. It re-seals the thing key to
+   the new cloud's members only, rotates the finder capability, keeps the claim secret
+   spent, and signs a :class:`TransferRecord` with the thing's Ed25519 key: old and new
+   sub-cloud, old and new cloud, the scope and a hash over the deltas.
+2. The :class:`TransferPackage` (record + envelopes + new finder capability) goes to the new
    owner over an encrypted link (a ``thing`` channel claim response, or any channel).
 3. :func:`accept_transfer` on a device of the new cloud verifies the record (the key binds
-   to the hashname, the signature, the snapshot hash, the destination is this cloud, the
-   seal opens for this device) and loads the snapshot as its replica; it keeps the record in
-   the ``transfers`` log.
+   to the hashname, the signature, the destination is this cloud), every envelope (signed by
+   the thing, for the new sub-cloud), the content hash, that the seal opens for this device,
+   and applies the deltas to its new replica; it keeps the record in the ``transfers`` log.
 4. :func:`end_access` writes the record into the *old* sub-cloud and marks it ended; the old
    cloud's devices stop answering for the thing and lose their key seals.
 
@@ -38,7 +40,7 @@ from typing import Any, Final
 
 import cbor2
 
-from p2pcloud._core import Replica
+from p2pcloud._core import Replica, encode_value
 from p2pcloud._crypto import (
     KEY_SIZE,
     SIGNATURE_SIZE,
@@ -48,8 +50,14 @@ from p2pcloud._crypto import (
 )
 from p2pcloud._ids import CloudId, Hashname, SubCloudId
 from p2pcloud._wire import Entropy
-from p2pcloud.errors import CoreError, ThingError, TransferError
-from p2pcloud.sync.envelope import replica_id_for
+from p2pcloud.errors import (
+    CoreError,
+    DeltaRejected,
+    LocalProtocolError,
+    ThingError,
+    TransferError,
+)
+from p2pcloud.sync.envelope import open_envelope, replica_id_for, seal
 from p2pcloud.things import thing as _t
 
 __all__ = [
@@ -61,6 +69,7 @@ __all__ = [
     "TransferRecord",
     "accept_transfer",
     "access_ended",
+    "content_hash",
     "end_access",
     "prepare_transfer",
     "transfer_records",
@@ -69,8 +78,12 @@ __all__ = [
 RECORD_VERSION: Final = 1
 SIGNING_CONTEXT: Final = b"p2pcloud thing transfer v1"  # domain separation for the signature
 MAX_PACKAGE_BYTES: Final = 16 * 1024 * 1024
-"""Largest transfer package decoded: a thing's snapshot holds readings and metadata (blobs
+"""Largest transfer package decoded: a thing's history holds readings and metadata (blobs
 travel separately by hash); 16 MiB is years of readings and bounds a peer's message."""
+MAX_PACKAGE_ENVELOPES: Final = 64  # 64 transactions of TXN_BUDGET cover MAX_PACKAGE_BYTES
+TXN_BUDGET: Final = 1024 * 1024
+"""Copied bytes per transaction: a quarter of MAX_DELTA_BYTES (the envelope limit), leaving
+room for the delta format's own overhead."""
 MAX_RECORD_BYTES: Final = 4096  # a record is ids, keys and a scope: a few hundred bytes
 MAX_SCOPE: Final = 64  # collection and log names one transfer may list
 TRANSFERABLE: Final = (_t.PROFILE, _t.NOTES, _t.FILES, _t.CARD, _t.RULES,
@@ -88,7 +101,7 @@ class TransferRecord:
         old_subcloud, new_subcloud: the sub-clouds before and after.
         from_cloud, to_cloud: the old and the new owner's clouds.
         at_ms: when (wall-clock ms). scope: the collections and logs copied.
-        snapshot_hash: SHA-256 of the new sub-cloud's snapshot.
+        content_hash: :func:`content_hash` of the new sub-cloud's deltas, in order.
         signature: Ed25519 by the thing over :meth:`signed_bytes`.
     """
 
@@ -100,7 +113,7 @@ class TransferRecord:
     to_cloud: CloudId
     at_ms: int
     scope: tuple[str, ...]
-    snapshot_hash: bytes
+    content_hash: bytes
     signature: bytes = b""
 
     @property
@@ -112,7 +125,7 @@ class TransferRecord:
         return {"v": RECORD_VERSION, "k": self.thing_key, "e": self.verify_key,
                 "o": bytes(self.old_subcloud), "n": bytes(self.new_subcloud),
                 "f": bytes(self.from_cloud), "t": bytes(self.to_cloud), "at": self.at_ms,
-                "sc": list(self.scope), "h": self.snapshot_hash}
+                "sc": list(self.scope), "h": self.content_hash}
 
     def signed_bytes(self) -> bytes:
         """What the thing signs: a domain tag and the canonical CBOR of every field."""
@@ -163,7 +176,7 @@ class TransferRecord:
                 signature.
         """
         if (len(self.thing_key) != KEY_SIZE or len(self.verify_key) != KEY_SIZE
-                or len(self.signature) != SIGNATURE_SIZE or len(self.snapshot_hash) != 32):
+                or len(self.signature) != SIGNATURE_SIZE or len(self.content_hash) != 32):
             raise TransferError("transfer record: a key, hash or signature has the wrong size")
         if not verify_signature(self.thing_key, self.verify_key, self.signed_bytes(),
                                 self.signature):
@@ -175,18 +188,19 @@ class TransferPackage:
     """What the old owner hands the new one.
 
     Attributes:
-        record: the signed record. snapshot: the new sub-cloud's snapshot.
+        record: the signed record.
+        envelopes: the new sub-cloud's deltas, each sealed by the thing (in order).
         finder_cap: the new (rotated) finder capability, for printing the new tag.
     """
 
     record: TransferRecord
-    snapshot: bytes
+    envelopes: tuple[bytes, ...]
     finder_cap: bytes
 
     def encode(self) -> bytes:
-        """CBOR ``{v, r: record, s: snapshot, c: finder capability}``."""
+        """CBOR ``{v, r: record, e: [envelope...], c: finder capability}``."""
         return bytes(cbor2.dumps({"v": RECORD_VERSION, "r": self.record.encode(),
-                                  "s": self.snapshot, "c": self.finder_cap}))
+                                  "e": list(self.envelopes), "c": self.finder_cap}))
 
     @classmethod
     def decode(cls, data: bytes) -> TransferPackage:
@@ -198,12 +212,14 @@ class TransferPackage:
         m = _load_map(data, MAX_PACKAGE_BYTES, "transfer package")
         if m.get("v") != RECORD_VERSION:
             raise TransferError(f"transfer package version {m.get('v')!r} is not supported")
-        r, s, c = m.get("r"), m.get("s"), m.get("c")
-        if not (isinstance(r, bytes) and isinstance(s, bytes) and isinstance(c, bytes)):
+        r, e, c = m.get("r"), m.get("e"), m.get("c")
+        if not (isinstance(r, bytes) and isinstance(e, list) and isinstance(c, bytes)):
             raise TransferError("transfer package: missing or mistyped fields")
+        if not e or len(e) > MAX_PACKAGE_ENVELOPES or not all(isinstance(x, bytes) for x in e):
+            raise TransferError(f"transfer package: 1..{MAX_PACKAGE_ENVELOPES} envelopes")
         if len(c) != _t.FINDER_CAP_SIZE:
             raise TransferError("transfer package: bad finder capability size")
-        return cls(TransferRecord.decode(r), s, c)
+        return cls(TransferRecord.decode(r), tuple(e), c)
 
 
 def _load_map(data: bytes, limit: int, what: str) -> dict[Any, Any]:
@@ -228,6 +244,8 @@ class AcceptedThing:
         record: the verified transfer record.
         identity: the thing's keys, opened with this device's seal.
         finder_cap: the new finder capability (print a new claimed tag with it).
+        envelopes: the thing's verified envelopes: store them as received deltas of the
+            new sub-cloud, so other members sync them from this device.
         delta: this device's write (the record kept in the ``transfers`` log).
     """
 
@@ -235,15 +253,56 @@ class AcceptedThing:
     record: TransferRecord
     identity: LocalIdentity
     finder_cap: bytes
+    envelopes: tuple[bytes, ...]
     delta: bytes
 
 
-def _copy(src: Replica, dst: Replica, scope: Iterable[str]) -> None:
+def content_hash(deltas: Iterable[bytes]) -> bytes:
+    """What a transfer record signs of the new sub-cloud's content.
+
+    Args:
+        deltas: the deltas in order.
+
+    Returns:
+        ``SHA-256`` over the concatenated ``SHA-256`` of each delta.
+    """
+    outer = hashlib.sha256(b"p2pcloud transfer content v1")
+    for delta in deltas:
+        outer.update(hashlib.sha256(delta).digest())
+    return outer.digest()
+
+
+class _Batcher:
+    """Splits a long copy into transactions of about TXN_BUDGET bytes each."""
+
+    def __init__(self, replica: Replica, now_ms: int) -> None:
+        self.replica = replica
+        self.now_ms = now_ms
+        self.deltas: list[bytes] = []
+        self.used = 0
+        replica.begin(now_ms)
+
+    def account(self, value: object) -> None:
+        self.used += len(encode_value(value))
+        if self.used >= TXN_BUDGET:
+            self.flush()
+            self.replica.begin(self.now_ms)
+
+    def flush(self) -> None:
+        delta = self.replica.commit()
+        if delta:
+            self.deltas.append(bytes(delta))
+        self.used = 0
+
+
+def _copy(src: Replica, dst: Replica, scope: Iterable[str], batch: _Batcher) -> None:
     """Copy the chosen collections and logs (values, not CRDT history) into ``dst``."""
     for name in scope:
         for doc_id in src.documents(name):
             doc = src.document(name, doc_id) or {}
             for field, value in doc.items():
+                batch.account(value if not isinstance(value, (tuple, frozenset))
+                              else list(value))
                 if name == _t.NOTES and field == _t.NOTES_FIELD and isinstance(value, str):
                     if value:
                         dst.text_insert(name, doc_id, field, 0, value)
@@ -257,6 +316,7 @@ def _copy(src: Replica, dst: Replica, scope: Iterable[str]) -> None:
                     dst.set(name, doc_id, field, value)
         # Log records keep their order: one transaction appends them with rising counters.
         for _hlc, _rid, value in src.log(name):
+            batch.account(value)
             dst.append(name, value)
 
 
@@ -300,9 +360,9 @@ def prepare_transfer(replica: Replica, thing_identity: LocalIdentity, *, to_clou
     new_subcloud = SubCloudId(_t._entropy(entropy, _t.SUBCLOUD_ID_SIZE))
     finder_cap = _t._entropy(entropy, _t.FINDER_CAP_SIZE)
     new = Replica(replica_id_for(new_subcloud, thing_identity.hashname))
-    new.begin(now_ms)
+    batch = _Batcher(new, now_ms)
     try:
-        _copy(replica, new, chosen)
+        _copy(replica, new, chosen, batch)
         # Rules start afresh at the hand-over: copied events must not fire again in the new
         # cloud (done-markers are not copied; docs/things.md "exactly once").
         for rule_id in new.documents(_t.RULES):
@@ -316,14 +376,21 @@ def prepare_transfer(replica: Replica, thing_identity: LocalIdentity, *, to_clou
     except CoreError as exc:
         raise TransferError(f"the thing's state could not be copied: {exc}") from exc
     finally:
-        new.commit()
-    snapshot = bytes(new.encode_snapshot())
+        batch.flush()
+    if len(batch.deltas) > MAX_PACKAGE_ENVELOPES:
+        raise TransferError("the thing's history is too large for one transfer package; "
+                            "choose a part of it")
+    try:
+        envelopes = tuple(bytes(seal(thing_identity, new_subcloud, d).raw)
+                          for d in batch.deltas)
+    except LocalProtocolError as exc:
+        raise TransferError(f"a copied transaction cannot be sealed: {exc}") from exc
     record = TransferRecord(
         thing_identity.cs3a_public, thing_identity.verify_key, SubCloudId(old_subcloud),
         new_subcloud, CloudId(from_cloud), to_cloud, now_ms, tuple(chosen),
-        hashlib.sha256(snapshot).digest())
+        content_hash(batch.deltas))
     signed = dataclasses.replace(record, signature=thing_identity.sign(record.signed_bytes()))
-    return TransferPackage(signed, snapshot, finder_cap)
+    return TransferPackage(signed, envelopes, finder_cap)
 
 
 def accept_transfer(package: TransferPackage | bytes, *, me: LocalIdentity, my_cloud: CloudId,
@@ -351,17 +418,26 @@ def accept_transfer(package: TransferPackage | bytes, *, me: LocalIdentity, my_c
         raise TransferError("the package is for another thing than the one scanned")
     if record.to_cloud != my_cloud:
         raise TransferError("the package hands the thing to another cloud")
-    if hashlib.sha256(pkg.snapshot).digest() != record.snapshot_hash:
-        raise TransferError("the snapshot is not the one the thing signed")
+    thing, new_subcloud = record.thing, record.new_subcloud
+    deltas = []
+    for raw in pkg.envelopes:
+        try:
+            # Only the thing itself may write these deltas, and only into its new sub-cloud.
+            env = open_envelope(raw, lambda sc, hn: sc == new_subcloud and hn == thing)
+        except DeltaRejected as exc:
+            raise TransferError(f"a delta of the package does not verify: {exc}") from exc
+        deltas.append(env.delta)
+    if content_hash(deltas) != record.content_hash:
+        raise TransferError("the content is not the one the thing signed")
+    replica = Replica(replica_id_for(new_subcloud, me.hashname))
     try:
-        replica = Replica.load(pkg.snapshot, replica_id_for(record.new_subcloud, me.hashname),
-                               now_ms)
+        replica.apply(deltas, now_ms)
     except CoreError as exc:
-        raise TransferError(f"the snapshot does not load: {exc}") from exc
-    if replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname") != record.thing:
-        raise TransferError("the snapshot is another thing's")
+        raise TransferError(f"the content does not apply: {exc}") from exc
+    if replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname") != thing:
+        raise TransferError("the content is another thing's")
     if replica.get(_t.ACCESS, _t.ACCESS_DOC, "finder_cap") != pkg.finder_cap:
-        raise TransferError("the finder capability does not match the snapshot")
+        raise TransferError("the finder capability does not match the content")
     try:
         identity = _t.open_thing_key(replica, me)
     except ThingError as exc:
@@ -369,7 +445,7 @@ def accept_transfer(package: TransferPackage | bytes, *, me: LocalIdentity, my_c
     replica.begin(now_ms)
     replica.append(_t.TRANSFERS, record.encode())
     delta = bytes(replica.commit())
-    return AcceptedThing(replica, record, identity, pkg.finder_cap, delta)
+    return AcceptedThing(replica, record, identity, pkg.finder_cap, pkg.envelopes, delta)
 
 
 def end_access(replica: Replica, record: TransferRecord, *, now_ms: int) -> bytes:

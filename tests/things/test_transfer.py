@@ -10,6 +10,7 @@ from p2pcloud._core import BlobRef, Replica
 from p2pcloud._crypto import LocalIdentity
 from p2pcloud._ids import Hashname
 from p2pcloud.errors import ThingError, TransferError
+from p2pcloud.sync.envelope import open_envelope, replica_id_for, seal
 from p2pcloud.things import rules as r
 from p2pcloud.things import scan as s
 from p2pcloud.things import tags as tg
@@ -175,10 +176,20 @@ def test_packages_that_do_not_verify() -> None:
         x.accept_transfer(p, **args)  # type: ignore[arg-type]
 
     accept(pkg)  # the untouched package is fine
-    snap = bytearray(pkg.snapshot)
-    snap[-5] ^= 1
+    env = bytearray(pkg.envelopes[0])
+    env[-70] ^= 1  # inside the delta, just before the signature
+    with pytest.raises(TransferError, match="does not verify"):
+        accept(dataclasses.replace(pkg, envelopes=(bytes(env),)))
     with pytest.raises(TransferError, match="not the one the thing signed"):
-        accept(dataclasses.replace(pkg, snapshot=bytes(snap)))
+        accept(dataclasses.replace(pkg, envelopes=pkg.envelopes * 2))
+    # A delta sealed by someone else (the seller's device) for the new sub-cloud.
+    intruder = seller.devices[0]
+    stray = Replica(replica_id_for(pkg.record.new_subcloud, intruder.hashname))
+    stray.begin(NOW)
+    stray.set(t.CARD, "card", "fields", {"owner": "still me"})
+    forged = seal(intruder, pkg.record.new_subcloud, stray.commit()).raw
+    with pytest.raises(TransferError, match="no write rights"):
+        accept(dataclasses.replace(pkg, envelopes=(*pkg.envelopes, forged)))
     with pytest.raises(TransferError, match="another cloud"):
         accept(pkg, my_cloud=other.id)
     with pytest.raises(TransferError, match="not signed by the thing"):
@@ -192,3 +203,24 @@ def test_packages_that_do_not_verify() -> None:
         with pytest.raises(TransferError):
             accept(garbage)
     assert thing_hn == pkg.record.thing
+
+
+def test_a_long_history_moves_in_several_signed_deltas_that_sync_like_any_other() -> None:
+    seller, buyer = make_cloud("seller"), make_cloud("buyer", 2)
+    _new, old, _tag = lived_in_thing(seller)
+    old.begin(NOW + 20)
+    for i in range(6000):  # about 1.6 MB of readings: more than one transaction's budget
+        old.append(t.READINGS, {"value": i, "unit": "kg", "kind": "w" * 200, "at_ms": i})
+    old.commit()
+    pkg, accepted = hand_over(old, seller, buyer)
+    assert len(pkg.envelopes) >= 2
+    assert len(accepted.replica.log(t.READINGS)) == 6003
+    # Another device of the buyer's cloud gets the same state from the stored envelopes.
+    thing_hn = accepted.record.thing
+    second = buyer.devices[1]
+    replica = Replica(replica_id_for(accepted.record.new_subcloud, second.hashname))
+    envs = [open_envelope(raw, lambda sc, hn: hn == thing_hn) for raw in accepted.envelopes]
+    replica.apply([e.delta for e in envs], NOW + 200)
+    replica.apply([accepted.delta], NOW + 200)
+    assert replica.encode_snapshot() == accepted.replica.encode_snapshot()
+    assert t.open_thing_key(replica, second).hashname == thing_hn
