@@ -19,10 +19,10 @@ async def next_about(discovery, hashname, kind, *, pairing="any"):
     async for event in discovery:
         if isinstance(event, PeerLost) and kind is PeerLost and event.hashname == hashname:
             return event
-        if isinstance(event, PeerDiscovered) and kind is PeerDiscovered:
-            if event.peer.hashname == hashname and (pairing == "any"
-                                                    or event.peer.pairing == pairing):
-                return event
+        if (isinstance(event, PeerDiscovered) and kind is PeerDiscovered
+                and event.peer.hashname == hashname
+                and (pairing == "any" or event.peer.pairing == pairing)):
+            return event
     raise AssertionError("discovery closed first")
 
 
@@ -62,9 +62,11 @@ async def test_pairing_flag_from_the_start_and_bad_arguments():
         async with open_discovery(carol, 40003, interfaces=LOOPBACK, pairing=100):
             pass
     with trio.fail_after(GIVE_UP):
-        async with open_discovery(carol, 40003, interfaces=LOOPBACK, pairing=7) as dc:
-            async with open_discovery(dave, 40004, interfaces=LOOPBACK) as dd:
-                peer = await dd.wait_peer(carol.hashname)
-                assert peer.pairing == 7 and dc.pairing == 7
-                with pytest.raises(LocalProtocolError):
-                    await dc.set_pairing(0)
+        async with (
+            open_discovery(carol, 40003, interfaces=LOOPBACK, pairing=7) as dc,
+            open_discovery(dave, 40004, interfaces=LOOPBACK) as dd,
+        ):
+            peer = await dd.wait_peer(carol.hashname)
+            assert peer.pairing == 7 and dc.pairing == 7
+            with pytest.raises(LocalProtocolError):
+                await dc.set_pairing(0)
