@@ -590,7 +590,8 @@ def remove_rule(replica: Replica, rule_id: str, *, now_ms: int) -> bytes:
     return bytes(replica.commit())
 
 
-def load_rules(replica: Replica) -> tuple[list[Rule], dict[str, str]]:
+def load_rules(replica: Replica, cache: dict[tuple[str, str, int], Rule] | None = None
+               ) -> tuple[list[Rule], dict[str, str]]:
     """Read and parse the stored rules.
 
     A rule that does not parse (written by a newer version, say) is skipped and reported,
@@ -598,11 +599,15 @@ def load_rules(replica: Replica) -> tuple[list[Rule], dict[str, str]]:
 
     Args:
         replica: a replica of the thing's sub-cloud.
+        cache: parsed rules by (id, text, created), reused across calls (the runner keeps
+            one, so an unchanged rule is parsed once).
 
     Returns:
         ``(rules, {rule id: error text})``.
     """
     rules, errors = [], {}
+    if cache is not None and len(cache) > 4 * MAX_RULES:
+        cache.clear()  # edited rules leave stale entries; bound them
     for rule_id in replica.documents(_t.RULES)[:MAX_RULES]:
         doc = replica.document(_t.RULES, rule_id) or {}
         if doc.get("enabled") is False:
@@ -611,8 +616,14 @@ def load_rules(replica: Replica) -> tuple[list[Rule], dict[str, str]]:
         try:
             if not isinstance(text, str):
                 raise RuleError("the stored rule has no text")
-            rules.append(parse_rule(text, rule_id=rule_id,
-                                    created_ms=created if isinstance(created, int) else 0))
+            created = created if isinstance(created, int) else 0
+            key = (rule_id, text, created)
+            parsed = cache.get(key) if cache is not None else None
+            if parsed is None:
+                parsed = parse_rule(text, rule_id=rule_id, created_ms=created)
+                if cache is not None:
+                    cache[key] = parsed
+            rules.append(parsed)
         except RuleError as exc:
             errors[rule_id] = str(exc)
     return rules, errors
@@ -765,6 +776,7 @@ class RuleRunner:
         self._seen: set[str] = set()
         self._schedule_since = started_ms if schedules_since_ms is None else schedules_since_ms
         self._wake: int | None = None
+        self._rule_cache: dict[tuple[str, str, int], Rule] = {}
 
     def observe(self, replica: Replica, now_ms: int) -> None:
         """Take in new events from the ``events`` log and schedule occurrences up to now.
@@ -772,7 +784,7 @@ class RuleRunner:
         Args:
             replica: this device's replica of the thing's sub-cloud. now_ms: now.
         """
-        rules, _errors = load_rules(replica)
+        rules, _errors = load_rules(replica, self._rule_cache)
         events = []
         for _h, _r, record in replica.log(_t.EVENTS):
             event = Event.from_record(record)

@@ -226,6 +226,13 @@ def test_rules_are_stored_in_the_sub_cloud() -> None:
     replica.commit()
     rules, errors = r.load_rules(replica)
     assert rules == [stored] and set(errors) == {"future"}
+    cache: dict[tuple[str, str, int], r.Rule] = {}
+    first = r.load_rules(replica, cache)[0][0]
+    assert r.load_rules(replica, cache)[0][0] is first  # parsed once
+    replica.begin(START + 1)
+    replica.set(t.RULES, stored.id, "text", "on scanned do notify_owner")
+    replica.commit()
+    assert r.load_rules(replica, cache)[0][0].text == "on scanned do notify_owner"
     r.remove_rule(replica, stored.id, now_ms=START + 1)
     assert r.load_rules(replica)[0] == []
 
