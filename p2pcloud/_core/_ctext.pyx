@@ -667,6 +667,16 @@ cdef int _push_del(DelBuf *d, int32_t a, int32_t c, int64_t n, int32_t ta, int64
     return 0
 
 
+def validate_delta(delta):
+    """Checks that ``delta`` decodes, without a Text (see the twin's ``validate_delta``).
+
+    Raises:
+        DecodeError: the delta is malformed or breaks a limit.
+    """
+    if len(delta):
+        _decode_delta(delta)
+
+
 def _check_replica(replica_id):
     if not isinstance(replica_id, bytes) or not (C_MIN_ID <= len(replica_id) <= C_MAX_ID):
         raise CoreUsageError(

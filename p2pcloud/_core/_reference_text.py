@@ -1216,6 +1216,22 @@ class Text:
         self._version = version
 
 
+def validate_delta(delta: bytes) -> None:
+    """Checks that ``delta`` decodes, without a Text: what ``Text.apply`` checks first.
+
+    ``apply`` can still refuse a valid delta when too many ops would wait for their
+    predecessors (``MAX_HELD_RUNS``), which depends on the receiving text.
+
+    Args:
+        delta: bytes from ``take_pending`` or ``encode_since`` (``b""`` is valid).
+
+    Raises:
+        DecodeError: the delta is malformed or breaks a limit.
+    """
+    if len(delta):
+        _decode_delta(delta)
+
+
 def _check_version(version: object) -> None:
     if not isinstance(version, Mapping) or not all(
         isinstance(k, bytes) and isinstance(v, int) and not isinstance(v, bool)

@@ -52,7 +52,17 @@ def fresh_pair() -> tuple[Any, Any]:
     return twin, fast
 
 
+def validates(module: Any, data: bytes) -> bool:
+    try:
+        module.validate_delta(data)
+    except DecodeError:
+        return False
+    return True
+
+
 def check_delta(data: bytes) -> None:
+    valid = validates(_reference_text, data)
+    assert validates(_ctext, data) == valid
     twin, fast = fresh_pair()
     before = twin.encode_state()
     outcomes = []
@@ -63,6 +73,8 @@ def check_delta(data: bytes) -> None:
             assert doc.encode_state() == before  # nothing changed
             outcomes.append(("error", None, before))
     assert outcomes[0] == outcomes[1], data
+    # apply refuses exactly what validate_delta refuses (the held-ops bound aside)
+    assert (outcomes[0][0] == "ok") == valid
 
 
 def check_state(data: bytes) -> None:
