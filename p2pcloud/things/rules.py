@@ -51,7 +51,9 @@ from typing import Any, Final
 
 from p2pcloud._core import Replica
 from p2pcloud._crypto import is_hashname
+from p2pcloud._ids import Hashname, SubCloudId
 from p2pcloud._wire import Entropy, b32encode
+from p2pcloud.cloud.membership import Membership
 from p2pcloud.errors import RuleError
 from p2pcloud.things import thing as _t
 
@@ -79,6 +81,7 @@ __all__ = [
     "load_rules",
     "parse_rule",
     "remove_rule",
+    "rule_hosts",
     "schedule_events",
 ]
 
@@ -646,6 +649,21 @@ def candidates(event: Event, hosts: Sequence[str]) -> list[str]:
     ranked = sorted(set(hosts) - {event.origin}, key=lambda h: (
         hashlib.sha256(f"{event.id}|{h}".encode()).digest(), h))
     return ([event.origin] if event.origin else []) + ranked
+
+
+def rule_hosts(membership: Membership, subcloud: SubCloudId) -> list[Hashname]:
+    """The default rule hosts of a thing: every member device that holds its key.
+
+    The cloud may list fewer (say, only the always-on home box); any list works as long as
+    every device uses the same one.
+
+    Args:
+        membership: the cloud's membership. subcloud: the thing's sub-cloud.
+
+    Returns:
+        The hashnames, sorted.
+    """
+    return sorted(_t.sealing_members(membership, subcloud))
 
 
 def _done_key(rule_id: str, event_id: str) -> str:

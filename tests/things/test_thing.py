@@ -9,6 +9,7 @@ from p2pcloud._core import BlobRef
 from p2pcloud._crypto import LocalIdentity
 from p2pcloud.errors import ThingError
 from p2pcloud.things import thing as t
+from p2pcloud.things.rules import rule_hosts
 from tests.things.helpers import NOW, SeededEntropy, make_cloud, make_thing, replica_for
 
 
@@ -160,6 +161,7 @@ def test_sealing_members_from_a_real_membership() -> None:
     membership = Membership(cloud, records, now=NOW / 1000 + 1)
     members = t.sealing_members(membership, new.subcloud)
     assert members == {founder.hashname: founder.cs3a_public, phone.hashname: phone.cs3a_public}
+    assert rule_hosts(membership, new.subcloud) == sorted([founder.hashname, phone.hashname])
     replica = replica_for(new.subcloud, phone)
     t.create_layout(replica, new, cloud=cloud, members=members, entropy=entropy, now_ms=NOW)
     assert t.open_thing_key(replica, phone).hashname == new.hashname
