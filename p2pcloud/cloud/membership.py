@@ -173,7 +173,7 @@ class _Eval:
     # one walk of the admin chain under a fixed set of revocations
     in_force: dict[RecordId, Grant]  # grants reached (subject may be revoked)
     depth: dict[Hashname, int]  # admins reached (revoked ones too), depth from the founder
-    reasons: dict[RecordId, tuple[str, str]]  # grants not reached: why
+    subjects: frozenset[Hashname]  # subjects of the grants reached
 
 
 class Membership:
@@ -276,8 +276,11 @@ class Membership:
         self._kept = kept
         self._state = state
         self._effective = {r.id: r for r in effective}
-        for gid, (reason, detail) in state.reasons.items():
-            rejected[(gid, "grant")] = Rejection(gid, "grant", reason, detail)
+        cycles: dict[Hashname, bool] = {}
+        for gid, grant in grants.items():
+            if gid not in state.in_force:
+                reason, detail = self._why_not(grant, state, kept, cycles)
+                rejected[(gid, "grant")] = Rejection(gid, "grant", reason, detail)
         for gid, grant in state.in_force.items():
             if grant.subject in kept:
                 rejected[(gid, "grant")] = Rejection(
@@ -331,11 +334,7 @@ class Membership:
                 if grant.role == ROLE_ADMIN and grant.subject not in depth:
                     depth[grant.subject] = depth[issuer] + 1
                     queue.append(grant.subject)
-        reasons: dict[RecordId, tuple[str, str]] = {}
-        for gid, grant in self._grants.items():
-            if gid not in in_force:
-                reasons[gid] = self._why_not(grant, in_force, depth, kept)
-        return _Eval(in_force, depth, reasons)
+        return _Eval(in_force, depth, frozenset(g.subject for g in in_force.values()))
 
     def _in_window(self, grant: Grant) -> bool:
         if grant.expires is not None and self.now >= grant.expires:
@@ -345,9 +344,9 @@ class Membership:
     def _why_not(
         self,
         grant: Grant,
-        in_force: Mapping[RecordId, Grant],
-        depth: Mapping[Hashname, int],
+        state: _Eval,
         kept: Mapping[Hashname, set[RecordId]],
+        cycles: dict[Hashname, bool],
     ) -> tuple[str, str]:
         if grant.expires is not None and self.now >= grant.expires:
             return REJECT_EXPIRED, f"expired at {grant.expires}"
@@ -355,11 +354,13 @@ class Membership:
             return REJECT_NOT_YET_VALID, f"valid from {grant.not_before}"
         if grant.founding:
             return REJECT_UNKNOWN_CLOUD, "a founding grant of another cloud"
-        if grant.issuer in depth:
+        if grant.issuer in state.depth:
             return REJECT_ISSUER_REVOKED, f"{grant.issuer} was revoked and did not keep it"
-        if any(g.subject == grant.issuer for g in in_force.values()):
+        if grant.issuer in state.subjects:
             return REJECT_NOT_ADMIN, f"{grant.issuer} is a member but not an admin"
-        if self._ancestry_cycles(grant.issuer):
+        if grant.issuer not in cycles:  # memoized: many grants may share one bad issuer
+            cycles[grant.issuer] = self._ancestry_cycles(grant.issuer)
+        if cycles[grant.issuer]:
             return REJECT_CYCLE, f"the grants of {grant.issuer} lead back to themselves"
         return REJECT_NO_CHAIN, f"nothing links {grant.issuer} to the founder"
 
@@ -391,7 +392,7 @@ class Membership:
     ) -> tuple[str, str] | None:
         issuer = rev.issuer
         if issuer not in state.depth:
-            if any(g.subject == issuer for g in state.in_force.values()):
+            if issuer in state.subjects:
                 return REJECT_NOT_ADMIN, f"{issuer} is a member but not an admin"
             if self._ancestry_cycles(issuer):
                 return REJECT_CYCLE, f"the grants of {issuer} lead back to themselves"

@@ -416,3 +416,30 @@ def test_too_many_records_is_refused():
     with pytest.raises(LocalProtocolError):
         Membership(CLOUD, (b"x%d" % i for i in range(m.MAX_RECORDS + 1)), now=NOW)
 
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sets(st.integers(0, len(ZOO) - 1)), st.randoms(use_true_random=False))
+def test_any_subset_is_a_function_of_the_set(chosen, rnd):
+    subset = [ZOO[i] for i in sorted(chosen)]
+    shuffled = list(subset)
+    rnd.shuffle(shuffled)
+    a = Membership(CLOUD, subset, now=NOW)
+    b = Membership(CLOUD, shuffled + shuffled[:2], now=NOW)
+    assert a.summary() == b.summary()
+    # whatever the subset, the invariants hold: members hold grants from the subset and are
+    # not revoked; every admin is a member; without the founding grant nobody is
+    ids = {r.id for r in map(_try_decode, subset) if r is not None}
+    for hashname, member in a.members().items():
+        assert not a.is_revoked(hashname) and member.grants
+        assert set(member.grants) <= ids
+    assert set(a.admins()) <= set(a.members())
+    if FOUNDING.raw not in subset:
+        assert a.members() == {}
+
+
+def _try_decode(raw):
+    try:
+        return decode_record(raw)
+    except BadRecord:
+        return None
