@@ -309,8 +309,8 @@ class Served:
         response: the bytes to send back on the channel.
         delta: what was written to the replica (``b""`` if nothing); seal and sync it.
         events: what happened, for the shell (notifications, statistics, rules).
-        record: the transfer record when a claim moved the thing (call nothing else: the
-            replica is already marked ended).
+        record: the transfer record when a claim handed the thing to another cloud (the
+            replica is already marked ended; the shell need not call ``end_access``).
     """
 
     response: bytes
