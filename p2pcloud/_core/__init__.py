@@ -13,7 +13,7 @@ reports it.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 PUREPYTHON_ENV = "P2PCLOUD_PUREPYTHON"
 
@@ -33,18 +33,35 @@ else:
         ) from exc
     IMPLEMENTATION = "cython"
 
-FORMAT_VERSION: int = _impl.FORMAT_VERSION
-MAX_CLOCK_SKEW_MS: int = _impl.MAX_CLOCK_SKEW_MS
-BlobRef = _impl.BlobRef
-CausalContext = _impl.CausalContext
-HybridClock = _impl.HybridClock
-Replica = _impl.Replica
-decode_value = _impl.decode_value
-decode_version = _impl.decode_version
-encode_value = _impl.encode_value
-encode_version = _impl.encode_version
-hlc_pack = _impl.hlc_pack
-hlc_unpack = _impl.hlc_unpack
+if TYPE_CHECKING:
+    # Both implementations have the reference's API: type-check callers against it.
+    from p2pcloud._core._reference import (
+        FORMAT_VERSION,
+        MAX_CLOCK_SKEW_MS,
+        BlobRef,
+        CausalContext,
+        HybridClock,
+        Replica,
+        decode_value,
+        decode_version,
+        encode_value,
+        encode_version,
+        hlc_pack,
+        hlc_unpack,
+    )
+else:
+    FORMAT_VERSION = _impl.FORMAT_VERSION
+    MAX_CLOCK_SKEW_MS = _impl.MAX_CLOCK_SKEW_MS
+    BlobRef = _impl.BlobRef
+    CausalContext = _impl.CausalContext
+    HybridClock = _impl.HybridClock
+    Replica = _impl.Replica
+    decode_value = _impl.decode_value
+    decode_version = _impl.decode_version
+    encode_value = _impl.encode_value
+    encode_version = _impl.encode_version
+    hlc_pack = _impl.hlc_pack
+    hlc_unpack = _impl.hlc_unpack
 from p2pcloud._core._span import delta_span  # noqa: E402  (header only: one implementation)
 
 Change = tuple[str, str | None, str | None]

@@ -745,6 +745,20 @@ def _text_class():
     return _Text
 
 
+def _text_apply(text, payload):
+    """Apply a validated text delta; a refusal that depends on the text's state is dropped.
+
+    The payload decoded during validation, so the only refusal left is the text's bound on
+    ops held for missing predecessors (MAX_HELD_RUNS): the merge cannot fail half-way, so
+    those ops are dropped here, and the next since-delta, which carries the whole text,
+    brings them back.
+    """
+    try:
+        return bool(text.apply(payload))
+    except DecodeError:
+        return False
+
+
 def _validate_text(payload):
     if payload:
         _text_class()(b"\x00" * MIN_REPLICA_ID).apply(payload)
@@ -1960,7 +1974,7 @@ cdef class Replica:
                     if text is None:
                         text = self._texts[key] = _text_class()(self.replica_id)
                     payload = payloads[oi]
-                    if payload and text.apply(payload):
+                    if payload and _text_apply(text, payload):
                         changes.touch(key[0], key[1], key[2], self._field_head(key[0], key[1], key[2]))
                 if not fresh:
                     continue

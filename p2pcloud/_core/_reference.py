@@ -1526,7 +1526,7 @@ class Replica:
                     text = self._texts.get(key)
                     if text is None:
                         text = self._texts[key] = _text_class()(self.replica_id)
-                    if payload and text.apply(payload):
+                    if payload and _text_apply(text, payload):
                         changes[key] = None
                 if not fresh:
                     continue
@@ -1765,6 +1765,20 @@ def _read_name(r: _Reader, names: list[str], last: bytes) -> tuple[str, bytes]:
         raise DecodeError("invalid UTF-8 in a name") from exc
     names.append(name)
     return name, raw
+
+
+def _text_apply(text: Any, payload: bytes) -> bool:
+    """Apply a validated text delta; a refusal that depends on the text's state is dropped.
+
+    The payload decoded during validation, so the only refusal left is the text's bound on
+    ops held for missing predecessors (MAX_HELD_RUNS): the merge cannot fail half-way, so
+    those ops are dropped here, and the next since-delta, which carries the whole text,
+    brings them back.
+    """
+    try:
+        return bool(text.apply(payload))
+    except DecodeError:
+        return False
 
 
 def _validate_text(payload: bytes) -> None:
