@@ -48,7 +48,10 @@ __all__ = [
     "FINDER_OPS",
     "MAX_CONTACT",
     "MAX_MESSAGE_TEXT",
+    "MAX_MESSAGES_PER_DAY",
     "MAX_MESSAGES_PER_FINDER",
+    "MAX_SCAN_EVENTS_PER_DAY",
+    "MAX_SCAN_EVENTS_PER_FINDER",
     "MAX_REQUEST_BYTES",
     "MAX_RESPONSE_BYTES",
     "OP_CARD",
@@ -97,6 +100,13 @@ MAX_REQUEST_BYTES: Final = 8192
 MAX_RESPONSE_BYTES: Final = _x.MAX_PACKAGE_BYTES + 1024  # a claim answer holds a package
 MAX_MESSAGES_PER_FINDER: Final = 20
 """Messages one finder hashname may leave per day: enough to talk, too few to flood the inbox."""
+MAX_MESSAGES_PER_DAY: Final = 200
+"""Messages per thing per day from all finders together: new hashnames cost nothing, so the
+per-finder bound alone would not stop a flood."""
+MAX_SCAN_EVENTS_PER_FINDER: Final = 20
+MAX_SCAN_EVENTS_PER_DAY: Final = 500
+"""Finder scans recorded per day (per finder, per thing): past these the card is still shown,
+but no event is written, so reading the card cannot grow the owner's log without bound."""
 _DAY_MS: Final = 86_400_000
 
 REFUSE_MALFORMED: Final = "malformed request"
@@ -107,7 +117,7 @@ REFUSE_OTHER_THING: Final = "the request is for another thing"
 REFUSE_NO_CAP: Final = "no finder capability given"
 REFUSE_BAD_CAP: Final = "wrong or outdated finder capability"
 REFUSE_TOO_LONG: Final = "message too long"
-REFUSE_RATE: Final = "too many messages from this finder today"
+REFUSE_RATE: Final = "too many messages today; try again tomorrow"
 REFUSE_NOT_CLAIMED: Final = "the thing is not claimed yet: it has no public face"
 REFUSE_MOVED: Final = "the thing moved to another cloud"
 REFUSE_BAD_SECRET: Final = "wrong claim secret"  # noqa: S105 - a reason, not a password
@@ -369,10 +379,18 @@ def _refuse(reason: str, requester: Hashname, thing: Hashname | None,
                   events=[RequestRefused(thing, requester, reason)])
 
 
-def _messages_today(replica: Replica, finder: Hashname, now_ms: int) -> int:
-    return sum(1 for _h, _r, v in replica.log(_t.INBOX)
-               if isinstance(v, dict) and v.get("from") == finder
-               and isinstance(v.get("at_ms"), int) and now_ms - v["at_ms"] < _DAY_MS)
+def _today(replica: Replica, log: str, now_ms: int, *, key: str, finder: Hashname,
+           event_type: str | None = None) -> tuple[int, int]:
+    """Records of the last day in ``log``: (from this finder, from every finder)."""
+    mine = total = 0
+    for _h, _r, v in replica.log(log):
+        if (not isinstance(v, dict) or not isinstance(v.get("at_ms"), int)
+                or now_ms - v["at_ms"] >= _DAY_MS or not v.get(key)
+                or (event_type is not None and v.get("type") != event_type)):
+            continue
+        total += 1
+        mine += v.get(key) == finder
+    return mine, total
 
 
 def claim_host(thing: Hashname, hosts: Sequence[str]) -> str | None:
@@ -444,14 +462,19 @@ def serve_request(replica: Replica, data: bytes, *, requester: Hashname, me: Has
     if request.op == OP_CARD:
         event = _t.event_record("scanned", by=me, now_ms=now_ms, entropy=entropy,
                                 owner=False, finder=requester)
-        replica.begin(now_ms)
-        replica.append(_t.EVENTS, event)
-        delta = bytes(replica.commit())
+        mine, total = _today(replica, _t.EVENTS, now_ms, key="finder", finder=requester,
+                             event_type="scanned")
+        delta = b""
+        if mine < MAX_SCAN_EVENTS_PER_FINDER and total < MAX_SCAN_EVENTS_PER_DAY:
+            replica.begin(now_ms)
+            replica.append(_t.EVENTS, event)
+            delta = bytes(replica.commit())
         # The card and nothing else: not even the thing's name (the owner puts on the card
         # what a finder may see).
         return Served(encode_response(True, card=_t.card(replica)), delta,
                       [CardShown(info.hashname, requester, event)])
-    if _messages_today(replica, requester, now_ms) >= MAX_MESSAGES_PER_FINDER:
+    mine, total = _today(replica, _t.INBOX, now_ms, key="from", finder=requester)
+    if mine >= MAX_MESSAGES_PER_FINDER or total >= MAX_MESSAGES_PER_DAY:
         return _refuse(REFUSE_RATE, requester, info.hashname)
     text = request.fields["text"]
     contact = request.fields.get("contact", "")

@@ -221,6 +221,31 @@ def test_finder_message_rate_limit() -> None:
     assert s.decode_response(later.response)["ok"]
 
 
+def test_many_finders_cannot_flood_the_inbox() -> None:
+    home = make_cloud("home")
+    _new, replica, tag = claimed_thing(home)
+    entropy = SeededEntropy("sybils")
+    finders = [LocalIdentity.generate(entropy).hashname for _ in range(30)]
+    accepted = 0
+    for i in range(s.MAX_MESSAGES_PER_DAY + 20):
+        served = serve(replica, s.message_request(tag, f"spam {i}"),
+                       requester=finders[i % len(finders)], now_ms=NOW + 10 + i)
+        accepted += s.decode_response(served.response)["ok"]
+    assert accepted == s.MAX_MESSAGES_PER_DAY
+    assert len(replica.log(t.INBOX)) == s.MAX_MESSAGES_PER_DAY
+
+
+def test_card_reads_are_recorded_up_to_a_bound_and_still_shown() -> None:
+    home = make_cloud("home")
+    _new, replica, tag = claimed_thing(home)
+    for i in range(s.MAX_SCAN_EVENTS_PER_FINDER + 5):
+        served = serve(replica, s.card_request(tag), now_ms=NOW + 10 + i)
+        assert s.decode_response(served.response)["card"] == {"if found": "call 555 0100"}
+        assert bool(served.delta) == (i < s.MAX_SCAN_EVENTS_PER_FINDER)
+    scans = [v for _h, _r, v in replica.log(t.EVENTS) if v["type"] == "scanned"]
+    assert len(scans) == s.MAX_SCAN_EVENTS_PER_FINDER
+
+
 def raw(**fields: Any) -> bytes:
     return bytes(cbor2.dumps({"v": 1, **fields}))
 
