@@ -179,9 +179,10 @@ def photo_like(png: bytes, seed: int) -> bytes:
     return out.getvalue()
 
 
-def test_photo_like_image_decodes() -> None:
-    tag = fresh("photo", paths=PATHS[:1])
-    assert tg.scan_image(photo_like(tg.render_png(tag, scale=6), seed=3)) == tag
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_photo_like_image_decodes(seed: int) -> None:
+    tag = fresh(f"photo {seed}", paths=PATHS[:seed % 3])
+    assert tg.scan_image(photo_like(tg.render_png(tag, scale=6), seed=seed)) == tag
 
 
 def test_svg_and_text_render() -> None:
