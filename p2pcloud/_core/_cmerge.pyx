@@ -1827,7 +1827,8 @@ cdef class Replica:
                 d.runs[i].end = d.nops
         if r.pos != r.end:
             raise DecodeError("trailing bytes after delta")
-        self.clock.check(d.max_hlc, now_ms)
+        if now_ms is not None:  # None: a trusted local snapshot (load)
+            self.clock.check(d.max_hlc, now_ms)
         return d
 
     # -- merging -----------------------------------------------------------------------
@@ -1840,13 +1841,13 @@ cdef class Replica:
             ClockSkewError: a delta's clock is too far ahead (``.delta_index`` says which).
             CoreUsageError: a transaction is open or ``now_ms`` is out of range.
         """
+        _check_now(now_ms)
         return self._apply(deltas, now_ms, True)
 
     cdef list _apply(self, deltas, now_ms, bint report):
         cdef _Decoded d
         if self._txn is not None:
             raise CoreUsageError("commit the open transaction before applying deltas")
-        _check_now(now_ms)
         decoded = []
         for i, data in enumerate(deltas):
             if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -1872,12 +1873,14 @@ cdef class Replica:
 
     @classmethod
     def load(cls, snapshot, replica_id, now_ms):
-        """Create a replica from a snapshot (:meth:`encode_snapshot`) in one call.
+        """Create a replica from a snapshot in one call (``now_ms`` None: a trusted local one).
 
         Raises:
             DecodeError, ClockSkewError, CoreUsageError: as :meth:`apply`.
         """
         cdef Replica out = cls(replica_id)
+        if now_ms is not None:
+            _check_now(now_ms)
         out._apply([snapshot], now_ms, False)
         return out
 

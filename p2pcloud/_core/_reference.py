@@ -1299,7 +1299,7 @@ class Replica:
 
     # -- decoding ----------------------------------------------------------------------
 
-    def _decode(self, data: bytes, now_ms: int) -> _Decoded:
+    def _decode(self, data: bytes, now_ms: int | None) -> _Decoded:
         r = _Reader(data)
         d = _Decoded()
         if r.byte() != FORMAT_MAGIC:
@@ -1410,7 +1410,8 @@ class Replica:
             d.runs.append((rep, start, run_hlc, ops))
         if r.pos != r.end:
             raise DecodeError("trailing bytes after delta")
-        self.clock.check(d.max_hlc, now_ms)
+        if now_ms is not None:  # None: a trusted local snapshot (load)
+            self.clock.check(d.max_hlc, now_ms)
         return d
 
     # -- merging -----------------------------------------------------------------------
@@ -1434,9 +1435,12 @@ class Replica:
             ClockSkewError: a delta's clock is too far ahead (``.delta_index`` says which).
             CoreUsageError: a transaction is open or ``now_ms`` is out of range.
         """
+        _check_now(now_ms)
+        return self._apply(deltas, now_ms)
+
+    def _apply(self, deltas: Iterable[bytes], now_ms: int | None) -> list[Change]:
         if self._txn is not None:
             raise CoreUsageError("commit the open transaction before applying deltas")
-        _check_now(now_ms)
         decoded = []
         for i, data in enumerate(deltas):
             if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -1457,14 +1461,23 @@ class Replica:
         return list(changes)
 
     @classmethod
-    def load(cls, snapshot: bytes, replica_id: bytes, now_ms: int) -> Replica:
+    def load(cls, snapshot: bytes, replica_id: bytes, now_ms: int | None) -> Replica:
         """Create a replica from a snapshot (:meth:`encode_snapshot`) in one call.
+
+        Args:
+            snapshot: the snapshot bytes.
+            replica_id: the new replica's id (the same as the snapshot's writer to resume it).
+            now_ms: the physical time for the clock-skew check of a snapshot from a peer;
+                None for a snapshot this node stored itself, which loads even after the
+                local clock went back.
 
         Raises:
             DecodeError, ClockSkewError, CoreUsageError: as :meth:`apply`.
         """
         out = cls(replica_id)
-        out.apply([snapshot], now_ms)
+        if now_ms is not None:
+            _check_now(now_ms)
+        out._apply([snapshot], now_ms)
         return out
 
     def _intern(self, rid: bytes) -> int:
