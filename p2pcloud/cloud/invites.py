@@ -45,6 +45,7 @@ import hashlib
 import hmac
 import io
 import struct
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -396,6 +397,7 @@ class InviteBook:
             entries: invites made earlier.
         """
         self._entries: dict[bytes, PendingInvite] = {e.id: e for e in entries}
+        self._stats: Counter[str] = Counter()
 
     def __len__(self) -> int:
         """How many invites the book holds (used ones included, until pruned)."""
@@ -540,6 +542,19 @@ class InviteBook:
             A :class:`JoinOutcome`: the reply to send and, on success, the new grant (store
             it with :func:`~p2pcloud.cloud.membership.write_records` and save the book).
         """
+        outcome = self._handle_join(data, local, peer, membership, now, entropy)
+        self._stats["joined" if outcome.grant is not None
+                    else f"refused: {outcome.error}"[:120]] += 1
+        return outcome
+
+    def statistics(self) -> dict[str, int]:
+        """Counts of join outcomes since the book was loaded: ``joined``, ``refused: <reason>``."""
+        return dict(self._stats)
+
+    def _handle_join(
+        self, data: bytes, local: LocalIdentity, peer: Hashname, membership: Membership,
+        now: float, entropy: Entropy,
+    ) -> JoinOutcome:
         try:
             msg = decode_message(data, "join")
             invite_id, key, vk, nonce, mac = (msg.get(k) for k in ("i", "a", "k", "n", "m"))

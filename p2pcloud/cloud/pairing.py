@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -202,7 +203,8 @@ class PairingHost:
         self._nameplate: int | None = None
         self._expires = 0.0
         self._sessions: dict[Hashname, _HostSession] = {}
-        self.attempts = 0  # completed first messages (each burns a code)
+        self.attempts = 0  # first messages that reached an open code (each burns it)
+        self._stats: Counter[str] = Counter()
 
     def open(
         self, membership: Membership, *, now: float, entropy: Entropy,
@@ -268,6 +270,21 @@ class PairingHost:
         Returns:
             The :class:`PairStep`: a reply to send; on success the grant to store.
         """
+        step = self._receive(peer, data, membership, now, entropy)
+        if step.error is not None:
+            self._stats[f"refused: {step.error}"[:120]] += 1
+        elif step.grant is not None:
+            self._stats["paired"] += 1
+        return step
+
+    def statistics(self) -> dict[str, int]:
+        """Counts of pairing outcomes: attempts that burned a code, ``paired``, and
+        ``refused: <reason>``."""
+        return dict(self._stats)
+
+    def _receive(
+        self, peer: Hashname, data: bytes, membership: Membership, now: float, entropy: Entropy
+    ) -> PairStep:
         try:
             msg = decode_message(data, "pake", "confirm")
         except JoinFailed as exc:
@@ -290,6 +307,7 @@ class PairingHost:
         # one attempt per code: burn it before the guess is even evaluated
         self.close()
         self.attempts += 1
+        self._stats["code burned by an attempt"] += 1
         try:
             key, vk = peer_keys(msg.get("a"), msg.get("k"), peer)
             msg_b = msg.get("m")

@@ -55,12 +55,12 @@ async def test_two_nodes_find_each_other_on_loopback():
 
 async def test_pairing_flag_from_the_start_and_bad_arguments():
     carol, dave = identity("discovery carol"), identity("discovery dave")
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="port 0"):
         async with open_discovery(carol, 0, interfaces=LOOPBACK):
-            pass
-    with pytest.raises(LocalProtocolError):
+            raise AssertionError("not reached")
+    with pytest.raises(LocalProtocolError, match="nameplate"):
         async with open_discovery(carol, 40003, interfaces=LOOPBACK, pairing=100):
-            pass
+            raise AssertionError("not reached")
     with trio.fail_after(GIVE_UP):
         async with (
             open_discovery(carol, 40003, interfaces=LOOPBACK, pairing=7) as dc,

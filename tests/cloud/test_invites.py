@@ -167,6 +167,7 @@ def test_wrong_secret_burns_the_invite():
     assert outcome.grant is None and "proof is wrong" in outcome.error
     _, after = join(book, invite)  # the real owner of the invite now finds it burned
     assert after.grant is None and "already used" in after.error
+    assert sum(book.statistics().values()) == 2 and "joined" not in book.statistics()
 
 
 def test_join_binds_both_hashnames():

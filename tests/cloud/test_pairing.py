@@ -70,6 +70,7 @@ def test_right_code_pairs_the_device():
             assert word.encode() not in msg
     # one-time: the code is closed after use
     assert host.nameplate(NOW) is None
+    assert host.statistics() == {"code burned by an attempt": 1, "paired": 1}
 
 
 def test_typed_code_is_normalized():
@@ -86,6 +87,7 @@ def test_wrong_code_fails_after_one_attempt_and_burns_the_code():
     _, hs, js = run(host, wrong)
     assert js.done and js.joined is None and "code was wrong" in js.error
     assert hs.grant is None and host.attempts == 1
+    assert host.statistics() == {"code burned by an attempt": 1}
     assert host.nameplate(NOW) is None  # burned: the pairing flag goes off
     # now even the right code is refused: the user must open a new code
     right = PairingJoiner(PHONE, code, peer=HOME.hashname, entropy=ENT)
@@ -102,6 +104,7 @@ def test_a_guessing_attacker_gets_nothing_even_if_it_lies_in_its_confirmation():
     forged = cbor2.dumps({"v": 1, "t": "confirm", "c": bytes(32)})
     s2 = host.receive(MALLORY.hashname, forged, membership=MS, now=NOW, entropy=ENT)
     assert s2.done and s2.grant is None and "code was wrong" in s2.error
+    assert host.statistics()[f"refused: {pr._WRONG}"[:120]] == 1
     assert cbor2.loads(s2.reply)["t"] == "refused"
 
 
