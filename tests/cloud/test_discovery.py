@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 import trio
+from zeroconf import ServiceInfo
 
-from p2pcloud._node.discovery import PeerDiscovered, PeerLost, open_discovery
+from p2pcloud._node.discovery import (
+    SERVICE_TYPE,
+    PeerDiscovered,
+    PeerLost,
+    _parse_info,
+    open_discovery,
+)
+from p2pcloud._wire import b32encode
 from p2pcloud.errors import LocalProtocolError
 from tests.cloud.helpers import identity
 
@@ -70,3 +78,27 @@ async def test_pairing_flag_from_the_start_and_bad_arguments():
             assert peer.pairing == 7 and dc.pairing == 7
             with pytest.raises(LocalProtocolError):
                 await dc.set_pairing(0)
+
+
+def _info(props, addresses=(b"\x7f\x00\x00\x01",), port=4242):
+    return ServiceInfo(SERVICE_TYPE, f"x.{SERVICE_TYPE}", addresses=list(addresses), port=port,
+                       properties=props, server="x.local.")
+
+
+def test_records_from_the_network_are_checked():
+    erin, frank = identity("discovery erin"), identity("discovery frank")
+    good = {b"v": b"1", b"hn": erin.hashname.encode(), b"s": b"0",
+            b"3a": b32encode(erin.cs3a_public).encode()}
+    peer, _ = _parse_info(_info(good))
+    assert peer is not None and peer.hashname == erin.hashname and peer.pairing is None
+    assert _parse_info(_info({**good, b"pair": b"17"}))[0].pairing == 17
+    cases = {
+        "hashname does not match key": {**good, b"3a": b32encode(frank.cs3a_public).encode()},
+        "unknown record version": {**good, b"v": b"2"},
+        "record without hashname or key": {b"v": b"1", b"hn": erin.hashname.encode()},
+        "malformed key": {**good, b"3a": b"!!!"},
+        "malformed pairing flag": {**good, b"pair": b"100"},
+    }
+    for reason, props in cases.items():
+        assert _parse_info(_info(props)) == (None, reason)
+    assert _parse_info(_info(good, addresses=()))[1] == "record without address or port"

@@ -9,6 +9,8 @@ import struct
 import cbor2
 import pytest
 import zxingcpp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from p2pcloud._wire import b32decode, b32encode
@@ -219,3 +221,22 @@ def test_only_admins_invite_and_the_book_persists():
     assert len(loaded) == 0
     with pytest.raises(LocalProtocolError, match="damaged"):
         InviteBook.from_bytes(b"\x00garbage")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=400) | st.text(alphabet="abcdefghijklmnopqrstuvwxyz234567",
+                                       max_size=400).map(lambda t: "p2pcloud:invite/1/" + t))
+def test_parse_invite_raises_only_bad_uri(text):
+    try:
+        parse_invite(text, now=NOW)
+    except BadURI as exc:
+        assert str(exc)
+
+
+def test_book_keeps_per_subcloud_rights():
+    book, invite = make(rights={b"\x07" * 16: ["read"]}, role="thing")
+    loaded = InviteBook.from_bytes(book.to_bytes())
+    j, outcome = join(loaded, invite)
+    assert outcome.grant.role == "thing"
+    assert outcome.grant.rights_on(b"\x07" * 16) == {"read"}
+    assert outcome.grant.rights_on(b"\x08" * 16) == frozenset()
