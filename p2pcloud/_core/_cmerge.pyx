@@ -125,6 +125,7 @@ cdef object NEG_MIN = -(1 << 64)
 # -- buffers -------------------------------------------------------------------------------
 
 
+@cython.final
 cdef class _Buf:
     """A growable byte buffer in C memory."""
     cdef unsigned char* data
@@ -295,6 +296,7 @@ def encode_value(value):
     return b.tobytes()
 
 
+@cython.final
 cdef class _Reader:
     """A bounds-checked cursor over bytes; every failure is a DecodeError."""
     cdef bytes data
@@ -643,6 +645,7 @@ cdef inline Entry new_entry(int kind, int rep, uint64_t ctr, uint64_t hlc, objec
     return e
 
 
+@cython.final
 cdef class _Changes:
     """The change report of one apply() call: each place once, in first-touch order.
 
@@ -778,6 +781,7 @@ DEF FIELD_CACHE = 8  # FIELD_NAME_CACHE of the reference
 cdef uint64_t NIDX_FLAG = (<uint64_t>1) << 63
 
 
+@cython.final
 cdef class _Names:
     """The names of one delta being written (the reference's _NameTable, same rules)."""
     cdef dict index
@@ -856,6 +860,7 @@ cdef inline Py_ssize_t _known_name(Entry head, uint64_t txn_start):
     return -1
 
 
+@cython.final
 cdef class _TxnWriter:
     """Encodes the ops of one local transaction as they happen."""
     cdef _Buf buf
@@ -906,6 +911,7 @@ ctypedef struct KillRec:
     uint64_t ctr
 
 
+@cython.final
 cdef class _Decoded:
     """A fully decoded and validated delta, ready to merge (ops in C arrays)."""
     cdef list reps
@@ -937,6 +943,17 @@ cdef class _Decoded:
         free(self.ops)
         free(self.kills)
         free(self.runs)
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        # room for n ops in all (a run's header says how many ops follow)
+        cdef OpRec* p
+        if n > self.ops_cap:
+            p = <OpRec*>realloc(self.ops, n * sizeof(OpRec))
+            if p == NULL:
+                raise MemoryError()
+            self.ops = p
+            self.ops_cap = n
+        return 0
 
     cdef OpRec* new_op(self) except NULL:
         cdef Py_ssize_t cap
@@ -1057,6 +1074,7 @@ cdef int _bucket_sort(_LiveArray live, Py_ssize_t nrank) except -1:
     return 0
 
 
+@cython.final
 cdef class _LiveArray:
     cdef LiveRec* recs
     cdef Py_ssize_t n
@@ -1746,6 +1764,7 @@ cdef class Replica:
             if hlc > d.max_hlc:
                 d.max_hlc = hlc
             nops = r.count()
+            d.reserve(d.nops + nops)
             for j in range(nops):
                 h = r.byte()
                 kind = h & 0x0F
