@@ -28,6 +28,9 @@ from p2pcloud.errors import BadRecord, JoinFailed, LocalProtocolError
 
 __all__ = [
     "CHANNEL_TYPE",
+    "FRAME_HEADER",
+    "FrameReader",
+    "frame",
     "MAX_CHAIN",
     "MAX_MESSAGE",
     "MAX_REASON",
@@ -53,6 +56,56 @@ MAX_MESSAGE: Final = MAX_CHAIN * 8 * 1024 + MAX_RECORD_BYTES
 bigger) plus one full-size record. Bounds what a peer can make us parse."""
 MAX_REASON: Final = 200  # characters of a refusal reason we show the user
 _WELCOME_CONTEXT: Final = b"p2pcloud welcome v1"
+FRAME_HEADER: Final = 4  # a pair channel is a byte stream: each message is LEN(4) | CBOR
+
+
+def frame(message: bytes) -> bytes:
+    """Frame one join message for the ``pair`` channel's byte stream.
+
+    Args:
+        message: the CBOR message.
+
+    Returns:
+        ``len(message)`` as 4 big-endian bytes, then the message.
+
+    Raises:
+        LocalProtocolError: longer than MAX_MESSAGE.
+    """
+    if len(message) > MAX_MESSAGE:
+        raise LocalProtocolError(f"a join message is at most {MAX_MESSAGE} bytes")
+    return struct.pack(">I", len(message)) + message
+
+
+class FrameReader:
+    """Splits the ``pair`` channel's byte stream back into messages (pure)."""
+
+    def __init__(self) -> None:
+        """Start with an empty buffer."""
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes; return the messages now complete.
+
+        Args:
+            data: bytes from the stream.
+
+        Returns:
+            Complete messages, in order.
+
+        Raises:
+            JoinFailed: a frame announces more than MAX_MESSAGE bytes (the peer is broken).
+        """
+        self._buf += data
+        out: list[bytes] = []
+        while len(self._buf) >= FRAME_HEADER:
+            (length,) = struct.unpack(">I", self._buf[:FRAME_HEADER])
+            if length > MAX_MESSAGE:
+                raise JoinFailed("the other device sent an oversized pairing message")
+            if len(self._buf) < FRAME_HEADER + length:
+                break
+            out.append(bytes(self._buf[FRAME_HEADER:FRAME_HEADER + length]))
+            del self._buf[:FRAME_HEADER + length]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

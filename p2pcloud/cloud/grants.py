@@ -82,9 +82,14 @@ __all__ = [
     "RECORD_VERSION",
     "RIGHTS",
     "ROLES",
+    "ROLE_ADMIN",
+    "ROLE_DEVICE",
+    "ROLE_THING",
     "Grant",
+    "Record",
     "RecordId",
     "Revocation",
+    "Scope",
     "decode_record",
     "issue_grant",
     "found_cloud",
@@ -139,7 +144,8 @@ _GRANT_FIELDS: Final = frozenset(
 )
 _REVOCATION_FIELDS: Final = frozenset({"v", "c", "n", "rh", "cut", "kr", "at", "ih", "ia", "ik"})
 
-Scope = bytes | str  # a 16-byte sub-cloud id, or ALL_SUBCLOUDS
+Scope = bytes | str
+"""A rights key: a 16-byte sub-cloud id, or ALL_SUBCLOUDS (``"*"``)."""
 
 
 def record_id_text(record_id: bytes) -> str:
@@ -248,6 +254,7 @@ class Revocation:
 
 
 Record = Grant | Revocation
+"""Either kind of signed record."""
 
 
 # -- encoding --------------------------------------------------------------------------------
