@@ -787,13 +787,15 @@ cdef class _Names:
     cdef dict index
     cdef _Buf last
     cdef Py_ssize_t count
-    # the last FIELD_CACHE field names introduced, newest first: the str objects (kept alive
-    # by the list), their UTF-8 bytes and their numbers
+    # the last FIELD_CACHE field names introduced, in a ring (they are distinct, so the
+    # order of the search does not matter): the str objects (kept alive by the list), their
+    # UTF-8 bytes and their numbers
     cdef list recent_names
     cdef const char* recent_ptr[FIELD_CACHE]
     cdef Py_ssize_t recent_len[FIELD_CACHE]
     cdef Py_ssize_t recent_idx[FIELD_CACHE]
     cdef Py_ssize_t nrecent
+    cdef Py_ssize_t ring
 
     def __cinit__(self):
         self.index = {}
@@ -801,6 +803,7 @@ cdef class _Names:
         self.count = 0
         self.recent_names = [None] * FIELD_CACHE
         self.nrecent = 0
+        self.ring = 0
 
     cdef Py_ssize_t new(self, _Buf buf, str name) except -1:
         cdef Py_ssize_t n, p, limit
@@ -839,17 +842,14 @@ cdef class _Names:
             buf.varint((<uint64_t>known) << 1)
             return known
         idx = self.new(buf, name)
-        k = self.nrecent + 1 if self.nrecent < FIELD_CACHE else FIELD_CACHE
-        for i in range(k - 1, 0, -1):
-            recent[i] = recent[i - 1]
-            self.recent_ptr[i] = self.recent_ptr[i - 1]
-            self.recent_len[i] = self.recent_len[i - 1]
-            self.recent_idx[i] = self.recent_idx[i - 1]
-        recent[0] = name
-        self.recent_ptr[0] = p
-        self.recent_len[0] = n
-        self.recent_idx[0] = idx
-        self.nrecent = k
+        k = self.ring
+        recent[k] = name  # replaces the oldest once the ring is full
+        self.recent_ptr[k] = p
+        self.recent_len[k] = n
+        self.recent_idx[k] = idx
+        self.ring = (k + 1) % FIELD_CACHE
+        if self.nrecent < FIELD_CACHE:
+            self.nrecent += 1
         return idx
 
 

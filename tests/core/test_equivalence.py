@@ -53,3 +53,32 @@ def test_bulk_write_matches_reference() -> None:
             assert r.document("kv", "main") == items
             assert loaded.document("kv", "main") == items
     assert all(x == out[0] for x in out)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 11),
+                          st.sampled_from(["set", "set_add", "remove_field", "increment"])),
+                min_size=1, max_size=60))
+def test_field_name_table_matches_reference(writes: list[tuple[str, int, str]]) -> None:
+    """More distinct field names than the writer remembers, in one transaction."""
+    deltas = []
+    for impl in (_reference, _cmerge):
+        r = impl.Replica(b"replica1")
+        r.begin(1_700_000_000_000)
+        for doc, i, op in writes:
+            try:
+                if op == "set":
+                    r.set("c", doc, f"field{i}", i)
+                elif op == "set_add":
+                    r.set_add("c", doc, f"field{i}", i)
+                elif op == "increment":
+                    r.increment("c", doc, f"field{i}", 1)
+                else:
+                    r.remove_field("c", doc, f"field{i}")
+            except Exception as exc:  # noqa: BLE001 - a type clash must clash in both
+                assert type(exc).__name__ == "CoreUsageError"
+        delta = r.commit()
+        other = impl.Replica(b"replica2")
+        other.apply([delta], 1_700_000_000_000)
+        assert other.encode_snapshot() == r.encode_snapshot()
+        deltas.append(delta)
+    assert deltas[0] == deltas[1]
