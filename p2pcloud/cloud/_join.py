@@ -40,6 +40,7 @@ __all__ = [
     "admit",
     "decode_message",
     "lp",
+    "message_type",
     "peer_keys",
     "refusal",
     "welcome",
@@ -74,6 +75,26 @@ def frame(message: bytes) -> bytes:
     if len(message) > MAX_MESSAGE:
         raise LocalProtocolError(f"a join message is at most {MAX_MESSAGE} bytes")
     return struct.pack(">I", len(message)) + message
+
+
+def message_type(data: bytes) -> str | None:
+    """The type of a ``pair`` message, so the shell can route it (never raises).
+
+    ``"join"`` goes to :meth:`InviteBook.handle_join`; ``"pake"`` and ``"confirm"`` go to
+    :meth:`PairingHost.receive` (which also refuses anything else with a reason).
+
+    Args:
+        data: one framed message.
+
+    Returns:
+        The ``"t"`` field, or None if the bytes are not a join message.
+    """
+    try:
+        msg = decode_message(data, "join", "pake", "confirm", "welcome", "refused")
+    except JoinFailed:
+        return None
+    kind: str = msg["t"]
+    return kind
 
 
 class FrameReader:

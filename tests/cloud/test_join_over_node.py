@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from collections import deque
 
-import cbor2
 import trio
 
 from p2pcloud._node.discovery import PeerDiscovered, open_discovery
 from p2pcloud._node.node import open_node
-from p2pcloud.cloud._join import CHANNEL_TYPE, FrameReader, frame
+from p2pcloud.cloud._join import CHANNEL_TYPE, FrameReader, frame, message_type
 from p2pcloud.cloud.grants import found_cloud
 from p2pcloud.cloud.invites import InviteBook, InviteJoiner, format_invite, parse_invite
 from p2pcloud.cloud.membership import Membership
@@ -58,8 +57,7 @@ class Admin:
     async def serve(self, stream):
         messages = Messages(stream)
         while (data := await messages.next()) is not None:
-            kind = cbor2.loads(data).get("t") if data[:1] else None
-            if kind == "join":
+            if message_type(data) == "join":
                 outcome = self.book.handle_join(
                     data, local=self.identity, peer=stream.hashname,
                     membership=self.membership, now=NOW, entropy=self.entropy)

@@ -210,3 +210,21 @@ def test_garbage_never_raises(junk):
     joiner.start()
     step2 = joiner.receive(junk, now=NOW)
     assert step2.joined is None and step2.done
+
+
+def test_pair_channel_framing_and_routing():
+    from p2pcloud.cloud._join import MAX_MESSAGE, FrameReader, frame, message_type
+
+    joiner = PairingJoiner(PHONE, "5-oak-kettle-clown", peer=HOME.hashname, entropy=ENT)
+    first = joiner.start()
+    stream = frame(first) + frame(b"\xff") + frame(b"")
+    reader = FrameReader()
+    got = []
+    for i in range(0, len(stream), 7):  # arbitrary chunking, as a byte stream delivers it
+        got += reader.feed(stream[i:i + 7])
+    assert got == [first, b"\xff", b""]
+    assert [message_type(m) for m in got] == ["pake", None, None]
+    with pytest.raises(JoinFailed, match="oversized"):
+        FrameReader().feed((MAX_MESSAGE + 1).to_bytes(4, "big"))
+    with pytest.raises(LocalProtocolError):
+        frame(bytes(MAX_MESSAGE + 1))
