@@ -622,6 +622,10 @@ def decode_record(data: bytes) -> Grant | Revocation:
         raise BadRecord("body and signature are bytes")
     if len(signature) != SIGNATURE_SIZE:
         raise BadRecord("signature is not 64 bytes")
+    if cbor2.dumps(outer, canonical=True) != raw:
+        # one record, one byte string: no re-encoding of the same signed body may travel
+        # under the same id (the set of records, and what is stored, stays a function of it)
+        raise BadRecord("record is not canonical CBOR")
     try:
         obj: Any = cbor2.loads(body)
     except Exception as exc:  # as above: hostile bytes, typed error

@@ -78,6 +78,14 @@ def test_altered_body_is_a_forgery():
         decode_record(cbor2.dumps(outer))
 
 
+def test_a_re_encoded_record_is_refused():
+    outer = cbor2.loads(G_PHONE.raw)
+    reordered = cbor2.dumps({k: outer[k] for k in ("v", "t", "g", "b")})
+    assert reordered != G_PHONE.raw
+    with pytest.raises(BadRecord, match="not canonical"):
+        decode_record(reordered)
+
+
 @pytest.mark.parametrize(
     "data",
     [b"", b"\xff", cbor2.dumps({"v": 2, "t": "grant", "b": b"", "g": b"x" * 64}),
