@@ -566,6 +566,9 @@ class InviteBook:
             entry = self.check(invite_id, now)
         except JoinFailed as exc:
             return JoinOutcome(refusal(exc.reason), None, exc.reason)
+        if entry.cloud != membership.cloud:
+            reason = "this invite is for another cloud than the one this device answered for"
+            return JoinOutcome(refusal(reason), None, reason)
         # one attempt per invite: burn it before looking at the proof
         self.burn(entry.id, peer, now)
         transcript = _join_transcript(entry.cloud, local.hashname, peer, vk, nonce)

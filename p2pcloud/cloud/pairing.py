@@ -200,6 +200,7 @@ class PairingHost:
         self._rights = {k: sorted(set(v)) for k, v in (rights or {"*": ["all"]}).items()}
         self._grant_expires = grant_expires
         self._code: str | None = None
+        self._cloud: bytes | None = None
         self._nameplate: int | None = None
         self._expires = 0.0
         self._sessions: dict[Hashname, _HostSession] = {}
@@ -228,6 +229,7 @@ class PairingHost:
             raise LocalProtocolError("only an admin of this cloud can pair a device")
         if not 0 < ttl <= MAX_CODE_TTL:
             raise LocalProtocolError(f"a pairing code stays open 1..{MAX_CODE_TTL} seconds")
+        self._cloud = membership.cloud
         self._code = make_code(entropy)
         self._nameplate = int(self._code.split("-", 1)[0])
         self._expires = now + ttl
@@ -333,6 +335,9 @@ class PairingHost:
         session = self._sessions.pop(peer, None)
         if session is None:
             reason = "no pairing in progress with this device; start again"
+            return PairStep(refusal(reason), True, error=reason)
+        if membership.cloud != self._cloud:
+            reason = "the code was opened for another cloud than the one given now"
             return PairStep(refusal(reason), True, error=reason)
         confirm = msg.get("c")
         expected = _mac(session.session_key, b"joiner", session.transcript)

@@ -240,3 +240,14 @@ def test_book_keeps_per_subcloud_rights():
     assert outcome.grant.role == "thing"
     assert outcome.grant.rights_on(b"\x07" * 16) == {"read"}
     assert outcome.grant.rights_on(b"\x08" * 16) == frozenset()
+
+
+def test_invite_answered_for_another_cloud_is_refused_unburned():
+    book, invite = make()
+    other = found_cloud(HOME, now=NOW, entropy=entropy_from("another cloud"))
+    j = InviteJoiner(PHONE, invite, entropy=ENT)
+    outcome = book.handle_join(j.request(), local=HOME, peer=PHONE.hashname,
+                               membership=Membership(other.cloud, [other], now=NOW),
+                               now=NOW, entropy=ENT)
+    assert outcome.grant is None and "another cloud" in outcome.error
+    assert book.check(invite.id, NOW).used_at is None  # still usable for its own cloud
