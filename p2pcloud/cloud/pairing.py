@@ -174,6 +174,7 @@ class _HostSession:
     vk: bytes
     session_key: bytes
     transcript: bytes
+    expires: float
 
 
 class PairingHost:
@@ -294,7 +295,7 @@ class PairingHost:
             return PairStep(refusal(exc.reason), True, error=exc.reason)
         if msg["t"] == "pake":
             return self._first(peer, msg, now, entropy)
-        return self._confirm(peer, msg, membership, entropy)
+        return self._confirm(peer, msg, membership, now, entropy)
 
     def _first(self, peer: Hashname, msg: dict[str, Any], now: float, entropy: Entropy
                ) -> PairStep:
@@ -305,7 +306,7 @@ class PairingHost:
         if type(msg.get("np")) is not int or msg.get("np") != nameplate:
             reason = f"this device is not showing pairing code number {msg.get('np')!r:.8}"
             return PairStep(refusal(reason), True, error=reason)
-        code = self._code
+        code, expires = self._code, self._expires
         # one attempt per code: burn it before the guess is even evaluated
         self.close()
         self.attempts += 1
@@ -325,14 +326,16 @@ class PairingHost:
         except JoinFailed as exc:
             return PairStep(refusal(exc.reason), True, error=exc.reason)
         transcript = _transcript(self._identity.hashname, peer, key, vk, msg_b, msg_a, nameplate)
-        self._sessions[peer] = _HostSession(peer, key, vk, session_key, transcript)
+        self._sessions[peer] = _HostSession(peer, key, vk, session_key, transcript, expires)
         reply = cbor2.dumps({"v": PROTOCOL_VERSION, "t": "pake", "m": msg_a,
                              "c": _mac(session_key, b"host", transcript)})
         return PairStep(reply)
 
     def _confirm(self, peer: Hashname, msg: dict[str, Any], membership: Membership,
-                 entropy: Entropy) -> PairStep:
+                 now: float, entropy: Entropy) -> PairStep:
         session = self._sessions.pop(peer, None)
+        if session is not None and now >= session.expires:
+            session = None  # a confirmation after the code's lifetime counts for nothing
         if session is None:
             reason = "no pairing in progress with this device; start again"
             return PairStep(refusal(reason), True, error=reason)

@@ -179,6 +179,17 @@ def test_expired_code_is_closed():
     assert hs.grant is None and "no pairing code open" in js.error
 
 
+def test_a_late_confirmation_is_refused():
+    host = PairingHost(HOME)
+    code = host.open(MS, now=NOW, entropy=ENT, ttl=60)
+    joiner = PairingJoiner(PHONE, code, peer=HOME.hashname, entropy=ENT)
+    s1 = host.receive(PHONE.hashname, joiner.start(), membership=MS, now=NOW + 10, entropy=ENT)
+    j1 = joiner.receive(s1.reply, now=NOW + 10)
+    assert j1.reply is not None  # the right code: the joiner confirms...
+    s2 = host.receive(PHONE.hashname, j1.reply, membership=MS, now=NOW + 61, entropy=ENT)
+    assert s2.grant is None and "no pairing in progress" in s2.error  # ...too late
+
+
 def test_only_admins_open_codes():
     ms = MS.with_records([MS.grant(HOME, subject_key=PHONE.cs3a_public,
                                    subject_verify_key=PHONE.verify_key, role="device",
