@@ -763,8 +763,10 @@ def _text_apply(text, payload):
 
 
 def _validate_text(payload):
+    # a text delta must decode before anything changes (CORE-TEXT's decode-only check)
     if payload:
-        _text_class()(b"\x00" * MIN_REPLICA_ID).apply(payload)
+        from p2pcloud._core._ctext import validate_delta
+        validate_delta(payload)
 
 
 cdef bytes _element(object element):

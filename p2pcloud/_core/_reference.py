@@ -1795,9 +1795,11 @@ def _text_apply(text: Any, payload: bytes) -> bool:
 
 
 def _validate_text(payload: bytes) -> None:
-    """A text delta must decode: it is applied to a scratch Text before anything changes."""
+    """A text delta must decode before anything changes (CORE-TEXT's decode-only check)."""
     if payload:
-        _text_class()(b"\x00" * MIN_REPLICA_ID).apply(payload)
+        from p2pcloud._core._reference_text import validate_delta
+
+        validate_delta(payload)
 
 
 def _element(element: Any) -> bytes:
