@@ -90,6 +90,7 @@ __all__ = [
     "invite_qr_png",
     "invite_qr_svg",
     "invite_qr_text",
+    "is_invite",
     "parse_invite",
 ]
 
@@ -190,6 +191,21 @@ def format_invite(invite: Invite) -> str:
     if len(text) > MAX_INVITE_TEXT:
         raise BadURI("invite too long; give fewer paths")
     return text
+
+
+def is_invite(text: str) -> bool:
+    """Whether scanned or pasted text is an invite rather than a thing's tag.
+
+    Both are ``p2pcloud:`` URIs; a tag (``p2pcloud.things.tags``) is ``p2pcloud:<base32>``
+    whose first letter is always ``a`` (its version byte), so it never reads ``invite/``.
+
+    Args:
+        text: the text a QR code held, or what the user pasted.
+
+    Returns:
+        True when it should go to :func:`parse_invite`.
+    """
+    return isinstance(text, str) and text.strip().lower().startswith(_PREFIX)
 
 
 def parse_invite(text: str, *, now: float | None = None) -> Invite:

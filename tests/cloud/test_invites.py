@@ -48,6 +48,7 @@ def test_invite_text_round_trip():
     assert back.expires == NOW + inv.DEFAULT_TTL and list(back.paths) == PATHS
     # case and surrounding space do not matter (QR codes carry upper case)
     assert parse_invite("  " + text.upper() + "\n") == invite
+    assert inv.is_invite(text.upper()) and not inv.is_invite("P2PCLOUD:AEBAGBAF")
 
 
 def test_qr_png_decodes_with_a_real_reader():
