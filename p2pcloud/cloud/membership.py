@@ -272,7 +272,10 @@ class Membership:
             effective.append(rev)
             kept.setdefault(rev.revoked, set()).update(rev.kept)
             self._revoked_by.setdefault(rev.revoked, []).append(rev)
-            state = self._walk(kept)
+            if rev.revoked in state.depth:
+                # only an admin's removal changes which grants are reached: a non-admin's
+                # grants and revocations never count, so the walk would come out the same
+                state = self._walk(kept)
         self._kept = kept
         self._state = state
         self._effective = {r.id: r for r in effective}

@@ -1,7 +1,7 @@
 """How long Membership takes on a big cloud: ``.venv/bin/python -m tests.cloud.perf_membership``.
 
 Not a test (no timing is asserted anywhere); it prints the figure quoted in docs/cloud.md:
-a founder, 5 admins, 2,000 things each granted one sub-cloud, and 20 revocations.
+a founder, 5 admins, 2,000 things each granted one sub-cloud, and 500 revocations.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from p2pcloud.cloud.membership import Membership
 from tests.cloud.helpers import entropy_from, identity
 
 THINGS = 2000
-REVOKED = 20
+REVOKED = 500
 
 
 def main() -> None:
