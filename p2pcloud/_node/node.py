@@ -363,11 +363,35 @@ class Node:
         if self._memory is not None:
             return self._memory.send_nowait(data, path)
         if path.is_udp and self._udp is not None:
-            return self._udp.send_nowait(data, path)
+            if len(data) > MAX_UDP_PACKET:
+                # A packet sized for a large-frame TCP path, after the mesh moved the link to
+                # UDP (it follows the most recently seen path): it cannot be a datagram, so
+                # it goes on that peer's large-frame connection instead of being lost.
+                alternative = self._large_frame_path(path, len(data))
+                if alternative is None:
+                    self._dropped["too large for path"] += 1
+                    return True
+                path = alternative
+            else:
+                return self._udp.send_nowait(data, path)
         if path.is_tcp and self._tcp is not None:
             return self._tcp.send_nowait(data, path)
         self._dropped["no transport for path"] += 1
         return True
+
+    def _large_frame_path(self, udp_path: Path, size: int) -> Path | None:
+        """A large-frame TCP path of the peer that ``udp_path`` belongs to, if one is open."""
+        if self._tcp is None:
+            return None
+        for hashname in self._mesh.links():
+            paths = self._mesh.link_paths(hashname)
+            if udp_path not in paths:
+                continue
+            for candidate in paths:
+                limit = self._tcp.frame_limit(candidate) if candidate.is_tcp else None
+                if limit is not None and size <= limit:
+                    return candidate
+        return None
 
     def _rearm_timer(self) -> None:
         if self._timer_scope is not None:

@@ -355,6 +355,13 @@ class TcpTransport:
         conn = self._connections.get(path)
         return conn.framing.state if conn else None
 
+    def frame_limit(self, path: Path) -> int | None:
+        """The negotiated frame size of the connection to ``path`` (None: not in frames)."""
+        conn = self._connections.get(path)
+        if conn is None or conn.framing.state is not Framing.FRAMES:
+            return None
+        return conn.framing.max_frame
+
     @property
     def connections(self) -> int:
         """Open (or opening) connections."""
