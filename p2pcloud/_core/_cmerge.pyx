@@ -43,6 +43,10 @@ cdef extern from "Python.h":
     # CPython's presized dict constructor (Include/cpython/dictobject.h): a bulk load knows
     # how many fields a new document gets, so its dict is built without rehashing
     dict _PyDict_NewPresized(Py_ssize_t minused)
+    # the collector is paused during bulk calls (see _gc_pause): they allocate millions of
+    # objects none of which can form a cycle, and each collection would walk the big lists
+    int PyGC_Enable()
+    int PyGC_Disable()
 
 DEF PRESIZE_MIN = 64  # below this, growing a dict costs less than thinking about it
 
@@ -677,11 +681,12 @@ cdef class _Changes:
         self.rare.add(key)
         return 0
 
-    cdef inline int inserted(self, Doc d, object field, Entry old_head) except -1:
-        """An insertion in front of ``old_head`` (None if the field was empty)."""
+    cdef inline int inserted(self, Doc d, object field, bint had_head, uint64_t old_gen) except -1:
+        """An insertion in front of a head of generation ``old_gen`` (``had_head`` false: the
+        field was empty)."""
         if not self.on:
             return 0
-        if old_head is not None and old_head.gen == self.gen:
+        if had_head and old_gen == self.gen:
             return 0
         key = (d.coll, d.id, field)
         if self.rare and key in self.rare:
@@ -703,6 +708,28 @@ cdef class Doc:
         self.coll = coll
         self.id = doc_id
         self.fields = {}
+
+
+cdef inline void _swap_into_head(Entry head, Entry e) noexcept:
+    # put ``e`` in front of the chain starting at ``head`` without changing which object is
+    # the head: the two exchange contents and ``e`` (now the old head) follows ``head``
+    cdef int kind = head.kind, rep = head.rep
+    cdef uint64_t ctr = head.ctr, hlc = head.hlc, gen = head.gen
+    value = head.value
+    head.kind = e.kind
+    head.rep = e.rep
+    head.ctr = e.ctr
+    head.hlc = e.hlc
+    head.gen = e.gen
+    head.value = e.value
+    e.kind = kind
+    e.rep = rep
+    e.ctr = ctr
+    e.hlc = hlc
+    e.gen = gen
+    e.value = value
+    e.next = head.next
+    head.next = e
 
 
 cdef list _chain_list(Entry head):
@@ -796,6 +823,7 @@ cdef class _Names:
     cdef const char* recent_ptr[FIELD_CACHE]
     cdef Py_ssize_t recent_len[FIELD_CACHE]
     cdef Py_ssize_t recent_idx[FIELD_CACHE]
+    cdef Py_hash_t recent_hash[FIELD_CACHE]  # str hashes are cached: a cheap first test
     cdef Py_ssize_t nrecent
     cdef Py_ssize_t ring
 
@@ -835,9 +863,11 @@ cdef class _Names:
         cdef Py_ssize_t i, k, idx, n
         cdef list recent = self.recent_names
         cdef const char* p = PyUnicode_AsUTF8AndSize(name, &n)
+        cdef Py_hash_t hv = hash(name)
         if known < 0:
             for i in range(self.nrecent):
-                if self.recent_len[i] == n and memcmp(self.recent_ptr[i], p, n) == 0:
+                if self.recent_hash[i] == hv and self.recent_len[i] == n and \
+                        memcmp(self.recent_ptr[i], p, n) == 0:
                     known = self.recent_idx[i]
                     break
         if known >= 0:
@@ -849,6 +879,7 @@ cdef class _Names:
         self.recent_ptr[k] = p
         self.recent_len[k] = n
         self.recent_idx[k] = idx
+        self.recent_hash[k] = hv
         self.ring = (k + 1) % FIELD_CACHE
         if self.nrecent < FIELD_CACHE:
             self.nrecent += 1
@@ -1371,6 +1402,14 @@ cdef class Replica:
         cdef _TxnWriter t = self._txn
         if t is None:
             raise CoreUsageError("writes need an open transaction: call begin(now_ms) first")
+        cdef int was = PyGC_Disable()
+        try:
+            self._set_many(t, coll, doc, items)
+        finally:
+            if was:
+                PyGC_Enable()
+
+    cdef int _set_many(self, _TxnWriter t, coll, doc, items) except -1:
         cdef Py_ssize_t n, i = 0
         cdef Doc d
         if isinstance(items, dict):
@@ -1391,6 +1430,7 @@ cdef class Replica:
             pairs = items.items() if isinstance(items, Mapping) else items
             for field, value in pairs:
                 self._set1(t, coll, doc, field, value, OP_LWW)
+        return 0
 
     def set_mv(self, coll, doc, field, value):
         """Write a multi-value register (see the reference).
@@ -1866,6 +1906,14 @@ cdef class Replica:
         return self._apply(deltas, now_ms, True)
 
     cdef list _apply(self, deltas, now_ms, bint report):
+        cdef int was = PyGC_Disable()
+        try:
+            return self._apply_all(deltas, now_ms, report)
+        finally:
+            if was:
+                PyGC_Enable()
+
+    cdef list _apply_all(self, deltas, now_ms, bint report):
         cdef _Decoded d
         if self._txn is not None:
             raise CoreUsageError("commit the open transaction before applying deltas")
@@ -1942,7 +1990,8 @@ cdef class Replica:
         cdef dict colls = self._colls
         cdef Doc doc_obj = None
         cdef int32_t doc_coll = -1, doc_doc = -1
-        cdef Entry e
+        cdef Entry e, head
+        cdef uint64_t old_gen
         # 1. context ranges: drop local entries the sender has seen but does not hold
         hit = set()
         kctx = CausalContext()
@@ -2027,9 +2076,16 @@ cdef class Replica:
                 e.gen = changes.gen
                 ph = PyDict_SetDefault(doc_obj.fields, field_s, e)
                 if ph != <PyObject*>e:
-                    e.next = <Entry>ph
-                    doc_obj.fields[field_s] = e
-                changes.inserted(doc_obj, field_s, e.next)
+                    # the field has a chain: the new entry goes in front. Rather than a second
+                    # dict store, the head object takes the new entry's contents and the new
+                    # object, linked second, takes the old head's (entries have no identity
+                    # anyone keeps: one dict probe per op instead of two)
+                    head = <Entry>ph
+                    old_gen = head.gen
+                    _swap_into_head(head, e)
+                    changes.inserted(doc_obj, field_s, True, old_gen)
+                else:
+                    changes.inserted(doc_obj, field_s, False, 0)
             if have_piece:
                 ctx.add_range(r, plo, phi)
         # 3. the context ranges join the local context
