@@ -27,7 +27,7 @@ imported from the reference, so values and errors are the very same objects.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_GetItem, PyDict_SetDefault
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetDefault
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
@@ -1992,6 +1992,10 @@ cdef class Replica:
         cdef int32_t doc_coll = -1, doc_doc = -1
         cdef Entry e, head
         cdef uint64_t old_gen
+        cdef PyObject* hint_dict = NULL
+        cdef Py_ssize_t hint_pos = 0, hp
+        cdef PyObject* hk
+        cdef PyObject* hv
         # 1. context ranges: drop local entries the sender has seen but does not hold
         hit = set()
         kctx = CausalContext()
@@ -2074,7 +2078,21 @@ cdef class Replica:
                 field_s = names[op.field]
                 e = new_entry(kind, r, dot, op.hlc, payloads[oi])
                 e.gen = changes.gen
-                ph = PyDict_SetDefault(doc_obj.fields, field_s, e)
+                # the order hint: a delta often lists a document's fields in the order the
+                # document got them (a replica writing the same keys, a since-delta): try the
+                # dict's next entry first, verified by comparing the names, before a hash probe
+                # into a big table. A stale position (the dict changed) just misses.
+                ph = NULL
+                if hint_dict is not <PyObject*>doc_obj.fields:
+                    hint_dict = <PyObject*>doc_obj.fields
+                    hint_pos = 0
+                hp = hint_pos
+                if PyDict_Next(doc_obj.fields, &hp, &hk, &hv) and \
+                        (<str>hk is field_s or <str>hk == <str>field_s):
+                    ph = hv
+                    hint_pos = hp
+                if ph == NULL:
+                    ph = PyDict_SetDefault(doc_obj.fields, field_s, e)
                 if ph != <PyObject*>e:
                     # the field has a chain: the new entry goes in front. Rather than a second
                     # dict store, the head object takes the new entry's contents and the new
