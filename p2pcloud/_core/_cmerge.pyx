@@ -30,6 +30,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetDefault
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
@@ -46,6 +47,9 @@ cdef extern from "Python.h":
     # the collector is paused during bulk calls (see _gc_pause): they allocate millions of
     # objects none of which can form a cycle, and each collection would walk the big lists
     int PyGC_Enable()
+    bint PyUnicode_IS_COMPACT_ASCII(object o)
+    void* PyUnicode_DATA(object o)
+    Py_ssize_t PyUnicode_GET_LENGTH(object o)
     int PyGC_Disable()
 
 DEF PRESIZE_MIN = 64  # below this, growing a dict costs less than thinking about it
@@ -191,6 +195,13 @@ cdef class _Buf:
 
     cdef bytes tobytes(self):
         return PyBytes_FromStringAndSize(<char*>self.data, self.n)
+
+
+cdef void* _grow(void* p, size_t size) except NULL:
+    cdef void* q = realloc(p, size)
+    if q == NULL:
+        raise MemoryError()
+    return q
 
 
 cdef inline uint64_t zigzag(int64_t n) noexcept:
@@ -933,6 +944,7 @@ ctypedef struct OpRec:
     uint64_t hlc
     Py_ssize_t kstart
     Py_ssize_t kcount
+    PyObject* payload  # a reference owned by the _Decoded (NULL: none yet)
 
 ctypedef struct RunRec:
     Py_ssize_t rep
@@ -949,8 +961,15 @@ cdef class _Decoded:
     """A fully decoded and validated delta, ready to merge (ops in C arrays)."""
     cdef list reps
     cdef list ctx
-    cdef list names
-    cdef list payloads
+    # the name table: names are UTF-8 slices of ``arena``; the str of a name is made only
+    # when a merge needs it (a field found by the order hint is compared as bytes and never
+    # becomes a new str). Non-ASCII names are decoded (validated) while decoding.
+    cdef _Buf arena
+    cdef Py_ssize_t* noff
+    cdef Py_ssize_t* nlen
+    cdef PyObject** nobj
+    cdef Py_ssize_t nnames
+    cdef Py_ssize_t ncap
     cdef OpRec* ops
     cdef Py_ssize_t nops
     cdef Py_ssize_t ops_cap
@@ -964,8 +983,11 @@ cdef class _Decoded:
     def __cinit__(self):
         self.reps = []
         self.ctx = []
-        self.names = []
-        self.payloads = []
+        self.arena = _Buf()
+        self.noff = NULL
+        self.nlen = NULL
+        self.nobj = NULL
+        self.nnames = self.ncap = 0
         self.ops = NULL
         self.kills = NULL
         self.runs = NULL
@@ -973,9 +995,65 @@ cdef class _Decoded:
         self.max_hlc = 0
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.ops != NULL:
+            for i in range(self.nops):
+                Py_XDECREF(self.ops[i].payload)
+        if self.nobj != NULL:
+            for i in range(self.nnames):
+                Py_XDECREF(self.nobj[i])
         free(self.ops)
         free(self.kills)
         free(self.runs)
+        free(self.noff)
+        free(self.nlen)
+        free(self.nobj)
+
+    cdef int add_name(self, const unsigned char* p, Py_ssize_t n) except -1:
+        cdef Py_ssize_t cap, i
+        cdef bint ascii = True
+        for i in range(n):
+            if p[i] >= 0x80:
+                ascii = False
+                break
+        if self.nnames >= self.ncap:
+            cap = 64 if self.ncap == 0 else self.ncap * 2
+            self.noff = <Py_ssize_t*>_grow(self.noff, cap * sizeof(Py_ssize_t))
+            self.nlen = <Py_ssize_t*>_grow(self.nlen, cap * sizeof(Py_ssize_t))
+            self.nobj = <PyObject**>_grow(self.nobj, cap * sizeof(PyObject*))
+            self.ncap = cap
+        i = self.nnames
+        self.noff[i] = self.arena.n
+        self.nlen[i] = n
+        self.nobj[i] = NULL
+        self.arena.raw(p, n)
+        self.nnames = i + 1
+        if not ascii:
+            self.name(i)  # validates the UTF-8 now, before anything changes
+        return 0
+
+    cdef str name(self, Py_ssize_t i):
+        cdef PyObject* o = self.nobj[i]
+        if o != NULL:
+            return <str>o
+        try:
+            out = PyUnicode_DecodeUTF8(<const char*>(self.arena.data + self.noff[i]),
+                                       self.nlen[i], NULL)
+        except UnicodeDecodeError as exc:
+            raise DecodeError("invalid UTF-8 in a name") from exc
+        Py_INCREF(out)
+        self.nobj[i] = <PyObject*>out
+        return out
+
+    cdef inline bint name_is(self, Py_ssize_t i, object s) except -1:
+        # whether name ``i`` equals the str ``s`` (compared as UTF-8 when ``s`` is ASCII)
+        cdef PyObject* o = self.nobj[i]
+        if o != NULL:
+            return o == <PyObject*>s or <str>o == <str>s
+        if PyUnicode_IS_COMPACT_ASCII(s):
+            return PyUnicode_GET_LENGTH(s) == self.nlen[i] and memcmp(
+                PyUnicode_DATA(s), self.arena.data + self.noff[i], self.nlen[i]) == 0
+        return self.name(i) == <str>s
 
     cdef int reserve(self, Py_ssize_t n) except -1:
         # room for n ops in all (a run's header says how many ops follow)
@@ -998,6 +1076,7 @@ cdef class _Decoded:
                 raise MemoryError()
             self.ops = p
             self.ops_cap = cap
+        self.ops[self.nops].payload = NULL
         self.nops += 1
         return &self.ops[self.nops - 1]
 
@@ -1017,11 +1096,11 @@ cdef class _Decoded:
         return 0
 
 
-cdef int32_t _read_name(_Reader r, list names, _Buf last) except -2:
+cdef int32_t _read_name(_Reader r, _Decoded names, _Buf last) except -2:
     cdef uint64_t n = r.varint()
     cdef uint64_t p, k
     if not (n & 1):
-        if (n >> 1) >= <uint64_t>len(names):
+        if (n >> 1) >= <uint64_t>names.nnames:
             raise DecodeError("name reference out of range")
         return <int32_t>(n >> 1)
     p = n >> 1
@@ -1034,12 +1113,8 @@ cdef int32_t _read_name(_Reader r, list names, _Buf last) except -2:
     last.n = <Py_ssize_t>p
     last.raw(r.p + r.pos, <Py_ssize_t>k)
     r.pos += <Py_ssize_t>k
-    try:
-        name = PyUnicode_DecodeUTF8(<const char*>last.data, last.n, NULL)
-    except UnicodeDecodeError as exc:
-        raise DecodeError("invalid UTF-8 in a name") from exc
-    names.append(name)
-    return <int32_t>(len(names) - 1)
+    names.add_name(last.data, last.n)
+    return <int32_t>(names.nnames - 1)
 
 
 # -- live entries gathered for encoding ---------------------------------------------------
@@ -1744,8 +1819,7 @@ cdef class Replica:
         cdef _Buf last = _Buf()
         cdef OpRec* op
         cdef RunRec* run
-        cdef list payloads = d.payloads
-        cdef list names = d.names
+        cdef _Decoded names = d
         if r.byte() != FORMAT_MAGIC:
             raise DecodeError("not a p2pcloud delta")
         if r.byte() != FORMAT_VERSION:
@@ -1868,6 +1942,8 @@ cdef class Replica:
                 op.hlc = hlc
                 op.kstart = d.nkills
                 op.kcount = 0
+                Py_INCREF(payload)
+                op.payload = <PyObject*>payload
                 if h & FLAG_KILLS:
                     if kind == OP_APPEND:
                         raise DecodeError("a log append kills nothing")
@@ -1884,7 +1960,6 @@ cdef class Replica:
                     raise DecodeError("counter out of range")
                 op.ctr = ctr
                 ctr += 1
-                payloads.append(payload)
                 d.runs[i].end = d.nops
         if r.pos != r.end:
             raise DecodeError("trailing bytes after delta")
@@ -1985,8 +2060,6 @@ cdef class Replica:
         cdef CausalContext ctx = self._ctx
         cdef PyObject* pv
         cdef PyObject* ph
-        cdef list names = d.names
-        cdef list payloads = d.payloads
         cdef dict colls = self._colls
         cdef Doc doc_obj = None
         cdef int32_t doc_coll = -1, doc_doc = -1
@@ -2045,26 +2118,26 @@ cdef class Replica:
                 else:
                     fresh = not ctx.contains(r, dot)
                 if kind == OP_TEXT:
-                    coll_s = names[op.coll]
-                    key = (coll_s, names[op.doc], names[op.field])
+                    coll_s = d.name(op.coll)
+                    key = (coll_s, d.name(op.doc), d.name(op.field))
                     text = self._texts.get(key)
                     if text is None:
                         text = self._texts[key] = _text_class()(self.replica_id)
-                    payload = payloads[oi]
+                    payload = <object>op.payload
                     if payload and _text_apply(text, payload):
                         changes.touch(key[0], key[1], key[2], self._field_head(key[0], key[1], key[2]))
                 if not fresh:
                     continue
                 if kind == OP_APPEND:
-                    coll_s = names[op.coll]
+                    coll_s = d.name(op.coll)
                     es = self._logs.get(coll_s)
                     if es is None:
                         es = self._logs[coll_s] = []
-                    es.append(new_entry(kind, r, dot, op.hlc, payloads[oi]))
+                    es.append(new_entry(kind, r, dot, op.hlc, <object>op.payload))
                     changes.touch(coll_s, None, None, None)
                     continue
                 if doc_obj is None or op.coll != doc_coll or op.doc != doc_doc:
-                    doc_obj = self._doc_for_write(names[op.coll], names[op.doc])
+                    doc_obj = self._doc_for_write(d.name(op.coll), d.name(op.doc))
                     doc_coll = op.coll
                     doc_doc = op.doc
                     if not doc_obj.fields:
@@ -2075,8 +2148,7 @@ cdef class Replica:
                             upto += 1
                         if upto - oi >= PRESIZE_MIN:
                             doc_obj.fields = _PyDict_NewPresized(upto - oi)
-                field_s = names[op.field]
-                e = new_entry(kind, r, dot, op.hlc, payloads[oi])
+                e = new_entry(kind, r, dot, op.hlc, <object>op.payload)
                 e.gen = changes.gen
                 # the order hint: a delta often lists a document's fields in the order the
                 # document got them (a replica writing the same keys, a since-delta): try the
@@ -2087,10 +2159,12 @@ cdef class Replica:
                     hint_dict = <PyObject*>doc_obj.fields
                     hint_pos = 0
                 hp = hint_pos
-                if PyDict_Next(doc_obj.fields, &hp, &hk, &hv) and \
-                        (<str>hk is field_s or <str>hk == <str>field_s):
+                if PyDict_Next(doc_obj.fields, &hp, &hk, &hv) and d.name_is(op.field, <object>hk):
                     ph = hv
                     hint_pos = hp
+                    field_s = <object>hk
+                else:
+                    field_s = d.name(op.field)
                 if ph == NULL:
                     ph = PyDict_SetDefault(doc_obj.fields, field_s, e)
                 if ph != <PyObject*>e:
@@ -2125,9 +2199,9 @@ cdef class Replica:
         dots = []
         for i in range(op.kstart, op.kstart + op.kcount):
             dots.append((rmap[d.kills[i].rep], d.kills[i].ctr))
-        coll = d.names[op.coll]
-        doc = d.names[op.doc] if op.doc >= 0 else None
-        field = d.names[op.field] if op.field >= 0 else None
+        coll = d.name(op.coll)
+        doc = d.name(op.doc) if op.doc >= 0 else None
+        field = d.name(op.field) if op.field >= 0 else None
         for rep, ctr in dots:
             self._ctx.add_range(rep, ctr, ctr)
         docs = self._colls.get(coll)
