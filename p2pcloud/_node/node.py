@@ -177,7 +177,11 @@ class Node:
         self.data_dir = data_dir
         # Default policy: any endpoint that completes a handshake may link (the handshake
         # authenticates its hashname; channels still need a registered type to open).
-        self._mesh = Mesh(identity, entropy=os.urandom, accept=accept or _accept_all)
+        # flow_control: a reliable channel's window counts what its stream has not read yet
+        # (ChannelStream reports reads through _consume), so a slow reader bounds memory.
+        self._mesh = Mesh(
+            identity, entropy=os.urandom, accept=accept or _accept_all, flow_control=True
+        )
         self.hashname: Hashname = self._mesh.hashname
         self.paths: list[Path] = []
         self._udp: UdpTransport | None = None
@@ -539,6 +543,11 @@ class Node:
 
     def _max_body(self, hashname: Hashname) -> int:
         return self._mesh.max_body(hashname)
+
+    def _consume(self, hashname: Hashname, cid: ChannelId, count: int) -> None:
+        """A stream read ``count`` packets: open the channel's window, send the update."""
+        self._mesh.consume(hashname, cid, count, now=trio.current_time())
+        self._pump()
 
     def _send(
         self,

@@ -11,7 +11,11 @@ translates between the two worlds:
   and before each one waits until ``Mesh.send_capacity`` says the window has room: that is the
   flow control, the same window telehash v3 reliable channels use (e3x ``reliable.md``).
 * ``receive_some`` reads from a queue the node fills from ``ChannelData`` events (in order:
-  the mesh delivers a reliable channel's data in sequence).
+  the mesh delivers a reliable channel's data in sequence). That queue counts against the
+  channel's receive window: each packet the application has read to its end (empty ones
+  included) is reported with ``Node._consume`` -> ``Mesh.consume``, which opens the window
+  again. A reader that stops reading therefore stalls its sender after one window, and the
+  queue holds at most about one window of packets (receive-side flow control, ours).
 * ``send_eof`` sends ``end`` (v3: the last content packet); the peer reads ``b""``.
 * ``aclose`` is a full close, like TCP's: it sends ``end`` if it was not sent yet, and if the
   peer's data is still arriving (or was left unread), the peer is told ``err: "closed"`` so its
@@ -313,7 +317,9 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         if packets and not self._offset and LARGE_BODY <= len(packets[0].body) <= max_bytes:
             body = packets.popleft().body  # a large body alone, as it is: no copy
             self._buffered -= len(body)
+            self._credit(1)
             return body
+        done = 0
         while packets and size < max_bytes:
             body = packets[0].body
             if self._offset:
@@ -323,13 +329,20 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 parts.append(body)
                 size += len(body)
                 packets.popleft()
+                done += 1
                 self._offset = 0
             else:
                 parts.append(body[:room])
                 size += room
                 self._offset += room
         self._buffered -= size
+        self._credit(done)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _credit(self, count: int) -> None:
+        """Report ``count`` packets read to the end: the channel's window opens again."""
+        if count and not self._broken:
+            self._node._consume(self.hashname, self.cid, count)
 
     async def _wait_readable(self) -> bool:
         waited = False
@@ -339,8 +352,11 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             if self._buffered or self._eof or self._broken:
                 return waited
             # Drop empty packets (json-only) so they do not look like data.
+            empty = 0
             while self._packets and not self._packets[0].body:
                 self._packets.popleft()
+                empty += 1
+            self._credit(empty)
             self._receive_wakeup = trio.Event()
             await self._receive_wakeup.wait()
             waited = True
@@ -372,6 +388,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 packet = ChannelPacket(packet.json, packet.body[self._offset :])
                 self._offset = 0
             self._buffered -= len(packet.body)
+            self._credit(1)
             await trio.lowlevel.checkpoint()
             return packet
 

@@ -140,6 +140,11 @@ HEAD_OVERHEAD: Final = 360
 ``end`` and a ``MAX_MISS_SENT`` miss, with json.dumps' default separators; the open's
 ``type`` is not included). The mesh subtracts it when it computes the largest body."""
 
+FLOW_RESTORE_ADVERTS: Final = 4
+"""Ack-bearing packets that repeat the full window after a flow-controlled window reopened:
+the sender keeps the last window it heard, and losing all four is unlikely; a lost one costs
+only speed (a smaller window), never safety."""
+
 MAX_UNRELIABLE_QUEUE: Final = 256
 """Unreliable packets queued between two :meth:`Channel.packets_to_send` calls."""
 
@@ -746,6 +751,9 @@ class ReliableChannel(Channel):
         window: packets we buffer beyond our ack (our receive window, advertised in ``miss``)
             and the most we keep in flight; the peer's advertised window (``miss`` edge,
             ``DEFAULT_WINDOW`` until it says otherwise) caps the latter too.
+        flow_control: ours: delivered data counts against the receive window until the
+            application consumes it (:meth:`consume`), so the window reflects what the
+            application has read, not what was handed to the event queue.
     """
 
     reliable = True
@@ -759,6 +767,7 @@ class ReliableChannel(Channel):
         now: float,
         timeout: float = CHANNEL_TIMEOUT,
         window: int = DEFAULT_WINDOW,
+        flow_control: bool = False,
     ) -> None:
         super().__init__(cid, type, outgoing=outgoing, now=now, timeout=timeout)
         if _bad_window(window):
@@ -792,6 +801,12 @@ class ReliableChannel(Channel):
         # content packets carry it until the peer acks one (they all carried it till then)
         self._advertising = self._advert is not None
         self._recv_limit = window + RECEIVE_SLACK
+        # ours, receive-side flow control (see consume()): delivered content packets the
+        # application has not consumed yet still count against our receive window
+        self._flow_control = flow_control
+        self._unread = 0  # DataReceived handed out and not yet consumed
+        self._edge_sent = window  # the window edge (absolute seq) our last ack announced
+        self._restore_adverts = 0  # see _flow_advert
 
     # -- sending -------------------------------------------------------------------------
 
@@ -865,7 +880,7 @@ class ReliableChannel(Channel):
         if self._state is ChannelState.CLOSED:
             last = self._err_packet()
             if self._discard_at is not None and self._ack_due is not None and now >= self._ack_due:
-                last.append((self._ack_head(None), b""))
+                last.append((self._ack_head(self._in_done, None), b""))
                 self._acks_sent += 1
                 self._ack_sent = self._in_done
                 self._ack_due = None
@@ -879,9 +894,21 @@ class ReliableChannel(Channel):
         if not (self._resend or self._next_unsent <= limit or ack_due):
             return []  # the common case while receiving: nothing to send, no miss to build
         out: list[tuple[dict[str, Any], bytes]] = []
-        in_done = self._in_done
-        if self._seen_max > in_done:
-            miss: list[int] | None = self._miss()
+        real_done = self._in_done
+        if self._flow_control:
+            edge = real_done - self._unread + self._window
+            # ours: with the window full, hold back the ack of the last packet we hold, so
+            # the edge (ack + 1) stays ahead of the ack as v3 miss deltas must (see consume)
+            in_done = real_done if real_done < edge else edge - 1
+        else:
+            edge = real_done + self._window
+            in_done = real_done
+        if self._seen_max > real_done:
+            miss: list[int] | None = self._miss(in_done, edge)
+            if self._flow_control and edge - in_done != self._window:
+                self._restore_adverts = FLOW_RESTORE_ADVERTS  # see _flow_advert
+        elif self._flow_control:
+            miss = self._flow_advert(in_done, edge)
         elif self._advertising:
             miss = self._advert  # announce a non-default window until a packet with it is acked
         else:
@@ -929,15 +956,18 @@ class ReliableChannel(Channel):
         if out:
             self._mark_sent()
         elif ack_due:
-            if in_done == self._ack_sent:
+            if in_done == self._ack_sent and edge == self._edge_sent:
                 self._ack_repeated = in_done  # this bare ack is the repeat
-            out.append((self._ack_head(self._advert if miss is None else miss), b""))
+            if miss is None and not self._flow_control:
+                miss = self._advert
+            out.append((self._ack_head(in_done, miss), b""))
             self._acks_sent += 1
             self._mark_sent()
         else:
             return out
         self._ack_sent = in_done
-        if self._seen_max > in_done:
+        self._edge_sent = edge
+        if self._seen_max > real_done:
             self._ack_due = now + MISS_REPEAT  # repeat the miss while gaps last
         elif in_done != self._ack_repeated:
             # ours: say the last ack once more after ACK_DELAY, so a lost ack does not
@@ -947,20 +977,77 @@ class ReliableChannel(Channel):
             self._ack_due = None
         return out
 
-    def _ack_head(self, miss: list[int] | None) -> dict[str, Any]:
+    def _ack_head(self, ack: int, miss: list[int] | None) -> dict[str, Any]:
         # v3 reliable.md: an ad-hoc ack carries no seq; telehash-js sends "ack":0 too.
-        head: dict[str, Any] = {"c": self.cid, "ack": self._in_done}
+        head: dict[str, Any] = {"c": self.cid, "ack": ack}
         if miss is not None:
             head["miss"] = miss
         return head
 
-    def _miss(self) -> list[int]:
+    def _flow_advert(self, ack: int, edge: int) -> list[int] | None:
+        """The lone edge delta a flow-controlled channel puts beside ``ack``, or None.
+
+        The sender keeps the last window it was told (v3: "cache the total delta number as
+        the maximum window size"), so a reduced window goes on every ack-bearing packet,
+        and the full one on the next ``FLOW_RESTORE_ADVERTS`` after it came back.
+        """
+        capacity = edge - ack
+        if capacity != self._window:
+            self._restore_adverts = FLOW_RESTORE_ADVERTS
+            return [capacity]
+        if self._restore_adverts:
+            self._restore_adverts -= 1
+            return [capacity]
+        return self._advert if self._advertising else None
+
+    def consume(self, count: int, now: float) -> None:
+        """Credit the receive window with content packets the application has consumed.
+
+        Ours (receive-side flow control, on when the channel was made with
+        ``flow_control=True``): every :class:`DataReceived` counts against our receive
+        window until it is consumed, so the window edge we advertise is ``consumed +
+        window`` and a sender facing a reader that stopped reading stalls after one window.
+        When the window is full, our ack holds back the last packet we hold, so the edge
+        stays one above the ack (a v3 miss delta is positive). Consuming counts as activity
+        for the idle timeout of an ``ENDED`` channel. A channel without flow control
+        ignores this call.
+
+        Args:
+            count: packets consumed (each :class:`DataReceived` is one); more than are
+                unread is cut to what is unread.
+            now: current time.
+        """
+        if not self._flow_control or count <= 0 or not self._unread:
+            return
+        self._unread = self._unread - count if count < self._unread else 0
+        if self._state is ChannelState.CLOSED:
+            return
+        # reading is activity: an ENDED channel's idle timeout must not fire while our own
+        # application is still reading what the peer sent before its end
+        self._activity_at = now
+        edge = self._in_done - self._unread + self._window
+        if edge <= self._edge_sent:
+            return
+        if (
+            edge - self._edge_sent >= self._ack_every
+            or self._edge_sent - self._ack_sent <= self._ack_every
+        ):
+            # a quarter window opened, or the sender was (nearly) stalled: update it now
+            self._ack_due = now
+        elif self._ack_due is None:
+            self._ack_due = now + ACK_DELAY
+
+    @property
+    def unread(self) -> int:
+        """Content packets delivered and not yet consumed (0 without flow control)."""
+        return self._unread
+
+    def _miss(self, ack: int, edge: int) -> list[int]:
         """Our miss array: every gap below the highest seq seen, then the window edge."""
         inbuf = self._inbuf
-        last = self._in_done
+        last = ack
         # reliable.md example: the edge is the highest acceptable seq (ack + buffer size);
         # a JS peer's overshoot into the slack moves it up to what we really hold
-        edge = self._in_done + self._window
         if edge < self._in_max:
             edge = self._in_max
         # gaps run up to the highest seq seen (dropped ones too), below the edge
@@ -972,7 +1059,7 @@ class ReliableChannel(Channel):
                 last = seq
                 if len(out) == MAX_MISS_SENT - 1:
                     break  # the rest next time; the edge below stays right
-        out.append(edge - last)
+        out.append(edge - last if edge > last else 1)
         return out
 
     # -- receiving -----------------------------------------------------------------------
@@ -1014,12 +1101,21 @@ class ReliableChannel(Channel):
             if ack > self._next_unsent - 1:
                 self._drop("ack beyond sent")
                 return
+            miss = json.get("miss")
             if ack > self._acked:
                 self._on_ack(ack, now)
                 self._feedback_at = now
             elif ack == self._acked and "seq" not in json and ack < self._next_unsent - 1:
-                self._on_dup_ack(now)
-            miss = json.get("miss")
+                if type(miss) is list and len(miss) == 1 and miss[0] == 1:
+                    # ours: a flow-controlled receiver whose window is full holds back the
+                    # ack of the last packet it holds and says "edge = ack + 1". It is
+                    # alive and waiting for its reader: neither a loss nor a timeout (TCP's
+                    # persist state; our resend timer is the window probe)
+                    self._progress_at = now
+                    self._feedback_at = now
+                    self._dup_acks = 0
+                else:
+                    self._on_dup_ack(now)
             if miss is not None:
                 self._on_miss(ack, miss, now)
             if self.state is ChannelState.CLOSED:
@@ -1039,7 +1135,7 @@ class ReliableChannel(Channel):
             self._duplicates += 1
             self._ack_due = now
             return
-        if seq > done + self._recv_limit:
+        if seq > done + self._recv_limit - self._unread:
             self._drop("beyond window")
             self._ack_due = now
             # ours: remember it, so our miss asks for it again once the window moves;
@@ -1072,7 +1168,11 @@ class ReliableChannel(Channel):
             if self._peer_ended:
                 self._ack_due = now  # ack the end at once, then maybe close cleanly
                 self._check_done(now)
-            elif self._in_done - self._ack_sent >= self._ack_every:
+            elif (
+                self._in_done
+                if self._unread < self._window
+                else self._in_done - self._unread + self._window - 1  # see packets_to_send
+            ) - self._ack_sent >= self._ack_every:
                 self._ack_due = now
             elif self._ack_due is None:
                 self._ack_due = now + ACK_DELAY
@@ -1097,12 +1197,16 @@ class ReliableChannel(Channel):
             if _has_content(json, body):
                 self._delivered += 1
                 self._events.append(DataReceived(json, body))
+                if self._flow_control:
+                    self._unread += 1
             self._peer_ended = True
             self._events.append(EndReceived())
             self._state = ChannelState.ENDED
         else:
             self._delivered += 1
             self._events.append(DataReceived(json, body))
+            if self._flow_control:
+                self._unread += 1
 
     def _drain(self) -> None:
         inbuf = self._inbuf
@@ -1155,6 +1259,8 @@ class ReliableChannel(Channel):
     def _on_miss(self, ack: int, miss: object, now: float) -> None:
         if type(miss) is list and len(miss) == 1 and type(miss[0]) is int and miss[0] > 0:
             # fast path: only the window edge (a window advertisement, or JS's [50])
+            if ack < self._acked:
+                return  # ours: a reordered old packet; its window is relative to a stale ack
             capacity = miss[0]
             self._set_peer_window(capacity if capacity <= MAX_WINDOW else MAX_WINDOW)
             return
@@ -1173,8 +1279,11 @@ class ReliableChannel(Channel):
             # the resends until it goes quiet (ours; saves resending what it holds)
             self._feedback_at = now
         capacity = edge - ack
-        # v3 reliable.md: the total delta is the peer's window; never send beyond it
-        self._set_peer_window(capacity if capacity <= MAX_WINDOW else MAX_WINDOW)
+        # v3 reliable.md: the total delta is the peer's window; never send beyond it.
+        # ours: not from a reordered old packet, whose edge is relative to a stale ack (a
+        # flow-controlled peer's window shrinks as its ack grows; the edge never moves back)
+        if ack >= self._acked:
+            self._set_peer_window(capacity if capacity <= MAX_WINDOW else MAX_WINDOW)
         sent_max = self._next_unsent - 1
         # a peer may shrink its window: resends stay inside it too
         window = self._window if self._window < self._peer_window else self._peer_window
@@ -1241,6 +1350,7 @@ class ReliableChannel(Channel):
         self._resend.clear()
         self._inbuf.clear()
         self._in_max = 0
+        self._unread = 0
         if self._discard_at is None or self._in_done == self._ack_sent:
             self._ack_due = None  # gone, or lingering with nothing owed: no repeats
 
@@ -1349,6 +1459,7 @@ def open_channel(
     now: float,
     window: int = DEFAULT_WINDOW,
     timeout: float = CHANNEL_TIMEOUT,
+    flow_control: bool = False,
 ) -> Channel:
     """Open an outgoing channel; its open packet comes out of the first packets_to_send.
 
@@ -1363,6 +1474,8 @@ def open_channel(
             ``DEFAULT_WINDOW`` only pays off when the peer advertises a window as large
             (p2pcloud peers do; telehash-js stays at 50).
         timeout: the channel timeout in seconds.
+        flow_control: reliable only: received data counts against our window until the
+            application reports it consumed (:meth:`ReliableChannel.consume`).
 
     Returns:
         A :class:`ReliableChannel` or :class:`UnreliableChannel` in state OPENING.
@@ -1378,7 +1491,13 @@ def open_channel(
     channel: ReliableChannel | UnreliableChannel
     if reliable:
         channel = ReliableChannel(
-            cid, type, outgoing=True, now=now, timeout=timeout, window=window
+            cid,
+            type,
+            outgoing=True,
+            now=now,
+            timeout=timeout,
+            window=window,
+            flow_control=flow_control,
         )
         channel._queue_packet(head, bytes(body), False)
     else:
@@ -1394,6 +1513,7 @@ def accept_channel(
     *,
     window: int = DEFAULT_WINDOW,
     timeout: float = CHANNEL_TIMEOUT,
+    flow_control: bool = False,
 ) -> Channel:
     """Create the channel for an incoming open packet and process that packet.
 
@@ -1405,6 +1525,8 @@ def accept_channel(
         now: current time.
         window: reliable only: our receive window and largest send window.
         timeout: the channel timeout in seconds.
+        flow_control: reliable only: received data counts against our window until the
+            application reports it consumed (:meth:`ReliableChannel.consume`).
 
     Returns:
         A :class:`ReliableChannel` or :class:`UnreliableChannel`.
@@ -1430,7 +1552,13 @@ def accept_channel(
         channel = UnreliableChannel(ChannelId(cid), kind, outgoing=False, now=now, timeout=timeout)
     elif type(seq) is int and seq == 1:
         channel = ReliableChannel(
-            ChannelId(cid), kind, outgoing=False, now=now, timeout=timeout, window=window
+            ChannelId(cid),
+            kind,
+            outgoing=False,
+            now=now,
+            timeout=timeout,
+            window=window,
+            flow_control=flow_control,
         )
     else:
         raise MalformedPacket("a reliable channel opens with seq 1")

@@ -347,6 +347,10 @@ class Mesh:
             hashname, True to link. Default: refuse every unknown hashname.
         relay: act as a router for endpoints we are linked to (telehash v3 routing.md:
             every endpoint may route; default True).
+        flow_control: ours: the application's reliable channels count delivered data
+            against their receive window until :meth:`consume` reports it read, so a slow
+            reader stalls its sender after one window (default False: ``ChannelData`` is
+            consumed as soon as it is queued, as in telehash-js).
     """
 
     def __init__(
@@ -356,8 +360,10 @@ class Mesh:
         entropy: Entropy,
         accept: Callable[[Hashname], bool] | None = None,
         relay: bool = True,
+        flow_control: bool = False,
     ) -> None:
         self._identity = identity
+        self._flow_control = flow_control
         self._entropy = entropy
         self._accept = accept
         self._relay_enabled = relay
@@ -597,7 +603,15 @@ class Mesh:
             raise LocalProtocolError("too many open channels on this link")
         assert link.exchange is not None
         cid = link.exchange.next_channel_id()
-        ch = _ch.open_channel(cid, type, reliable=reliable, json=json, body=body, now=now)
+        ch = _ch.open_channel(
+            cid,
+            type,
+            reliable=reliable,
+            json=json,
+            body=body,
+            now=now,
+            flow_control=self._flow_control,
+        )
         link.channels[cid] = ch
         log.debug("%s: opened %s channel %d to %s", self._short, type, cid, hashname[:8])
         return cid
@@ -641,6 +655,27 @@ class Mesh:
         """
         link = self._up_link(hashname)
         return self._channel(link, cid).send_capacity()
+
+    def consume(self, hashname: Hashname, cid: ChannelId, count: int, *, now: float) -> None:
+        """Report ``count`` ``ChannelData`` events of a reliable channel as read.
+
+        Ours (receive-side flow control, see ``flow_control``): the channel's window opens
+        by that many packets and an ack with the new window edge goes out when it matters.
+        Unknown or gone channels, unreliable channels and a mesh without flow control
+        ignore the call (the application may report late, after a close).
+
+        Args:
+            hashname: the peer.
+            cid: the channel.
+            count: ``ChannelData`` events consumed since the last report.
+            now: the current time.
+        """
+        link = self._links.get(hashname)
+        if link is None:
+            return
+        ch = link.channels.get(cid)
+        if isinstance(ch, _ch.ReliableChannel):
+            ch.consume(count, now)
 
     def close_channel(
         self, hashname: Hashname, cid: ChannelId, *, err: str | None = None, now: float
@@ -1475,7 +1510,7 @@ class Mesh:
             self._send_inner(link, {"c": c, "err": "too many channels"}, b"")
         else:
             try:
-                ch = _ch.accept_channel(json, body, now)
+                ch = _ch.accept_channel(json, body, now, flow_control=self._flow_control)
             except MalformedPacket:
                 self._drop("bad channel packet", path)
                 return
