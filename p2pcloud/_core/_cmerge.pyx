@@ -197,6 +197,13 @@ cdef class _Buf:
         return PyBytes_FromStringAndSize(<char*>self.data, self.n)
 
 
+cdef Py_ssize_t _pow2_above(Py_ssize_t n) noexcept:
+    cdef Py_ssize_t p = 64
+    while p < n:
+        p *= 2
+    return p
+
+
 cdef void* _grow(void* p, size_t size) except NULL:
     cdef void* q = realloc(p, size)
     if q == NULL:
@@ -823,8 +830,17 @@ cdef uint64_t NIDX_FLAG = (<uint64_t>1) << 63
 
 @cython.final
 cdef class _Names:
-    """The names of one delta being written (the reference's _NameTable, same rules)."""
-    cdef dict index
+    """The names of one delta being written (the reference's _NameTable, same rules).
+
+    The index from name to number is an open-addressing table in C (linear probing, the
+    str's cached hash stored beside it) holding a reference to each name: a snapshot puts
+    every field name once, and a Python dict would cost a probe of its entries plus an int
+    object per name.
+    """
+    cdef Py_hash_t* ihash
+    cdef PyObject** ikey
+    cdef Py_ssize_t* iidx
+    cdef Py_ssize_t icap  # a power of two, kept at most half full
     cdef _Buf last
     cdef Py_ssize_t count
     # the last FIELD_CACHE field names introduced, in a ring (they are distinct, so the
@@ -839,7 +855,10 @@ cdef class _Names:
     cdef Py_ssize_t ring
 
     def __cinit__(self):
-        self.index = {}
+        self.ihash = NULL
+        self.ikey = NULL
+        self.iidx = NULL
+        self.icap = 0
         self.last = _Buf()
         self.count = 0
         self.recent_names = [None] * FIELD_CACHE
@@ -861,14 +880,67 @@ cdef class _Names:
         self.count += 1
         return self.count - 1
 
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.ikey != NULL:
+            for i in range(self.icap):
+                Py_XDECREF(self.ikey[i])
+        free(self.ihash)
+        free(self.ikey)
+        free(self.iidx)
+
+    cdef int _rehash(self, Py_ssize_t cap) except -1:
+        cdef Py_hash_t* oh = self.ihash
+        cdef PyObject** ok = self.ikey
+        cdef Py_ssize_t* oi = self.iidx
+        cdef Py_ssize_t ocap = self.icap, i, j
+        self.ihash = <Py_hash_t*>malloc(cap * sizeof(Py_hash_t))
+        self.ikey = <PyObject**>malloc(cap * sizeof(PyObject*))
+        self.iidx = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
+        if self.ihash == NULL or self.ikey == NULL or self.iidx == NULL:
+            free(self.ihash)
+            free(self.ikey)
+            free(self.iidx)
+            self.ihash, self.ikey, self.iidx, self.icap = oh, ok, oi, ocap
+            raise MemoryError()
+        for i in range(cap):
+            self.ikey[i] = NULL
+        self.icap = cap
+        for i in range(ocap):
+            if ok[i] != NULL:
+                j = <Py_ssize_t>(<size_t>oh[i] & <size_t>(cap - 1))
+                while self.ikey[j] != NULL:
+                    j = (j + 1) & (cap - 1)
+                self.ihash[j] = oh[i]
+                self.ikey[j] = ok[i]
+                self.iidx[j] = oi[i]
+        free(oh)
+        free(ok)
+        free(oi)
+        return 0
+
     cdef Py_ssize_t put(self, _Buf buf, str name) except -1:
-        cdef Py_ssize_t count = self.count
-        cdef PyObject* pi = PyDict_SetDefault(self.index, name, count)
-        cdef Py_ssize_t found = <object>pi
-        if found != count:
-            buf.varint((<uint64_t>found) << 1)
-            return found
-        return self.new(buf, name)
+        cdef Py_hash_t hv = hash(name)
+        cdef Py_ssize_t j, found
+        cdef PyObject* k
+        if (self.count + 1) * 2 > self.icap:
+            self._rehash(64 if self.icap == 0 else self.icap * 2)
+        j = <Py_ssize_t>(<size_t>hv & <size_t>(self.icap - 1))
+        while True:
+            k = self.ikey[j]
+            if k == NULL:
+                break
+            if self.ihash[j] == hv and (k == <PyObject*>name or <str>k == name):
+                found = self.iidx[j]
+                buf.varint((<uint64_t>found) << 1)
+                return found
+            j = (j + 1) & (self.icap - 1)
+        found = self.new(buf, name)
+        Py_INCREF(name)
+        self.ikey[j] = <PyObject*>name
+        self.ihash[j] = hv
+        self.iidx[j] = found
+        return found
 
     cdef Py_ssize_t put_field(self, _Buf buf, str name, Py_ssize_t known) except -1:
         cdef Py_ssize_t i, k, idx, n
@@ -2273,6 +2345,8 @@ cdef class Replica:
         cdef PyObject* cur_coll
         cdef PyObject* cur_doc
         cdef Py_ssize_t* rank
+        cdef Py_ssize_t* selidx = NULL
+        cdef Py_ssize_t nsel
         if self._txn is not None:
             raise CoreUsageError("commit the open transaction before encoding")
         self._flush_own()
@@ -2338,15 +2412,15 @@ cdef class Replica:
                 j += 1
             if out_ranges:
                 dead[k] = out_ranges
-            # live text entries always go (see the reference)
+            # live text entries always go (see the reference); the selection is the list of
+            # those below ``since`` plus the slice j..b
             if self._texts:
-                sel = [i for i in range(a, j)
-                       if (<Entry>live.recs[i].entry).kind == OP_TEXT] + list(range(j, b))
+                sel = [i for i in range(a, j) if (<Entry>live.recs[i].entry).kind == OP_TEXT]
             else:
-                sel = range(j, b)
-            if sel:
-                send_from[k] = sel
-            if out_ranges or sel:
+                sel = []
+            if sel or j < b:
+                send_from[k] = (sel, j, b)
+            if out_ranges or k in send_from:
                 used.append(k)
             a = b
         out = _Buf()
@@ -2374,13 +2448,23 @@ cdef class Replica:
                 cur = hi
         out.varint(len(send_from))
         names = _Names()
+        names._rehash(_pow2_above(2 * live.n + 16))  # every name at most once: no regrowth
         texts_sent = set()
         ops = _Buf()
         for k in used:
             if k not in send_from:
                 continue
-            sel = send_from[k]
-            e = <Entry>live.recs[<Py_ssize_t>sel[0]].entry
+            sel, sj, sb = send_from[k]
+            nsel = len(sel) + (<Py_ssize_t>sb - <Py_ssize_t>sj)
+            selidx = <Py_ssize_t*>_grow(selidx, (nsel if nsel else 1) * sizeof(Py_ssize_t))
+            i = 0
+            for jo in sel:
+                selidx[i] = jo
+                i += 1
+            for j in range(<Py_ssize_t>sj, <Py_ssize_t>sb):
+                selidx[i] = j
+                i += 1
+            e = <Entry>live.recs[selidx[0]].entry
             out.varint(table[k])
             out.varint(e.ctr)
             out.varint(e.hlc)
@@ -2390,8 +2474,8 @@ cdef class Replica:
             hlc = e.hlc
             cur_coll = NULL
             cur_doc = NULL
-            for jo in sel:
-                rec = &live.recs[<Py_ssize_t>jo]
+            for i in range(nsel):
+                rec = &live.recs[selidx[i]]
                 e = <Entry>rec.entry
                 h = e.kind
                 if e.ctr == ctr and e.hlc == hlc + 1:
@@ -2441,4 +2525,5 @@ cdef class Replica:
                 ctr += 1
             out.varint(<uint64_t>nops)
             out.append_buf(ops)
+        free(selidx)
         return out.tobytes()
