@@ -91,7 +91,13 @@ __all__ = [
     "hlc_unpack",
 ]
 
-DEF C_MAX_COUNTER = 9223372036854775807
+cdef extern from *:
+    """
+    #define P2PCLOUD_C_MAX_COUNTER 0x7FFFFFFFFFFFFFFFULL
+    """
+    # MAX_COUNTER as a C constant: a DEF of this size is a Python int, and comparing a
+    # counter with it would box the counter on every op
+    const uint64_t C_MAX_COUNTER "P2PCLOUD_C_MAX_COUNTER"
 DEF C_MAX_NAME = 1024
 DEF C_MAX_DEPTH = 32
 DEF C_MAX_SKEW = 300000
@@ -1128,8 +1134,14 @@ cdef class _Decoded:
         return self.name(i) == <str>s
 
     cdef int reserve(self, Py_ssize_t n) except -1:
-        # room for n ops in all (a run's header says how many ops follow)
+        # room for n ops in all (a run's header says how many ops follow), and for as many
+        # names (most ops of a big delta introduce one): no regrowth while decoding
         cdef OpRec* p
+        if n > self.ncap:
+            self.noff = <Py_ssize_t*>_grow(self.noff, n * sizeof(Py_ssize_t))
+            self.nlen = <Py_ssize_t*>_grow(self.nlen, n * sizeof(Py_ssize_t))
+            self.nobj = <PyObject**>_grow(self.nobj, n * sizeof(PyObject*))
+            self.ncap = n
         if n > self.ops_cap:
             p = <OpRec*>realloc(self.ops, n * sizeof(OpRec))
             if p == NULL:
@@ -1892,6 +1904,7 @@ cdef class Replica:
         cdef OpRec* op
         cdef RunRec* run
         cdef _Decoded names = d
+        d.arena.grow(PyBytes_GET_SIZE(data))  # names usually take about the delta's size
         if r.byte() != FORMAT_MAGIC:
             raise DecodeError("not a p2pcloud delta")
         if r.byte() != FORMAT_VERSION:
