@@ -1028,11 +1028,10 @@ class ReliableChannel(Channel):
         edge = self._in_done - self._unread + self._window
         if edge <= self._edge_sent:
             return
-        if (
-            edge - self._edge_sent >= self._ack_every
-            or self._edge_sent - self._ack_sent <= self._ack_every
-        ):
-            # a quarter window opened, or the sender was (nearly) stalled: update it now
+        if edge - self._edge_sent >= self._ack_every or self._edge_sent - self._ack_sent <= 1:
+            # a quarter window opened, or the sender was stalled at a full window: update it
+            # now. Smaller openings wait for the next ack (TCP's receiver silly-window
+            # avoidance): an update per packet read doubled the packets of a bulk transfer
             self._ack_due = now
         elif self._ack_due is None:
             self._ack_due = now + ACK_DELAY
