@@ -42,6 +42,7 @@ __all__ = [
     "cloak",
     "decloak",
     "decode_packet",
+    "encode_head",
     "encode_packet",
 ]
 
@@ -218,11 +219,39 @@ def encode_packet(head: Mapping[str, Any] | bytes | None = None, body: bytes = b
     return b"".join((n.to_bytes(2, "big"), raw, body))
 
 
-def decode_packet(data: bytes) -> Packet:
+def encode_head(head: Mapping[str, Any]) -> bytes:
+    """Encode a JSON head exactly as :func:`encode_packet` writes it, without the packet.
+
+    For callers that build the packet around it themselves (the mesh encrypts channel
+    packets in one buffer, see ``_crypto.channel_seal``).
+
+    Args:
+        head: a JSON object.
+
+    Returns:
+        Compact UTF-8 JSON, or ``b""`` when shorter than 7 bytes (the lob-enc quirk).
+
+    Raises:
+        LocalProtocolError: not serializable as I-JSON, or longer than MAX_HEAD.
+    """
+    try:
+        raw = _json_encoder.encode(head).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise LocalProtocolError(f"head is not I-JSON: {exc}") from exc
+    n = len(raw)
+    if n < MIN_JSON_HEAD:
+        return b""  # lob-enc quirk: JSON heads shorter than 7 bytes are dropped
+    if n > MAX_HEAD:
+        raise LocalProtocolError(f"head of {n} bytes exceeds MAX_HEAD ({MAX_HEAD})")
+    return raw
+
+
+def decode_packet(data: bytes | bytearray | memoryview) -> Packet:
     """Decode one LOB packet.
 
     Args:
-        data: the packet bytes (at most MAX_PACKET).
+        data: the packet bytes (at most MAX_PACKET); a bytearray or memoryview is read in
+            place, so the body is copied exactly once, into the packet's ``bytes``.
 
     Returns:
         The decoded :class:`Packet`.
@@ -242,8 +271,13 @@ def decode_packet(data: bytes) -> Packet:
     if n > MAX_HEAD:
         raise MalformedPacket(f"head length {n} exceeds MAX_HEAD ({MAX_HEAD})")
     end = 2 + n
-    head = bytes(data[2:end])
-    body = bytes(data[end:])
+    if type(data) is bytes:
+        head = data[2:end]  # slicing bytes makes the one copy
+        body = data[end:]
+    else:
+        view = memoryview(data)  # no intermediate bytearray slice: one copy into bytes
+        head = bytes(view[2:end])
+        body = bytes(view[end:])
     if n < MIN_JSON_HEAD:
         return Packet(head, None, body)
     try:

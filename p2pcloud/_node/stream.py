@@ -309,7 +309,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         """Take up to ``max_bytes`` from the queued packet bodies, copying as little as we can.
 
         Whole bodies that fit are returned as they are (one body: no copy at all), so a
-        large-frame channel hands its 128 KB bodies to the application untouched.
+        large-frame channel hands its 128 KB bodies to the application untouched; small
+        bodies are joined, but never with a large one behind them (that would copy it).
         """
         packets = self._packets
         parts: list[bytes] = []
@@ -325,6 +326,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
             if self._offset:
                 body = body[self._offset :]
             room = max_bytes - size
+            if parts and len(body) >= LARGE_BODY:
+                break  # a large body goes out alone next time: joining it would copy it
             if len(body) <= room:
                 parts.append(body)
                 size += len(body)

@@ -500,6 +500,57 @@ class Exchange:
             nonce=self._entropy(NONCE_SIZE),
         )
 
+    def seal_channel(self, head: bytes, body: bytes | memoryview) -> bytearray:
+        """Encrypt an inner channel packet given as its raw head and body (the fast path).
+
+        The same wire bytes as ``encrypt_channel(encode_packet(head, body))``, built in one
+        buffer with one copy of the body (:func:`p2pcloud._crypto.channel_seal`).
+
+        Args:
+            head: the inner packet's raw head (compact JSON text, or empty).
+            body: the inner packet's body.
+
+        Returns:
+            The full wire packet ``LOB(no head, TOKEN | NONCE | box)``, uncloaked, as a
+            bytearray that nothing changes afterwards.
+
+        Raises:
+            LocalProtocolError: no session yet, or the packet would exceed MAX_PACKET.
+        """
+        if self._enc_key is None or self._remote_token is None:
+            raise LocalProtocolError("no session yet: wait for the peer's handshake")
+        if 2 + len(head) + len(body) + CHANNEL_OVERHEAD > MAX_PACKET:
+            raise LocalProtocolError("inner packet too large for MAX_PACKET")
+        return _crypto.channel_seal(
+            head,
+            body,
+            enc_key=self._enc_key,
+            token=self._remote_token,
+            nonce=self._entropy(NONCE_SIZE),
+        )
+
+    def unseal_channel(self, body: bytes | memoryview) -> bytearray:
+        """Decrypt the body of an incoming channel packet without copying it first.
+
+        Args:
+            body: the LOB body (``TOKEN | NONCE | box``), e.g. a memoryview into the frame.
+
+        Returns:
+            The inner packet bytes in a new bytearray (decode with ``decode_packet``).
+
+        Raises:
+            MalformedPacket: too short.
+            HandshakeFailed: no session, a token that is not ours, or a box that does not
+                open (altered, or encrypted for an earlier session).
+        """
+        if len(body) < CHANNEL_MIN:
+            raise MalformedPacket(f"channel packet shorter than {CHANNEL_MIN} bytes")
+        if self._dec_key is None:
+            raise HandshakeFailed("channel packet before any session")
+        if body[:TOKEN_SIZE] != self.token:
+            raise HandshakeFailed("channel packet carries another exchange's token")
+        return _crypto.channel_unseal(body, self._dec_key)
+
     def decrypt_channel(self, body: bytes) -> bytes:
         """Decrypt the body of an incoming channel packet.
 

@@ -78,6 +78,7 @@ from p2pcloud._wire import (
     cloak,
     decloak,
     decode_packet,
+    encode_head,
     encode_packet,
 )
 from p2pcloud.errors import (
@@ -772,6 +773,13 @@ class Mesh:
             return
         try:
             plain, rounds = decloak(data)
+            if len(plain) > 2 and plain[1] == 0 and plain[0] == 0:
+                # head length 0, the bulk of all traffic: a channel packet. Its body goes on
+                # as a view into the frame; the decryption reads it there (no copy).
+                self._receive_channel_packet(
+                    plain, memoryview(plain)[2:], path, rounds > 0, now
+                )
+                return
             packet = decode_packet(plain)
         except MalformedPacket:
             self._drop("malformed", path)
@@ -779,7 +787,7 @@ class Mesh:
         cloaked = rounds > 0
         head_len = len(packet.head)
         if head_len == 0:
-            self._receive_channel_packet(plain, packet.body, path, cloaked, now)
+            self._receive_channel_packet(plain, memoryview(packet.body), path, cloaked, now)
         elif head_len == 1:
             if packet.head[0] != CSID_3A:
                 self._drop("unsupported csid", path)
@@ -990,7 +998,10 @@ class Mesh:
         """Encrypt one inner channel packet for ``link`` and send it (best path by default)."""
         if link.exchange is None:
             return
-        outer = link.exchange.encrypt_channel(encode_packet(dict(json), body))
+        # one buffer, one copy of the body: the inner LOB is written where its ciphertext
+        # goes and encrypted in place (_crypto.channel_seal); same bytes as encode_packet +
+        # encrypt_channel
+        outer = link.exchange.seal_channel(encode_head(json), body)
         if path is None:
             self._send_raw_to(link, outer)
         else:
@@ -1388,12 +1399,12 @@ class Mesh:
     # -- internals: channel packets -------------------------------------------------------
 
     def _receive_channel_packet(
-        self, plain: bytes, body: bytes, path: Path, cloaked: bool, now: float
+        self, plain: bytes, body: memoryview, path: Path, cloaked: bool, now: float
     ) -> None:
         if len(body) < TOKEN_SIZE:
             self._drop("malformed", path)
             return
-        token = body[:TOKEN_SIZE]
+        token = bytes(body[:TOKEN_SIZE])
         link = self._by_token.get(token)
         if link is None:
             self._relay_packet(token, plain, path, now)
@@ -1404,15 +1415,15 @@ class Mesh:
             self._drop("no session", path)
             return
         try:
-            inner = link.exchange.decrypt_channel(body)
-            packet = decode_packet(inner)
+            inner = link.exchange.unseal_channel(body)
+            packet = decode_packet(inner)  # reads the bytearray in place: one body copy
         except HandshakeFailed:
             self._drop("decrypt failed", path)
             return
         except MalformedPacket:
             self._drop("bad channel packet", path)
             return
-        if link.seen_nonce(body[TOKEN_SIZE : TOKEN_SIZE + NONCE_PREFIX]):
+        if link.seen_nonce(bytes(body[TOKEN_SIZE : TOKEN_SIZE + NONCE_PREFIX])):
             self._drop("replayed", path)
             return
         json = packet.json
