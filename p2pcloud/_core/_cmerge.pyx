@@ -1581,7 +1581,10 @@ cdef class Replica:
                     d = t.cache_d
                     if d is not None and len(d.fields) == 1:
                         fresh = _PyDict_NewPresized(n)
-                        fresh.update(d.fields)
+                        # item by item: dict.update() into an empty dict clones the small
+                        # source's table and so would undo the presizing
+                        for fk, fv in d.fields.items():
+                            fresh[fk] = fv
                         d.fields = fresh
 
         else:
