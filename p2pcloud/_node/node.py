@@ -553,7 +553,7 @@ class Node:
         self,
         hashname: Hashname,
         cid: ChannelId,
-        body: bytes,
+        body: bytes | memoryview,
         *,
         json: Mapping[str, Any] | None = None,
         end: bool = False,

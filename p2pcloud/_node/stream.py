@@ -168,7 +168,7 @@ class ChannelStream(trio.abc.HalfCloseableStream):
 
     def _queue(
         self,
-        body: bytes,
+        body: bytes | memoryview,
         *,
         json: dict[str, Any] | None = None,
         end: bool = False,
@@ -204,6 +204,10 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         with self._send_busy:
             self._check_send()
             view = memoryview(data).cast("B")
+            # bytes never change: its pieces go to the channel as read-only views, kept
+            # uncopied until acked (the seal copies each once, into its packet). Anything
+            # mutable is copied piece by piece: the caller may reuse it once we return.
+            immutable = type(data) is bytes
             checkpointed = False
             while view:
                 capacity = self._capacity()
@@ -217,7 +221,8 @@ class ChannelStream(trio.abc.HalfCloseableStream):
                 for _ in range(max(capacity, 1)):
                     if not view:
                         break
-                    piece, view = bytes(view[:size]), view[size:]
+                    piece: bytes | memoryview = view[:size] if immutable else bytes(view[:size])
+                    view = view[size:]
                     self._queue(piece, pump=False)
                     self.bytes_sent += len(piece)
                 self._node._pump()
@@ -315,19 +320,24 @@ class ChannelStream(trio.abc.HalfCloseableStream):
         packets = self._packets
         parts: list[bytes] = []
         size = 0
+        done = 0
+        while packets and not self._offset and not packets[0].body:
+            packets.popleft()  # empty bodies (an open, JSON-only packets): nothing to read
+            done += 1
         if packets and not self._offset and LARGE_BODY <= len(packets[0].body) <= max_bytes:
             body = packets.popleft().body  # a large body alone, as it is: no copy
             self._buffered -= len(body)
-            self._credit(1)
+            self._credit(done + 1)
             return body
-        done = 0
         while packets and size < max_bytes:
             body = packets[0].body
             if self._offset:
                 body = body[self._offset :]
             room = max_bytes - size
-            if parts and len(body) >= LARGE_BODY:
-                break  # a large body goes out alone next time: joining it would copy it
+            if size and len(body) >= LARGE_BODY:
+                # a large body goes out alone next time: joining it would copy it. (Only
+                # behind real bytes: empty bodies alone must never come out as b"", EOF.)
+                break
             if len(body) <= room:
                 parts.append(body)
                 size += len(body)

@@ -66,6 +66,7 @@ __all__ = [
     "MISS_REPEAT",
     "MISS_RESEND_INTERVAL",
     "RESEND_INTERVAL",
+    "OutBody",
     "Channel",
     "ChannelClosed",
     "ChannelEvent",
@@ -186,6 +187,9 @@ class ChannelClosed:
 
     err: str | None
 
+
+OutBody = bytes | memoryview
+"""A body we send: bytes, or a read-only view of bytes that never change (kept uncopied)."""
 
 ChannelEvent = DataReceived | EndReceived | ChannelClosed
 """Everything :meth:`Channel.next_event` can return."""
@@ -316,7 +320,7 @@ class _Outgoing:
 
     __slots__ = ("body", "head", "queued", "resent_at", "sent_at")
 
-    def __init__(self, head: dict[str, Any], body: bytes) -> None:
+    def __init__(self, head: dict[str, Any], body: OutBody) -> None:
         self.head = head
         self.body = body
         self.sent_at = 0.0  # last transmission (original or resend)
@@ -468,7 +472,7 @@ class Channel(abc.ABC):
     @abc.abstractmethod
     def send(
         self,
-        body: bytes,
+        body: OutBody,
         *,
         json: Mapping[str, Any] | None = None,
         end: bool = False,
@@ -501,7 +505,7 @@ class Channel(abc.ABC):
         """
 
     @abc.abstractmethod
-    def packets_to_send(self, now: float) -> list[tuple[dict[str, Any], bytes]]:
+    def packets_to_send(self, now: float) -> list[tuple[dict[str, Any], OutBody]]:
         """Take the ``(json, body)`` inner packets to encrypt and send now.
 
         Args:
@@ -557,7 +561,7 @@ class Channel(abc.ABC):
     def _drop_buffers(self) -> None:
         """Forget buffered data in both directions (err, timeout or clean close)."""
 
-    def _err_packet(self) -> list[tuple[dict[str, Any], bytes]]:
+    def _err_packet(self) -> list[tuple[dict[str, Any], OutBody]]:
         err = self._err_out
         self._err_out = None
         if err is None:
@@ -586,7 +590,7 @@ class UnreliableChannel(Channel):
 
     def send(
         self,
-        body: bytes,
+        body: OutBody,
         *,
         json: Mapping[str, Any] | None = None,
         end: bool = False,
@@ -674,7 +678,7 @@ class UnreliableChannel(Channel):
         self._delivered += 1
         self._events.append(DataReceived(json, body))
 
-    def packets_to_send(self, now: float) -> list[tuple[dict[str, Any], bytes]]:
+    def packets_to_send(self, now: float) -> list[tuple[dict[str, Any], OutBody]]:
         """Take the packets to encrypt and send now.
 
         Args:
@@ -688,7 +692,7 @@ class UnreliableChannel(Channel):
             return self._err_packet()
         if not self._queue:
             return []
-        out = list(self._queue)
+        out: list[tuple[dict[str, Any], OutBody]] = list(self._queue)
         self._queue.clear()
         self._sent += len(out)
         self._mark_sent()
@@ -812,7 +816,7 @@ class ReliableChannel(Channel):
 
     def send(
         self,
-        body: bytes,
+        body: OutBody,
         *,
         json: Mapping[str, Any] | None = None,
         end: bool = False,
@@ -821,7 +825,9 @@ class ReliableChannel(Channel):
         """Queue one content packet; it is kept until the peer acks it.
 
         Args:
-            body: the packet body.
+            body: the packet body. ``bytes`` and read-only memoryviews are kept as they are
+                until acked (no copy: the caller promises the bytes under a view do not
+                change, e.g. a view of a ``bytes`` object); anything else is copied.
             json: extra head keys (not ``c``/``type``/``seq``/``ack``/``miss``/``end``/``err``).
             end: mark this as our last content packet.
             now: current time.
@@ -837,9 +843,11 @@ class ReliableChannel(Channel):
         if self.send_capacity() <= 0:
             raise LocalProtocolError("send buffer full: wait until send_capacity() > 0")
         head = _new_head(self.cid, json) if json else {"c": self.cid}
-        self._queue_packet(head, body if type(body) is bytes else bytes(body), end)
+        if type(body) is not bytes and not (type(body) is memoryview and body.readonly):
+            body = bytes(body)  # a mutable buffer could change before it is acked
+        self._queue_packet(head, body, end)
 
-    def _queue_packet(self, head: dict[str, Any], body: bytes, end: bool) -> None:
+    def _queue_packet(self, head: dict[str, Any], body: OutBody, end: bool) -> None:
         seq = self._last_seq + 1
         head["seq"] = seq
         if end:
@@ -864,7 +872,7 @@ class ReliableChannel(Channel):
         free = self._acked + 2 * window - self._last_seq
         return free if free > 0 else 0
 
-    def packets_to_send(self, now: float) -> list[tuple[dict[str, Any], bytes]]:
+    def packets_to_send(self, now: float) -> list[tuple[dict[str, Any], OutBody]]:
         """Take the packets to encrypt and send now: resends, new data, a bare ack.
 
         Every packet carries our current ``ack`` (once we delivered something) and, while
@@ -893,7 +901,7 @@ class ReliableChannel(Channel):
         ack_due = self._ack_due is not None and now >= self._ack_due
         if not (self._resend or self._next_unsent <= limit or ack_due):
             return []  # the common case while receiving: nothing to send, no miss to build
-        out: list[tuple[dict[str, Any], bytes]] = []
+        out: list[tuple[dict[str, Any], OutBody]] = []
         real_done = self._in_done
         if self._flow_control:
             edge = real_done - self._unread + self._window

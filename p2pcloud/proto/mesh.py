@@ -56,7 +56,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from p2pcloud._crypto import (
     CSID_3A,
@@ -621,7 +621,7 @@ class Mesh:
         self,
         hashname: Hashname,
         cid: ChannelId,
-        body: bytes,
+        body: _ch.OutBody,
         *,
         json: Mapping[str, Any] | None = None,
         end: bool = False,
@@ -632,7 +632,8 @@ class Mesh:
         Args:
             hashname: the peer.
             cid: the channel.
-            body: at most :meth:`max_body` bytes.
+            body: at most :meth:`max_body` bytes; a read-only memoryview of bytes that
+                never change is kept uncopied on a reliable channel (see Channel.send).
             json: extra head fields.
             end: this is the last packet we send on the channel.
             now: the current time.
@@ -732,7 +733,7 @@ class Mesh:
         return mtu - CHANNEL_OVERHEAD - CLOAK_NONCE_SIZE
 
     def _check_size(
-        self, link: _Link, json: Mapping[str, Any] | None, body: bytes, type: str = ""
+        self, link: _Link, json: Mapping[str, Any] | None, body: _ch.OutBody, type: str = ""
     ) -> None:
         extra = len(encode_packet(dict(json))) if json else 0
         if type:
@@ -992,7 +993,7 @@ class Mesh:
         self,
         link: _Link,
         json: Mapping[str, Any],
-        body: bytes,
+        body: _ch.OutBody,
         path: Path | None = None,
     ) -> None:
         """Encrypt one inner channel packet for ``link`` and send it (best path by default)."""
@@ -1000,8 +1001,10 @@ class Mesh:
             return
         # one buffer, one copy of the body: the inner LOB is written where its ciphertext
         # goes and encrypted in place (_crypto.channel_seal); same bytes as encode_packet +
-        # encrypt_channel
-        outer = link.exchange.seal_channel(encode_head(json), body)
+        # encrypt_channel. The result is a bytearray that nothing mutates from here on; it
+        # travels as bytes (cloak, sockets and the memory network take any buffer), since
+        # turning it into bytes would copy the whole packet once more.
+        outer = cast(bytes, link.exchange.seal_channel(encode_head(json), body))
         if path is None:
             self._send_raw_to(link, outer)
         else:

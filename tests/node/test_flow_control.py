@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from p2pcloud._node.memory import NetworkConditions
-from p2pcloud._node.stream import ChannelStream
+from p2pcloud._node.stream import LARGE_BODY, ChannelStream
 from p2pcloud.proto.channel import CHANNEL_TIMEOUT, DEFAULT_WINDOW
 from tests.node.conftest import memory_pair, random_bytes
 
@@ -76,3 +76,36 @@ async def test_a_reader_that_stops_bounds_both_nodes(
             await stream.aclose()
             await reader.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_an_empty_packet_before_a_large_body_is_not_read_as_eof(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A reliable open usually has an empty body; when a large-frame body (>= LARGE_BODY)
+    # queues behind it before the reader runs, receive_some must return the large body (not
+    # b"" from the empty one alone, which would read as EOF). Large bodies need a large-frame
+    # TCP path, so they are queued here through the same entry the node's dispatch uses.
+    async with memory_pair() as (_, a, b):
+        await a.link(b.link_uri)
+        accepted: list[ChannelStream] = []
+        got = trio.Event()
+
+        async def handler(stream: ChannelStream) -> None:
+            accepted.append(stream)
+            got.set()
+            await trio.sleep_forever()
+
+        b.serve_channel("bulk", handler)
+        stream = await a.open_channel(b.hashname, "bulk")
+        await got.wait()
+        reader = accepted[0]
+        big = random_bytes(LARGE_BODY + 1)
+        reader._on_data({}, b"")
+        reader._on_data({}, big)
+        reader._on_data({}, b"tail")
+        assert await reader.receive_some() == big
+        assert await reader.receive_some() == b"tail"
+        await stream.send_all(b"x")
+        assert await reader.receive_some() == b"x"
+        await stream.aclose()
+        await reader.aclose()
