@@ -410,7 +410,10 @@ cdef class _Reader:
         if tag == TAG_UINT:
             return self.varint()
         if tag == TAG_NEGINT:
-            return -1 - <object>self.varint()
+            u = self.varint()
+            if u <= <uint64_t>0x7FFFFFFFFFFFFFFE:
+                return -1 - <long long>u  # in C: no intermediate int object
+            return -1 - <object>u
         if tag == TAG_FLOAT:
             self.need(8)
             for i in range(8):
@@ -1048,6 +1051,7 @@ cdef class _Decoded:
     cdef PyObject** nobj
     cdef Py_ssize_t nnames
     cdef Py_ssize_t ncap
+    cdef bint last_ascii  # whether the last name is ASCII (so is every prefix of it)
     cdef OpRec* ops
     cdef Py_ssize_t nops
     cdef Py_ssize_t ops_cap
@@ -1066,6 +1070,7 @@ cdef class _Decoded:
         self.nlen = NULL
         self.nobj = NULL
         self.nnames = self.ncap = 0
+        self.last_ascii = True
         self.ops = NULL
         self.kills = NULL
         self.runs = NULL
@@ -1087,13 +1092,31 @@ cdef class _Decoded:
         free(self.nlen)
         free(self.nobj)
 
-    cdef int add_name(self, const unsigned char* p, Py_ssize_t n) except -1:
-        cdef Py_ssize_t cap, i
-        cdef bint ascii = True
-        for i in range(n):
-            if p[i] >= 0x80:
-                ascii = False
-                break
+    cdef int add_name(self, Py_ssize_t pre, const unsigned char* p, Py_ssize_t k) except -1:
+        # a new name: the first ``pre`` bytes of the previous name, then ``p[:k]``, built in
+        # place at the end of the arena
+        cdef Py_ssize_t cap, i, start = self.arena.n, n = pre + k
+        cdef bint ascii = self.last_ascii or pre == 0
+        cdef unsigned char* q
+        if not ascii:
+            ascii = True
+            q = self.arena.data + self.noff[self.nnames - 1]
+            for i in range(pre):
+                if q[i] >= 0x80:
+                    ascii = False
+                    break
+        if ascii:
+            for i in range(k):
+                if p[i] >= 0x80:
+                    ascii = False
+                    break
+        self.arena.grow(n)
+        if pre:
+            # the arena may have moved: copy from the previous name's offset
+            memcpy(self.arena.data + start, self.arena.data + self.noff[self.nnames - 1], pre)
+        memcpy(self.arena.data + start + pre, p, k)
+        self.arena.n = start + n
+        self.last_ascii = ascii
         if self.nnames >= self.ncap:
             cap = 64 if self.ncap == 0 else self.ncap * 2
             self.noff = <Py_ssize_t*>_grow(self.noff, cap * sizeof(Py_ssize_t))
@@ -1101,10 +1124,9 @@ cdef class _Decoded:
             self.nobj = <PyObject**>_grow(self.nobj, cap * sizeof(PyObject*))
             self.ncap = cap
         i = self.nnames
-        self.noff[i] = self.arena.n
+        self.noff[i] = start
         self.nlen[i] = n
         self.nobj[i] = NULL
-        self.arena.raw(p, n)
         self.nnames = i + 1
         if not ascii:
             self.name(i)  # validates the UTF-8 now, before anything changes
@@ -1180,7 +1202,7 @@ cdef class _Decoded:
         return 0
 
 
-cdef int32_t _read_name(_Reader r, _Decoded names, _Buf last) except -2:
+cdef int32_t _read_name(_Reader r, _Decoded names) except -2:
     cdef uint64_t n = r.varint()
     cdef uint64_t p, k
     if not (n & 1):
@@ -1188,16 +1210,15 @@ cdef int32_t _read_name(_Reader r, _Decoded names, _Buf last) except -2:
             raise DecodeError("name reference out of range")
         return <int32_t>(n >> 1)
     p = n >> 1
-    if p > <uint64_t>last.n:
+    # the previous new name is the table's last one (every new name is appended)
+    if p > <uint64_t>(names.nlen[names.nnames - 1] if names.nnames else 0):
         raise DecodeError("name prefix longer than the previous name")
     k = r.varint()
     if p + k > C_MAX_NAME or k > C_MAX_NAME:
         raise DecodeError("name too long")
     r.need(k)
-    last.n = <Py_ssize_t>p
-    last.raw(r.p + r.pos, <Py_ssize_t>k)
+    names.add_name(<Py_ssize_t>p, r.p + r.pos, <Py_ssize_t>k)
     r.pos += <Py_ssize_t>k
-    names.add_name(last.data, last.n)
     return <int32_t>(names.nnames - 1)
 
 
@@ -1903,7 +1924,6 @@ cdef class Replica:
         cdef int64_t step
         cdef int h, kind
         cdef int32_t coll, doc, field
-        cdef _Buf last = _Buf()
         cdef OpRec* op
         cdef RunRec* run
         cdef _Decoded names = d
@@ -1999,17 +2019,17 @@ cdef class Replica:
                     if hlc > d.max_hlc:
                         d.max_hlc = hlc
                 if h & FLAG_NEW_COLL:
-                    coll = _read_name(r, names, last)
+                    coll = _read_name(r, names)
                     doc = -1
                 if h & FLAG_NEW_DOC:
                     if kind == OP_APPEND:
                         raise DecodeError("a log append has no document")
-                    doc = _read_name(r, names, last)
+                    doc = _read_name(r, names)
                 if coll < 0 or (doc < 0 and kind != OP_APPEND):
                     raise DecodeError("op without a collection or document")
                 field = -1
                 if kind != OP_APPEND and kind != OP_REMOVE_DOC:
-                    field = _read_name(r, names, last)
+                    field = _read_name(r, names)
                 payload = None
                 if kind == OP_LWW or kind == OP_MV or kind == OP_APPEND:
                     payload = r.value(0)
