@@ -18,8 +18,9 @@ one thread hop.
   many chunks). A ``BlobCompleted`` is released only after every chunk received before it
   is durable. ``ManifestReceived`` stores the manifest bytes as a chunk keyed by the blob
   hash (the blob hash *is* the manifest's BLAKE3, so it is content-addressed like any
-  chunk), pinned by a record ``b"m" + blob`` so garbage collection keeps it, plus the
-  blob record (size, chunk list) that ``missing_chunks`` reads.
+  chunk), one transaction per batch of manifests; the blob record (size, chunk list) and
+  a record ``b"m" + blob`` that pins the manifest are written when the blob is opened
+  (``Replication.ensure_blob``) or added locally.
 * **Wanting.** ``want`` queues blobs beyond ``MAX_ACTIVE_BLOBS`` and feeds them as others
   complete; waiters (``open_blob``, folders) get a :class:`trio.Event` per blob.
 """
@@ -59,10 +60,10 @@ __all__ = ["BLOB_FRAME", "BlobEngine", "manifest_record_id"]
 log = logging.getLogger("p2pcloud.blobs")
 
 BLOB_FRAME: Final = struct.Struct(">I")  # length prefix of one blob message on the stream
-MAX_PENDING_CHUNK_BYTES: Final = 64 * 1024 * 1024
+MAX_PENDING_CHUNK_BYTES: Final = 16 * 1024 * 1024
 """Verified chunks held in memory waiting for their LMDB batch: the reader pauses beyond
 this, so a disk slower than the network pushes back instead of filling memory."""
-MAX_WRITE_BATCH_BYTES: Final = 32 * 1024 * 1024  # per put_chunks transaction (dirty pages)
+MAX_WRITE_BATCH_BYTES: Final = 16 * 1024 * 1024  # per put_chunks transaction (dirty pages)
 MAX_WRITE_BATCH_CHUNKS: Final = 4096  # the store's MAX_CHUNK_BATCH
 MAX_MANIFEST_CACHE: Final = 4096  # manifests kept decoded in memory (~0.5 MiB per GiB of blob)
 
@@ -220,10 +221,11 @@ class BlobEngine:
             self._wake_writer.set()
 
     def _store_manifests(self, manifests: list[Manifest]) -> None:
-        for m in manifests:
-            self._store.put_blob(manifest_record_id(m.blob_hash), len(m.encoded), [m.blob_hash],
-                                 {m.blob_hash: m.encoded})
-            self._store.put_blob(m.blob_hash, m.size, [c.hash for c in m.chunks])
+        # one transaction for the whole batch: a folder of 10,000 small files brings
+        # 10,000 manifests, and a record transaction each would cost 10,000 fsyncs. The
+        # blob records (size, chunk list, manifest pin) are written when a reader opens the
+        # blob (Replication.ensure_blob); until then these bytes are unreferenced chunks.
+        self._store.put_chunks({m.blob_hash: m.encoded for m in manifests})
 
     async def _writer_loop(self) -> None:
         while True:

@@ -124,6 +124,7 @@ CHECKPOINT_INTERVAL: Final = 60.0  # seconds: a quiet sub-cloud still gets its l
 REOPEN_DELAY: Final = 1.0  # seconds before reopening a channel that ended on an Up link
 REGISTRY_FRAME: Final = struct.Struct(">I")
 MAX_REGISTRY_FRAME: Final = 64 * 1024  # a registry record is at most 32 KiB (subcloud.py)
+FOLDER_BATCH_DELAY: Final = 0.2  # seconds a folder waits to batch completions into a reconcile
 MAX_BLOB_FROM_STREAM: Final = 1 << 30
 """Bytes ``add_blob`` reads from a stream into memory before chunking (a path is mapped,
 not read): larger content should be given as a file path."""
@@ -751,16 +752,28 @@ class Replication:
     async def ensure_blob(self, blob: bytes) -> list[bytes]:
         """Fetch a blob if needed; return its chunk hashes once every chunk is stored."""
         while True:
-            missing = await trio.to_thread.run_sync(self.store.missing_chunks, blob,
-                                                    limiter=self.readers)
-            if missing == []:
-                rec = await trio.to_thread.run_sync(self.store.get_blob, blob,
-                                                    limiter=self.readers)
-                assert rec is not None
-                return list(rec.chunks)
+            rec = await trio.to_thread.run_sync(self.store.get_blob, blob, limiter=self.readers)
+            if rec is not None:
+                missing = await trio.to_thread.run_sync(self.store.missing_chunks, blob,
+                                                        limiter=self.readers)
+                if not missing:
+                    return list(rec.chunks)
+            else:
+                manifest = await trio.to_thread.run_sync(self.blobs.manifest, blob,
+                                                         limiter=self.readers)
+                if manifest is not None:  # fetched (or a folder's): write its records
+                    await trio.to_thread.run_sync(self._put_records, manifest,
+                                                  limiter=self.writer)
+                    continue
             done = self.blobs.waiter(blob)
             await self.blobs.want([(blob, None)])
             await done.wait()
+
+    def _put_records(self, manifest: Manifest) -> None:
+        self.store.put_blob(manifest.blob_hash, manifest.size, [c.hash for c in manifest.chunks],
+                            {manifest.blob_hash: manifest.encoded})
+        self.store.put_blob(manifest_record_id(manifest.blob_hash), len(manifest.encoded),
+                            [manifest.blob_hash])
 
     async def read_chunk(self, digest: bytes) -> bytes:
         """One stored chunk (BlobError if it is not held)."""
@@ -841,8 +854,11 @@ class Replication:
             nursery.start_soon(watch)
             task_status.started()
             while True:
+                await self._folder_wake[id(folder)][0].wait()
+                # gather what arrives meanwhile: a reconcile rewrites the folder's index, so
+                # 10,000 blobs completing one by one must not mean 10,000 reconciles
+                await trio.sleep(FOLDER_BATCH_DELAY)
                 entry = self._folder_wake[id(folder)]
-                await entry[0].wait()
                 paths = set(entry[1])
                 self._folder_wake[id(folder)] = (trio.Event(), set())
                 await self._reconcile(sc, folder, None if "" in paths else sorted(paths))
