@@ -49,6 +49,7 @@ cdef extern from "Python.h":
     int PyGC_Enable()
     bint PyUnicode_IS_COMPACT_ASCII(object o)
     void* PyUnicode_DATA(object o)
+    str PyUnicode_New(Py_ssize_t size, unsigned int maxchar)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
     int PyGC_Disable()
 
@@ -1052,6 +1053,7 @@ cdef class _Decoded:
     cdef Py_ssize_t nnames
     cdef Py_ssize_t ncap
     cdef bint last_ascii  # whether the last name is ASCII (so is every prefix of it)
+    cdef Py_ssize_t nascii  # names below this number have been added (ASCII or made)
     cdef OpRec* ops
     cdef Py_ssize_t nops
     cdef Py_ssize_t ops_cap
@@ -1071,6 +1073,7 @@ cdef class _Decoded:
         self.nobj = NULL
         self.nnames = self.ncap = 0
         self.last_ascii = True
+        self.nascii = 0
         self.ops = NULL
         self.kills = NULL
         self.runs = NULL
@@ -1127,20 +1130,28 @@ cdef class _Decoded:
         self.noff[i] = start
         self.nlen[i] = n
         self.nobj[i] = NULL
-        self.nnames = i + 1
         if not ascii:
+            self.nnames = i + 1
             self.name(i)  # validates the UTF-8 now, before anything changes
+            return 0
+        self.nnames = i + 1
+        self.nascii = i + 1
         return 0
 
     cdef str name(self, Py_ssize_t i):
         cdef PyObject* o = self.nobj[i]
         if o != NULL:
             return <str>o
-        try:
-            out = PyUnicode_DecodeUTF8(<const char*>(self.arena.data + self.noff[i]),
-                                       self.nlen[i], NULL)
-        except UnicodeDecodeError as exc:
-            raise DecodeError("invalid UTF-8 in a name") from exc
+        if self.nascii > i:
+            # every name not made yet is ASCII (add_name makes the others): copy the bytes
+            out = PyUnicode_New(self.nlen[i], 127)
+            memcpy(PyUnicode_DATA(out), self.arena.data + self.noff[i], self.nlen[i])
+        else:
+            try:
+                out = PyUnicode_DecodeUTF8(<const char*>(self.arena.data + self.noff[i]),
+                                           self.nlen[i], NULL)
+            except UnicodeDecodeError as exc:
+                raise DecodeError("invalid UTF-8 in a name") from exc
         Py_INCREF(out)
         self.nobj[i] = <PyObject*>out
         return out
