@@ -546,8 +546,10 @@ class Node:
 
     def _consume(self, hashname: Hashname, cid: ChannelId, count: int) -> None:
         """A stream read ``count`` packets: open the channel's window, send the update."""
-        self._mesh.consume(hashname, cid, count, now=trio.current_time())
-        self._pump()
+        if self._mesh.consume(hashname, cid, count, now=trio.current_time()):
+            self._pump()  # a window update is due now
+        else:
+            self._rearm_timer()  # at most a delayed ack: no pump per read
 
     def _send(
         self,

@@ -1008,7 +1008,7 @@ class ReliableChannel(Channel):
             return [capacity]
         return self._advert if self._advertising else None
 
-    def consume(self, count: int, now: float) -> None:
+    def consume(self, count: int, now: float) -> bool:
         """Credit the receive window with content packets the application has consumed.
 
         Ours (receive-side flow control, on when the channel was made with
@@ -1024,25 +1024,31 @@ class ReliableChannel(Channel):
             count: packets consumed (each :class:`DataReceived` is one); more than are
                 unread is cut to what is unread.
             now: current time.
+
+        Returns:
+            True when an ack is due now (call :meth:`packets_to_send`); False when nothing
+            is, or only a delayed ack was scheduled (see :meth:`get_timer`).
         """
         if not self._flow_control or count <= 0 or not self._unread:
-            return
+            return False
         self._unread = self._unread - count if count < self._unread else 0
         if self._state is ChannelState.CLOSED:
-            return
+            return False
         # reading is activity: an ENDED channel's idle timeout must not fire while our own
         # application is still reading what the peer sent before its end
         self._activity_at = now
         edge = self._in_done - self._unread + self._window
         if edge <= self._edge_sent:
-            return
+            return self._ack_due is not None and self._ack_due <= now
         if edge - self._edge_sent >= self._ack_every or self._edge_sent - self._ack_sent <= 1:
             # a quarter window opened, or the sender was stalled at a full window: update it
             # now. Smaller openings wait for the next ack (TCP's receiver silly-window
             # avoidance): an update per packet read doubled the packets of a bulk transfer
             self._ack_due = now
-        elif self._ack_due is None:
+            return True
+        if self._ack_due is None:
             self._ack_due = now + ACK_DELAY
+        return self._ack_due <= now
 
     @property
     def unread(self) -> int:

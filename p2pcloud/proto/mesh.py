@@ -658,7 +658,7 @@ class Mesh:
         link = self._up_link(hashname)
         return self._channel(link, cid).send_capacity()
 
-    def consume(self, hashname: Hashname, cid: ChannelId, count: int, *, now: float) -> None:
+    def consume(self, hashname: Hashname, cid: ChannelId, count: int, *, now: float) -> bool:
         """Report ``count`` ``ChannelData`` events of a reliable channel as read.
 
         Ours (receive-side flow control, see ``flow_control``): the channel's window opens
@@ -671,13 +671,18 @@ class Mesh:
             cid: the channel.
             count: ``ChannelData`` events consumed since the last report.
             now: the current time.
+
+        Returns:
+            True when a window update is due now (send with :meth:`datagrams_to_send`);
+            otherwise at most a delayed ack was scheduled (see :meth:`get_timer`).
         """
         link = self._links.get(hashname)
         if link is None:
-            return
+            return False
         ch = link.channels.get(cid)
         if isinstance(ch, _ch.ReliableChannel):
-            ch.consume(count, now)
+            return ch.consume(count, now)
+        return False
 
     def close_channel(
         self, hashname: Hashname, cid: ChannelId, *, err: str | None = None, now: float
