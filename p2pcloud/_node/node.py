@@ -547,9 +547,7 @@ class Node:
     def _consume(self, hashname: Hashname, cid: ChannelId, count: int) -> None:
         """A stream read ``count`` packets: open the channel's window, send the update."""
         if self._mesh.consume(hashname, cid, count, now=trio.current_time()):
-            self._pump()  # a window update is due now
-        else:
-            self._rearm_timer()  # at most a delayed ack: no pump per read
+            self._pump()  # a window update is due, or a delayed ack needs the timer
 
     def _send(
         self,

@@ -1026,8 +1026,9 @@ class ReliableChannel(Channel):
             now: current time.
 
         Returns:
-            True when an ack is due now (call :meth:`packets_to_send`); False when nothing
-            is, or only a delayed ack was scheduled (see :meth:`get_timer`).
+            True when the caller must act: an ack is due now (:meth:`packets_to_send`), or
+            a new deadline was set (:meth:`get_timer` moved). False: nothing changed that
+            needs a call before the deadline already known.
         """
         if not self._flow_control or count <= 0 or not self._unread:
             return False
@@ -1039,16 +1040,18 @@ class ReliableChannel(Channel):
         self._activity_at = now
         edge = self._in_done - self._unread + self._window
         if edge <= self._edge_sent:
-            return self._ack_due is not None and self._ack_due <= now
-        if edge - self._edge_sent >= self._ack_every or self._edge_sent - self._ack_sent <= 1:
-            # a quarter window opened, or the sender was stalled at a full window: update it
-            # now. Smaller openings wait for the next ack (TCP's receiver silly-window
-            # avoidance): an update per packet read doubled the packets of a bulk transfer
+            return False
+        if edge - self._edge_sent >= self._ack_every or self._in_done >= self._edge_sent:
+            # a quarter window opened, or the sender has used all the window it was given
+            # (it is stalled): update it now. Smaller openings ride on the next ack (TCP's
+            # receiver silly-window avoidance): an update per packet read doubled the
+            # packets of a bulk transfer
             self._ack_due = now
             return True
         if self._ack_due is None:
             self._ack_due = now + ACK_DELAY
-        return self._ack_due <= now
+            return True  # a new deadline
+        return False
 
     @property
     def unread(self) -> int:

@@ -673,8 +673,8 @@ class Mesh:
             now: the current time.
 
         Returns:
-            True when a window update is due now (send with :meth:`datagrams_to_send`);
-            otherwise at most a delayed ack was scheduled (see :meth:`get_timer`).
+            True when the shell must act: a window update is due now
+            (:meth:`datagrams_to_send`) or :meth:`get_timer` moved; False otherwise.
         """
         link = self._links.get(hashname)
         if link is None:
