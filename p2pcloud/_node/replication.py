@@ -47,7 +47,7 @@ import mmap
 import os
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -227,7 +227,8 @@ class Replication:
             self.subclouds[sc_id] = SubCloud(self, record, replica)
             s = summaries.get(sc_id)
             if s is not None:
-                self.catalog.set_subcloud(sc_id, s.version, s.floor, log_bytes=s.log_bytes,
+                self.catalog.set_subcloud(sc_id, _plain(s.version), _plain(s.floor),
+                                          log_bytes=s.log_bytes,
                                           log_dots=s.log_dots)
             else:
                 self.catalog.set_subcloud(sc_id)
@@ -420,7 +421,7 @@ class Replication:
             replica = sc.replica
             snapshot = await trio.to_thread.run_sync(replica.encode_snapshot, limiter=self.cpu)
             version = replica.version()
-            await trio.to_thread.run_sync(self.store.checkpoint, sc.id, snapshot, version,
+            await trio.to_thread.run_sync(self.store.checkpoint, sc.id, snapshot, _rids(version),
                                           limiter=self.writer)
             sc.since_checkpoint = 0
             self._stats["checkpoints"] += 1
@@ -428,10 +429,11 @@ class Replication:
             if members and all(m in sc.peer_versions for m in members):
                 fold = fold_point([version] + [sc.peer_versions[m] for m in members])
                 if fold:
-                    await trio.to_thread.run_sync(self.store.truncate, sc.id, fold,
+                    await trio.to_thread.run_sync(self.store.truncate, sc.id, _rids(fold),
                                                   limiter=self.writer)
                     s = await trio.to_thread.run_sync(self.store.summary, sc.id)
-                    self.catalog.set_subcloud(sc.id, s.version, s.floor, log_bytes=s.log_bytes,
+                    self.catalog.set_subcloud(sc.id, _plain(s.version), _plain(s.floor),
+                                              log_bytes=s.log_bytes,
                                               log_dots=s.log_dots)
 
     async def _checkpoint_loop(self) -> None:
@@ -518,9 +520,10 @@ class Replication:
                 return
             merged = await trio.to_thread.run_sync(sc.replica.encode_snapshot, limiter=self.cpu)
             await trio.to_thread.run_sync(self.store.checkpoint, sc_id, merged,
-                                          sc.replica.version(), limiter=self.writer)
+                                          _rids(sc.replica.version()), limiter=self.writer)
             s = await trio.to_thread.run_sync(self.store.summary, sc_id)
-            self.catalog.set_subcloud(sc_id, s.version, s.floor, log_bytes=s.log_bytes,
+            self.catalog.set_subcloud(sc_id, _plain(s.version), _plain(s.floor),
+                                      log_bytes=s.log_bytes,
                                       log_dots=s.log_dots)
         if changes:
             sc._notify([Change(c, d, f, peer) for c, d, f in changes])
@@ -673,7 +676,8 @@ class Replication:
                 continue
             if isinstance(event, EnvelopesWanted):
                 recs = await trio.to_thread.run_sync(
-                    self.store.envelopes_after, event.subcloud, event.origin, event.after,
+                    self.store.envelopes_after, event.subcloud,
+                    ReplicaId(event.origin), event.after,
                     event.budget_bytes, limiter=self.readers)
                 session.provide_envelopes(event.subcloud, event.origin, event.after,
                                           [r.envelope for r in recs], trio.current_time())
@@ -681,7 +685,7 @@ class Replication:
                 cp = await trio.to_thread.run_sync(self.store.get_checkpoint, event.subcloud,
                                                    limiter=self.readers)
                 snap, version = cp if cp is not None else (b"", {})
-                session.provide_snapshot(event.subcloud, snap, dict(version),
+                session.provide_snapshot(event.subcloud, snap, _plain(version),
                                          trio.current_time())
             elif isinstance(event, EnvelopesReceived):
                 await self.ingest(event.subcloud, event.envelopes, peer)
@@ -903,6 +907,16 @@ class Replication:
         """Whether the sync session with ``peer`` has nothing queued, in flight or awaited."""
         runner = self._sessions.get(peer)
         return runner is not None and runner.session.in_sync
+
+
+def _plain(version: Mapping[ReplicaId, int]) -> dict[bytes, int]:
+    """A store version vector as the sync layer types it (replica ids as plain bytes)."""
+    return {bytes(k): v for k, v in version.items()}
+
+
+def _rids(version: Mapping[bytes, int]) -> dict[ReplicaId, int]:
+    """A core/sync version vector as the store types it."""
+    return {ReplicaId(k): v for k, v in version.items()}
 
 
 def _channel_gone() -> contextlib.suppress:
