@@ -1041,12 +1041,15 @@ class ReliableChannel(Channel):
         edge = self._in_done - self._unread + self._window
         if edge <= self._edge_sent:
             return False
-        if edge - self._edge_sent >= self._ack_every or self._in_done >= self._edge_sent:
+        if edge - self._edge_sent >= self._ack_every or (
+            self._in_done >= self._edge_sent and not self._unread
+        ):
             # a quarter window opened, or the sender has used all the window it was given
-            # (it is stalled, or probing a full window): update it now. Smaller openings ride
-            # on the next ack (TCP's receiver silly-window avoidance): an update per packet
-            # read doubled the packets of a bulk transfer. (While nobody reads, the edge
-            # does not move, so acking on arrival would not let the sender send more.)
+            # and our reader has drained everything (it would starve): update it now.
+            # Smaller openings ride on the next ack or ACK_DELAY, as long as the reader has
+            # data left (TCP's receiver silly-window avoidance): an update per packet read
+            # doubled the packets of a bulk transfer. (While nobody reads, the edge does not
+            # move, so acking on arrival would not let the sender send more.)
             self._ack_due = now
             return True
         if self._ack_due is None:
