@@ -353,9 +353,10 @@ async def _run_locked(args: argparse.Namespace, data_dir: Path, stream: TextIO) 
                     _say(stream, f"data dir: {data_dir}")
                     _say(stream, f"hashname: {node.hashname}")
                     _say(stream, f"link URI: {node.link_uri}")
-                    _say(stream, "listening: " + ", ".join(str(p) for p in node.paths))
                     _say(stream, f"api: {daemon.api_url}")
                     _say(stream, "dashboard: run `p2pcloud dashboard` to open it logged in")
+                    # "listening" comes last: scripts read the banner up to it as "ready"
+                    _say(stream, "listening: " + ", ".join(str(p) for p in node.paths))
                     log.info("ready hashname=%s api=%s udp=%s tcp=%s core=%s", node.hashname,
                              daemon.api_url, ports["udp"], ports["tcp"],
                              core_implementation())
