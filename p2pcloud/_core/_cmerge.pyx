@@ -1177,19 +1177,23 @@ cdef class _Decoded:
 
     cdef int reserve(self, Py_ssize_t n) except -1:
         # room for n ops in all (a run's header says how many ops follow), and for as many
-        # names (most ops of a big delta introduce one): no regrowth while decoding
+        # names (most ops of a big delta introduce one): no regrowth while decoding. At
+        # least doubling, so a delta of many small runs costs no quadratic copying.
         cdef OpRec* p
+        cdef Py_ssize_t cap
         if n > self.ncap:
-            self.noff = <Py_ssize_t*>_grow(self.noff, n * sizeof(Py_ssize_t))
-            self.nlen = <Py_ssize_t*>_grow(self.nlen, n * sizeof(Py_ssize_t))
-            self.nobj = <PyObject**>_grow(self.nobj, n * sizeof(PyObject*))
-            self.ncap = n
+            cap = n if n > 2 * self.ncap else 2 * self.ncap
+            self.noff = <Py_ssize_t*>_grow(self.noff, cap * sizeof(Py_ssize_t))
+            self.nlen = <Py_ssize_t*>_grow(self.nlen, cap * sizeof(Py_ssize_t))
+            self.nobj = <PyObject**>_grow(self.nobj, cap * sizeof(PyObject*))
+            self.ncap = cap
         if n > self.ops_cap:
-            p = <OpRec*>realloc(self.ops, n * sizeof(OpRec))
+            cap = n if n > 2 * self.ops_cap else 2 * self.ops_cap
+            p = <OpRec*>realloc(self.ops, cap * sizeof(OpRec))
             if p == NULL:
                 raise MemoryError()
             self.ops = p
-            self.ops_cap = n
+            self.ops_cap = cap
         return 0
 
     cdef OpRec* new_op(self) except NULL:
