@@ -50,7 +50,8 @@ async def main(data_dir: Path, peer_uri: str, sc_hex: str, total: int, expect: i
                 print(f"ACK {i}", flush=True)
                 i += 1
                 if i % 50 == 0:
-                    print(f"HAVE {len(sc.documents('backlog'))}", flush=True)
+                    print(f"HAVE {len(sc.documents('backlog'))} "
+                          f"{node.statistics().dropped}", flush=True)
             if not synced and len(sc.documents("backlog")) >= expect:
                 print("SYNCED", flush=True)
                 synced = True

