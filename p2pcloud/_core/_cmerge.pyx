@@ -1951,7 +1951,6 @@ cdef class Replica:
         cdef OpRec* op
         cdef RunRec* run
         cdef _Decoded names = d
-        d.arena.grow(PyBytes_GET_SIZE(data))  # names usually take about the delta's size
         if r.byte() != FORMAT_MAGIC:
             raise DecodeError("not a p2pcloud delta")
         if r.byte() != FORMAT_VERSION:
@@ -2198,6 +2197,7 @@ cdef class Replica:
         cdef Entry e, head
         cdef uint64_t old_gen
         cdef PyObject* hint_dict = NULL
+        cdef bint use_hint = True
         cdef Py_ssize_t hint_pos = 0, hp
         cdef PyObject* hk
         cdef PyObject* hv
@@ -2272,7 +2272,9 @@ cdef class Replica:
                     doc_obj = self._doc_for_write(d.name(op.coll), d.name(op.doc))
                     doc_coll = op.coll
                     doc_doc = op.doc
-                    if not doc_obj.fields:
+                    # a document that was empty here gets new fields: no order to follow
+                    use_hint = len(doc_obj.fields) != 0
+                    if not use_hint:
                         # a new document: presize its dict for the ops of this run that go to it
                         upto = oi + 1
                         while upto < run.end and d.ops[upto].coll == doc_coll and \
@@ -2291,7 +2293,8 @@ cdef class Replica:
                     hint_dict = <PyObject*>doc_obj.fields
                     hint_pos = 0
                 hp = hint_pos
-                if PyDict_Next(doc_obj.fields, &hp, &hk, &hv) and d.name_is(op.field, <object>hk):
+                if use_hint and PyDict_Next(doc_obj.fields, &hp, &hk, &hv) and \
+                        d.name_is(op.field, <object>hk):
                     ph = hv
                     hint_pos = hp
                     field_s = <object>hk
