@@ -180,6 +180,14 @@ class BlobEngine:
 
         def work() -> tuple[list[Any], list[tuple[Hashname, bytes]]]:
             fn(*args)
+            # BlobTransfers acts on what BlobFetch.receive_chunk returns but never drains
+            # the fetch's own event queue, which keeps every verified chunk (up to
+            # blobs.fetch.MAX_EVENTS = 4096 of them, ~330 MiB) until the blob completes.
+            # Drain it here; reported to FILES (BlobTransfers should drain or BlobFetch not
+            # queue what it returns).
+            for fetch in list(self._transfers._fetches.values()):
+                while fetch.next_event() is not None:
+                    pass
             events = []
             while (event := self._transfers.next_event()) is not None:
                 events.append(event)
