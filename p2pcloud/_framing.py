@@ -29,6 +29,15 @@ connection answers with its own hello (chunked, ``max`` = the smaller of both) a
 directions to frames right after it; the initiator switches when it reads the answer. Because
 the initiator sends nothing after its hello until the answer arrives, and the listener sends
 nothing chunked after its answer, neither side ever reads a byte in the wrong framing.
+
+Receiving without copies: each connection has one receive buffer. The transport reads into
+its free end (:meth:`StreamFraming.receive_buffer`, ``sock.recv_into``, then
+:meth:`StreamFraming.data_received`), and :meth:`StreamFraming.next_packet_view` hands a large
+frame out as a ``memoryview`` of the buffer, valid until the next read. Only the partial frame
+at the end is ever moved (to the front, when less than one frame of room is left), and in
+frames mode the buffer has a fixed size of :data:`BUFFER_FRAMES` largest frames. v3 chunks are
+reassembled into packets of their own (bytes), as before; :meth:`StreamFraming.next_packet`
+always returns bytes.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ from enum import Enum
 from p2pcloud.errors import LocalProtocolError, MalformedPacket
 
 __all__ = [
+    "BUFFER_FRAMES",
+    "CHUNKED_BUFFER",
+    "CHUNKED_READ",
     "CHUNK_MAX",
     "DEFAULT_MAX_FRAME",
     "FRAME_HEADER",
@@ -139,12 +151,15 @@ class ChunkDecoder:
         """Bytes of a packet reassembled so far."""
         return len(self._packet)
 
-    def decode(self, buf: bytes | bytearray | memoryview, pos: int) -> tuple[bytes | None, int]:
-        """Decode from ``buf[pos:]`` until one packet is complete or the input runs out.
+    def decode(
+        self, buf: bytes | bytearray | memoryview, pos: int, end: int | None = None
+    ) -> tuple[bytes | None, int]:
+        """Decode from ``buf[pos:end]`` until one packet is complete or the input runs out.
 
         Args:
             buf: buffered input.
             pos: where to start reading.
+            end: where the input ends (default: ``len(buf)``).
 
         Returns:
             ``(packet, new_pos)``; ``packet`` is None when more input is needed (everything up
@@ -153,9 +168,11 @@ class ChunkDecoder:
         Raises:
             MalformedPacket: a packet grows beyond the maximum.
         """
-        end = len(buf)
+        if end is None:
+            end = len(buf)
+        view = memoryview(buf)  # chunks are appended from the view: one copy each
         while pos < end:
-            size = buf[pos]
+            size = view[pos]
             if size == 0:
                 pos += 1
                 if not self._packet:
@@ -168,7 +185,7 @@ class ChunkDecoder:
                 break  # wait for the whole chunk: at most 255 bytes stay buffered outside
             if len(self._packet) + size > self._max_packet:
                 raise MalformedPacket(f"chunked packet longer than {self._max_packet} bytes")
-            self._packet += buf[pos + 1 : pos + 1 + size]
+            self._packet += view[pos + 1 : pos + 1 + size]
             pos += 1 + size
         return None, pos
 
@@ -189,22 +206,28 @@ class FrameDecoder:
         self._max_frame = max_frame
         self.keepalives = 0
 
-    def decode(self, buf: bytes | bytearray | memoryview, pos: int) -> tuple[bytes | None, int]:
-        """Decode one frame from ``buf[pos:]`` if it is complete.
+    def decode(
+        self, buf: bytes | bytearray | memoryview, pos: int, end: int | None = None
+    ) -> tuple[memoryview | None, int]:
+        """Decode one frame from ``buf[pos:end]`` if it is complete.
 
         Args:
             buf: buffered input.
             pos: where to start reading.
+            end: where the input ends (default: ``len(buf)``).
 
         Returns:
-            ``(packet, new_pos)``; ``(None, pos)`` when the frame is not complete yet.
+            ``(packet, new_pos)``; ``packet`` is a view of ``buf`` (no copy: it is only
+            valid while ``buf`` is not overwritten), ``(None, pos)`` when the frame is not
+            complete yet.
 
         Raises:
             MalformedPacket: a frame announces more than the negotiated maximum.
         """
-        end = len(buf)
+        if end is None:
+            end = len(buf)
         while end - pos >= FRAME_HEADER:
-            (size,) = struct.unpack_from(">I", buf, pos)
+            (size,) = _U32.unpack_from(buf, pos)
             if size > self._max_frame:
                 raise MalformedPacket(f"frame of {size} bytes exceeds {self._max_frame}")
             if size == 0:
@@ -214,7 +237,7 @@ class FrameDecoder:
             if end - pos - FRAME_HEADER < size:
                 break
             start = pos + FRAME_HEADER
-            return bytes(buf[start : start + size]), start + size
+            return memoryview(buf)[start : start + size], start + size
         return None, pos
 
 
@@ -270,6 +293,13 @@ class Framing(Enum):
     FRAMES = "frames"  # p2pcloud large frames
 
 
+CHUNKED_BUFFER = 64 * 1024  # receive buffer in v3 chunking: the chunk decoder takes every
+# whole chunk of a read, so only a partial chunk (< 256 bytes) ever stays behind
+CHUNKED_READ = 16 * 1024  # least room offered to a read in v3 chunking (v3 packets are ~1.5 KB)
+BUFFER_FRAMES = 4  # the receive buffer in frames mode holds this many largest frames. Frames
+# are handed out as views of it; the partial frame at the end is moved to the front only when
+# less than one frame of room is left, so at most about one byte in three (typically far
+# fewer) is copied once more, and the buffer never grows: 4 x 128 KiB per connection
 MAX_HELD_PACKETS = 256  # initiator: packets held while negotiating; a few handshakes at most
 # arrive in that time, so more means the application is flooding a connection not yet ready
 
@@ -302,8 +332,14 @@ class StreamFraming:
         self._offer = offer_frames
         self._own_max = max_frame
         self.max_frame: int | None = None
-        self._in: bytes | bytearray = b""
+        # The receive buffer: bytes ``[_pos, _end)`` are read and not yet decoded. It is
+        # replaced (never resized: views of it may be alive) when it must grow.
+        self._buf = bytearray(CHUNKED_BUFFER)
+        self._view = memoryview(self._buf)
         self._pos = 0
+        self._end = 0
+        self._min_read = CHUNKED_READ
+        self._want = CHUNKED_BUFFER  # the capacity the current framing asks for
         self._out: list[bytes] = []  # buffers to write, in order (no joining until asked)
         self._out_size = 0
         self._held: list[bytes] = []
@@ -322,29 +358,81 @@ class StreamFraming:
         """Keepalives (lone 0x00 or zero-length frames) received so far."""
         return self._chunks.keepalives + (self._frames.keepalives if self._frames else 0)
 
-    def receive_data(self, data: bytes) -> None:
-        """Buffer bytes read from the stream; read packets with :meth:`next_packet`.
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy bytes read from the stream into the buffer; read packets with :meth:`next_packet`.
+
+        (:meth:`receive_buffer` and :meth:`data_received` read without this copy.) Views
+        returned by :meth:`next_packet_view` before this call may be overwritten by it. The
+        buffer grows to hold ``data``: the caller bounds what it passes (a read's size).
 
         Args:
             data: bytes in stream order.
         """
-        if self._pos >= len(self._in):
-            # Everything so far was decoded: decode straight from this read (one copy less).
-            self._in = data
-            self._pos = 0
+        size = len(data)
+        if size:
+            self._reserve(size)
+            self._view[self._end : self._end + size] = data
+            self._end += size
+
+    def receive_buffer(self, limit: int | None = None) -> memoryview:
+        """Room to read into (``sock.recv_into``); then call :meth:`data_received`.
+
+        The buffer is reused: views returned by :meth:`next_packet_view` before this call may
+        be overwritten from now on. In frames mode the room is at least one largest frame, and
+        the buffer never grows beyond :data:`BUFFER_FRAMES` frames.
+
+        Args:
+            limit: the most bytes wanted (a read size); the room returned may be smaller
+                (but never below one largest frame, or :data:`CHUNKED_READ` when chunked).
+
+        Returns:
+            A writable view of the free end of the buffer.
+        """
+        self._reserve(self._min_read)
+        stop = len(self._buf)
+        if limit is not None:
+            stop = min(stop, self._end + max(limit, self._min_read))
+        return self._view[self._end : stop]
+
+    def data_received(self, size: int) -> None:
+        """Account for ``size`` bytes written into the room :meth:`receive_buffer` gave.
+
+        Args:
+            size: bytes written (a read's result).
+
+        Raises:
+            LocalProtocolError: more bytes than there was room for.
+        """
+        if not 0 <= size <= len(self._buf) - self._end:
+            raise LocalProtocolError(f"{size} bytes do not fit the receive buffer")
+        self._end += size
+
+    def _reserve(self, room: int) -> None:
+        """Make ``room`` bytes free after the undecoded ones (compact, or a new buffer)."""
+        pending = self._end - self._pos
+        if pending == 0:
+            self._pos = self._end = 0  # everything decoded: reuse from the front, no copy
+        capacity = len(self._buf)
+        if capacity - self._end >= room and capacity >= self._want:
             return
-        if not isinstance(self._in, bytearray):
-            self._in = bytearray(memoryview(self._in)[self._pos :])
-            self._pos = 0
-        elif self._pos >= len(self._in) // 2:
-            del self._in[: self._pos]  # compact now and then, not on every packet
-            self._pos = 0
-        self._in += data
+        if pending + room <= capacity and capacity >= self._want:
+            # Move the partial packet to the front (overlapping copies are safe: memmove).
+            self._view[:pending] = self._view[self._pos : self._end]
+        else:
+            buf = bytearray(max(self._want, pending + room))
+            buf[:pending] = self._view[self._pos : self._end]
+            self._buf, self._view = buf, memoryview(buf)
+        self._pos, self._end = 0, pending
+
+    @property
+    def receive_capacity(self) -> int:
+        """The size of the receive buffer (bounded in frames mode; see BUFFER_FRAMES)."""
+        return len(self._buf)
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet decoded."""
-        return len(self._in) - self._pos
+        return self._end - self._pos
 
     def next_packet(self) -> bytes | None:
         """Return the next whole packet for the mesh, or None when more bytes are needed.
@@ -352,7 +440,22 @@ class StreamFraming:
         Negotiation packets are consumed here and never returned.
 
         Returns:
-            A packet, or None.
+            A packet (its own bytes), or None.
+
+        Raises:
+            MalformedPacket: the stream broke the framing; the connection must be closed.
+        """
+        packet = self.next_packet_view()
+        return packet if packet is None or type(packet) is bytes else bytes(packet)
+
+    def next_packet_view(self) -> bytes | memoryview | None:
+        """Like :meth:`next_packet`, but a large frame comes as a view of the receive buffer.
+
+        The view is only valid until the next :meth:`receive_buffer` or :meth:`receive_data`
+        call (the buffer is then reused): a consumer that keeps a packet longer copies it.
+
+        Returns:
+            A packet (a memoryview in frames mode, bytes in v3 chunking), or None.
 
         Raises:
             MalformedPacket: the stream broke the framing; the connection must be closed.
@@ -360,14 +463,14 @@ class StreamFraming:
         while True:
             if self.state is Framing.FRAMES:
                 assert self._frames is not None
-                packet, self._pos = self._frames.decode(self._in, self._pos)
-            else:
-                packet, self._pos = self._chunks.decode(self._in, self._pos)
+                frame, self._pos = self._frames.decode(self._view, self._pos, self._end)
+                if frame is not None:
+                    self._first_packet = False
+                return frame
+            packet, self._pos = self._chunks.decode(self._view, self._pos, self._end)
             if packet is None:
                 return None
             first, self._first_packet = self._first_packet, False
-            if self.state is Framing.FRAMES:
-                return packet
             peer_max = parse_hello(packet)
             if peer_max is None:
                 return packet
@@ -390,6 +493,9 @@ class StreamFraming:
     def _switch_to_frames(self, size: int) -> None:
         self.max_frame = size
         self._frames = FrameDecoder(size)
+        # From the next read on, the buffer holds BUFFER_FRAMES whole frames (see there).
+        self._min_read = size + FRAME_HEADER
+        self._want = BUFFER_FRAMES * (size + FRAME_HEADER)
         self.state = Framing.FRAMES
 
     def give_up(self) -> None:

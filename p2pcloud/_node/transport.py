@@ -20,6 +20,15 @@ reliable channels above retransmit. Only programming mistakes raise.
   same connection). Each connection's framing is a pure :class:`p2pcloud._framing.StreamFraming`;
   when it turns on large frames the transport calls ``on_frames(path, max_frame)`` so the node
   can raise the mesh's MTU for that path (``Mesh.set_path_mtu``).
+
+Zero-copy receive: a TCP connection reads with ``recv_into`` straight into its framing's
+receive buffer, and in large-frame mode each frame goes to ``deliver`` as a ``memoryview`` of
+that buffer (typed as bytes for the node). The buffer is reused by the connection's next read,
+so ``deliver`` must be done with the packet when it returns. The node's is: the mesh
+processes a packet synchronously and what it keeps is new bytes (``decloak`` returns the
+plain packet as its own bytes, or decrypts it from the view; the channel body is decrypted
+into new bytes), so each frame is copied at most once, by the mesh, and never by the
+transport.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import errno
 import socket as _stdlib_socket
 from collections import Counter
 from collections.abc import Callable
+from typing import cast
 
 import trio
 
@@ -556,25 +566,29 @@ class TcpTransport:
         while True:
             try:
                 await trio.lowlevel.wait_readable(sock)
-                data = sock.recv(TCP_READ)
+                # Straight into the framing's buffer: no bytes object per read, and large
+                # frames are handed on as views of it (no copy per frame either).
+                size = sock.recv_into(framing.receive_buffer(TCP_READ))
             except BlockingIOError:
                 continue
             except (OSError, trio.ClosedResourceError):
                 return
-            if not data:
+            if not size:
                 return  # the peer closed the connection
             conn.last_active = trio.current_time()
-            framing.receive_data(data)
+            framing.data_received(size)
             try:
                 while True:
-                    packet = framing.next_packet()
+                    # A frame is a view of the receive buffer, valid until the next read:
+                    # ``deliver`` consumes it before returning (module docstring).
+                    packet = framing.next_packet_view()
                     if framing.state is Framing.FRAMES and not conn.frames_reported:
                         # Tell the node before it handles any packet read in frames.
                         self._report_frames(conn)
                     if packet is None:
                         break
                     self.counts["received"] += 1
-                    deliver(packet, conn.path)
+                    deliver(cast(bytes, packet), conn.path)
             except MalformedPacket:
                 self.counts["malformed"] += 1
                 return
