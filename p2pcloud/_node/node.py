@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import socket as _stdlib_socket
+import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -179,8 +180,15 @@ class Node:
         # authenticates its hashname; channels still need a registered type to open).
         # flow_control: a reliable channel's window counts what its stream has not read yet
         # (ChannelStream reports reads through _consume), so a slow reader bounds memory.
+        # wall_offset: handshake `at` values are epoch seconds (telehash v3), while the
+        # mesh's `now` is Trio's clock, which starts at a random offset in every process;
+        # without it a restarted node could send a lower `at` and be taken for stale.
         self._mesh = Mesh(
-            identity, entropy=os.urandom, accept=accept or _accept_all, flow_control=True
+            identity,
+            entropy=os.urandom,
+            accept=accept or _accept_all,
+            flow_control=True,
+            wall_offset=time.time() - trio.current_time(),
         )
         self.hashname: Hashname = self._mesh.hashname
         self.paths: list[Path] = []

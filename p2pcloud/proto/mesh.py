@@ -122,6 +122,12 @@ log = logging.getLogger("p2pcloud.mesh")
 
 # -- timers (telehash v3 e3x/handshake.md and transports/*.md; telehash-js defaults) -------
 
+AT_UNITS_PER_SECOND = 1000
+"""Handshake ``at`` values count epoch milliseconds (ours; telehash-js counts seconds).
+
+Only the order of ``at`` values matters to v3; a finer unit keeps a quickly restarted
+endpoint's first handshake above its previous session's, and telehash-js, whose own values
+are seconds and so always lower, simply echoes ours."""
 HANDSHAKE_RESENDS = (1.0, 3.0, 7.0, 15.0)
 """Seconds after the first send of a handshake at which it is resent unchanged (v3)."""
 
@@ -352,6 +358,13 @@ class Mesh:
             against their receive window until :meth:`consume` reports it read, so a slow
             reader stalls its sender after one window (default False: ``ChannelData`` is
             consumed as soon as it is queued, as in telehash-js).
+        wall_offset: seconds to add to ``now`` to get Unix epoch seconds; used only for
+            handshake ``at`` values, which come from the wall clock (in milliseconds, see
+            ``AT_UNITS_PER_SECOND``) so that the first ``at`` of a restarted endpoint lies
+            above every ``at`` of its previous session and its peer takes the new session
+            instead of calling it stale. ``now`` itself may come from any monotonic clock; the shell
+            measures this offset once at start (the mesh reads no clock). Default 0: ``now``
+            already is epoch seconds.
     """
 
     def __init__(
@@ -362,9 +375,11 @@ class Mesh:
         accept: Callable[[Hashname], bool] | None = None,
         relay: bool = True,
         flow_control: bool = False,
+        wall_offset: float = 0.0,
     ) -> None:
         self._identity = identity
         self._flow_control = flow_control
+        self._wall_offset = wall_offset
         self._entropy = entropy
         self._accept = accept
         self._relay_enabled = relay
@@ -1041,7 +1056,11 @@ class Mesh:
     def _next_at(self, link: _Link, now: float) -> int:
         """A fresh ``at`` of our parity above every at seen (e3x/handshake.md)."""
         assert link.exchange is not None
-        return link.exchange.new_at(now)
+        # e3x/handshake.md: at grows across restarts because it comes from the wall clock.
+        # We count milliseconds, not seconds as telehash-js does: a node killed and restarted
+        # within a second would otherwise send an at no higher than its last session's and
+        # be taken for stale. v3 makes at a uint64; epoch ms stay far below 2^53 (JSON-safe).
+        return link.exchange.new_at((now + self._wall_offset) * AT_UNITS_PER_SECOND)
 
     def _usable_key(self, key: bytes) -> bool:
         """A 32-byte CS3a key with which key agreement works (not a low-order point)."""
