@@ -122,7 +122,7 @@ class BadManifest(BlobError, ValueError):
 
 
 class UnsafePath(BlobError, ValueError):
-    """Raised by ``p2pcloud.files`` for a path that must not be synced (``..``, absolute, unsafe)."""
+    """Raised by ``p2pcloud.files`` for a path that must not be synced (``..``, absolute...)."""
 
 
 # -- things and tags ------------------------------------------------------------------------

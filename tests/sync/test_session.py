@@ -527,7 +527,10 @@ _MESSAGES = st.one_of(
         ).map(tuple),
     ),
     st.builds(
-        Envelopes, _IDS, st.integers(0, 5), st.lists(st.binary(min_size=1, max_size=60), max_size=3).map(tuple)
+        Envelopes,
+        _IDS,
+        st.integers(0, 5),
+        st.lists(st.binary(min_size=1, max_size=60), max_size=3).map(tuple),
     ),
     st.builds(Ack, st.lists(st.integers(0, 5), max_size=3).map(tuple)),
     st.builds(
