@@ -531,6 +531,31 @@ class Channel(abc.ABC):
     def _drop(self, reason: str) -> None:
         self._dropped[reason] = self._dropped.get(reason, 0) + 1
 
+    def _screened(self, json: object, body: object, now: float) -> bool:
+        """Handle what every channel type treats alike; True when the packet is done with.
+
+        A head that is not a dict, a body that is not bytes, or a packet of another channel
+        is dropped and counted; an ``err`` closes the channel (v3 channels.md), unless it
+        already is closed.
+        """
+        if type(json) is not dict or type(body) is not bytes:
+            self._received += 1
+            self._drop("bad packet")
+            return True
+        if json.get("c") != self.cid:
+            self._received += 1
+            self._drop("wrong channel")
+            return True
+        err = json.get("err")
+        if err is not None and _js_truthy(err):
+            self._received += 1
+            if self._state is ChannelState.CLOSED:
+                self._drop("closed")
+            else:
+                self._err_received(err, now)
+            return True
+        return False
+
     def _mark_received(self, now: float) -> None:
         self._received += 1
         self._activity_at = now
@@ -638,21 +663,7 @@ class UnreliableChannel(Channel):
             body: the packet's body.
             now: current time.
         """
-        if type(json) is not dict or type(body) is not bytes:
-            self._received += 1
-            self._drop("bad packet")
-            return
-        if json.get("c") != self.cid:
-            self._received += 1
-            self._drop("wrong channel")
-            return
-        err = json.get("err")
-        if err is not None and _js_truthy(err):
-            self._received += 1
-            if self._state is ChannelState.CLOSED:
-                self._drop("closed")
-                return
-            self._err_received(err, now)
+        if self._screened(json, body, now):
             return
         if self._state is ChannelState.CLOSED:
             self._received += 1
@@ -1092,21 +1103,7 @@ class ReliableChannel(Channel):
             body: the packet's body.
             now: current time.
         """
-        if type(json) is not dict or type(body) is not bytes:
-            self._received += 1
-            self._drop("bad packet")
-            return
-        if json.get("c") != self.cid:
-            self._received += 1
-            self._drop("wrong channel")
-            return
-        err = json.get("err")
-        if err is not None and _js_truthy(err):
-            self._received += 1
-            if self._state is ChannelState.CLOSED:
-                self._drop("closed")
-                return
-            self._err_received(err, now)
+        if self._screened(json, body, now):
             return
         if self._state is ChannelState.CLOSED:
             self._receive_closed(json, now)
