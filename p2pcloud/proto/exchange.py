@@ -543,13 +543,7 @@ class Exchange:
             HandshakeFailed: no session, a token that is not ours, or a box that does not
                 open (altered, or encrypted for an earlier session).
         """
-        if len(body) < CHANNEL_MIN:
-            raise MalformedPacket(f"channel packet shorter than {CHANNEL_MIN} bytes")
-        if self._dec_key is None:
-            raise HandshakeFailed("channel packet before any session")
-        if body[:TOKEN_SIZE] != self.token:
-            raise HandshakeFailed("channel packet carries another exchange's token")
-        return _crypto.channel_unseal(body, self._dec_key)
+        return _crypto.channel_unseal(body, self._channel_key(body))
 
     def decrypt_channel(self, body: bytes) -> bytes:
         """Decrypt the body of an incoming channel packet.
@@ -565,13 +559,17 @@ class Exchange:
             HandshakeFailed: no session, a token that is not ours, or a box that does not
                 open (altered, or encrypted for an earlier session).
         """
+        return _crypto.channel_decrypt(body, self._channel_key(body))
+
+    def _channel_key(self, body: bytes | memoryview) -> bytes:
+        """Check a channel packet's length and token; return the key that opens it."""
         if len(body) < CHANNEL_MIN:
             raise MalformedPacket(f"channel packet shorter than {CHANNEL_MIN} bytes")
         if self._dec_key is None:
             raise HandshakeFailed("channel packet before any session")
         if body[:TOKEN_SIZE] != self.token:
             raise HandshakeFailed("channel packet carries another exchange's token")
-        return _crypto.channel_decrypt(body, self._dec_key)
+        return self._dec_key
 
     def next_channel_id(self) -> ChannelId:
         """Allocate the next channel id for a channel we open.
