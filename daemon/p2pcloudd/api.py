@@ -7,8 +7,8 @@ and response JSON Schemas, status codes and auth; the Starlette routing table **
 OpenAPI 3.1 description (``GET /api/openapi.json``) are both generated from that registry,
 so the description cannot drift from the code. Each capability has its own route module that
 registers into :data:`REGISTRY` when imported: :mod:`p2pcloudd.routes_node` (status, peers,
-links, statistics, shutdown) today; the sub-cloud data routes (put/get/ls/rm/watch/files)
-add a module of their own the same way.
+links, statistics, shutdown) and :mod:`p2pcloudd.routes_subclouds` (sub-clouds, documents,
+sharing, ``change`` events).
 
 Every request passes :class:`_Guard` first: the ``Host`` header must name a loopback host
 when the API listens on loopback (a DNS-rebinding page cannot talk to it), and responses get
@@ -28,9 +28,11 @@ Errors always have the body ``{"error": {"code", "message", "hint"}}`` and a pro
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
+import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -137,6 +139,7 @@ class ApiRoute:
         auth: needs the token or a dashboard session.
         media: the success body's media type.
         query: query parameters as ``{name: (schema, description)}``.
+        params: descriptions of the path's ``{parameters}``, by name.
     """
 
     method: str
@@ -152,6 +155,7 @@ class ApiRoute:
     auth: bool = True
     media: str = "application/json"
     query: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
 
 
 class Registry:
@@ -179,8 +183,10 @@ class Registry:
 REGISTRY = Registry()
 route = REGISTRY.route
 
-CAPABILITIES = ("p2pcloudd.routes_node",)
-"""Route modules, one per capability; the sub-cloud data routes add theirs here."""
+CAPABILITIES = ("p2pcloudd.routes_node", "p2pcloudd.routes_subclouds")
+"""Route modules, one per capability. A module may also define ``async def
+background(daemon)``: it runs for the API app's lifetime (started at startup, cancelled at
+shutdown), e.g. to publish the capability's events."""
 
 
 # -- request helpers ----------------------------------------------------------------------
@@ -342,12 +348,18 @@ def openapi(registry: Registry = REGISTRY) -> dict[str, Any]:
             op["description"] = spec.handler.__doc__.strip()
         if not spec.auth:
             op["security"] = []
-        if spec.query:
-            op["parameters"] = [
-                {"name": name, "in": "query", "required": False, "schema": schema,
-                 "description": text}
-                for name, (schema, text) in spec.query.items()
-            ]
+        # Path parameters (``{sc}``) come from the path itself; ``params`` describes them.
+        parameters = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"},
+             "description": spec.params.get(name, "")}
+            for name in re.findall(r"\{([A-Za-z_]\w*)(?::\w+)?\}", spec.path)
+        ] + [
+            {"name": name, "in": "query", "required": False, "schema": schema,
+             "description": text}
+            for name, (schema, text) in spec.query.items()
+        ]
+        if parameters:
+            op["parameters"] = parameters
         if spec.request is not None:
             op["requestBody"] = {
                 "required": True,
@@ -583,8 +595,22 @@ class _Guard:
 
 def build_app(daemon: Daemon) -> ASGIApp:
     """The ASGI app for ``daemon``: every registered route, then the dashboard files."""
+    backgrounds = []
     for module in CAPABILITIES:
-        importlib.import_module(module)  # each registers its routes into REGISTRY
+        imported = importlib.import_module(module)  # each registers its routes into REGISTRY
+        if hasattr(imported, "background"):
+            backgrounds.append(imported.background)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Starlette enters and exits this in one task, so a nursery may span the yield.
+        async with trio.open_nursery() as nursery:
+            for run in backgrounds:
+                nursery.start_soon(run, daemon)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
 
     routes: list[Route | Mount] = [
         Route(spec.path, _endpoint(daemon, spec), methods=[spec.method], name=spec.name)
@@ -601,5 +627,6 @@ def build_app(daemon: Daemon) -> ASGIApp:
         return error_response(status, "not_found", f"no such route: {request.url.path}",
                               "see /api/openapi.json for the routes")
 
-    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found},
+                    lifespan=lifespan)
     return _Guard(app, loopback_only=is_loopback(daemon.settings.api_bind))

@@ -1,7 +1,8 @@
 """``p2pcloud``: the command line; it talks to the running daemon through its HTTP API.
 
 Commands (``p2pcloud COMMAND --help`` for each): ``init``, ``up``, ``down``, ``status``,
-``id``, ``link URI``, ``peers``, ``events``, ``demo``, ``dashboard``, ``doctor``. Every
+``id``, ``link URI``, ``peers``, ``events``, ``demo``, ``dashboard``, ``doctor``, and for
+data ``sc new|ls``, ``put``, ``get``, ``ls``, ``rm``, ``share``, ``watch``. Every
 command that shows something takes ``--json`` for scripts. The data dir is ``--data-dir``, else
 ``$P2PCLOUD_HOME``, else ``$XDG_DATA_HOME/p2pcloud``, else ``~/.local/share/p2pcloud``; the
 CLI finds the daemon's API in its ``api.json`` and the token in its ``api-token``.
@@ -586,6 +587,10 @@ def _event_text(event: dict[str, Any]) -> str:
         what = str(data.get("hashname"))
         if "path" in data:
             what += f" ({_path_text(data['path'])})"
+    elif event["type"] == "change":
+        where = "/".join(str(p) for p in (data.get("collection"), data.get("document"),
+                                          data.get("field")) if p is not None)
+        what = f"{data.get('name')} {where} ({data.get('origin')})"
     elif event["type"] == "statistics":
         node = data.get("node", {})
         mesh = node.get("mesh") or {}
@@ -594,6 +599,120 @@ def _event_text(event: dict[str, Any]) -> str:
     else:
         what = json.dumps(data)
     return f"{when} {event['type']:<10} {what}"
+
+
+def _q(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
+
+
+def _field_value(text: str) -> Any:
+    """A FIELD=VALUE value: JSON when it parses (``3``, ``true``, ``[1]``), else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def cmd_sc_new(args: argparse.Namespace) -> int:
+    """Create a sub-cloud owned by this node."""
+    _, sc = Client(_data_dir(args)).request("POST", "/api/subclouds",
+                                            {"name": args.name, "kind": args.kind})
+    if args.json:
+        _emit_json(sc)
+    else:
+        print(f"created {sc['name']!r} ({sc['kind']}), id {sc['id']}")
+        print(f"share it: p2pcloud share {sc['id']} HASHNAME read|write")
+    return EXIT_OK
+
+
+def cmd_sc_ls(args: argparse.Namespace) -> int:
+    """List the sub-clouds this node holds (owned, and shared with it)."""
+    scs = Client(_data_dir(args)).get("/api/subclouds")["subclouds"]
+    if args.json:
+        _emit_json({"subclouds": scs})
+        return EXIT_OK
+    if not scs:
+        print("no sub-clouds yet: create one with `p2pcloud sc new NAME`")
+    for sc in scs:
+        print(f"{sc['id']}  {sc['name']}  {sc['kind']}  rights {sc['rights'] or '-'}  "
+              f"owner {sc['owner']}")
+    return EXIT_OK
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    """Write fields of a document: FIELD=VALUE, values parsed as JSON when they parse."""
+    fields: dict[str, Any] = {}
+    for item in args.fields:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"{item!r} is not FIELD=VALUE",
+                           "write fields as name=value, e.g. title=hello count=3", EXIT_USAGE)
+        fields[name] = _field_value(value)
+    _, doc = Client(_data_dir(args)).request(
+        "PUT", f"/api/subclouds/{_q(args.sc)}/{_q(args.coll)}/{_q(args.doc)}", fields)
+    if args.json:
+        _emit_json(doc)
+    else:
+        print(f"wrote {args.coll}/{args.doc}: {', '.join(sorted(fields))}")
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    """Show a document's fields."""
+    doc = Client(_data_dir(args)).get(
+        f"/api/subclouds/{_q(args.sc)}/{_q(args.coll)}/{_q(args.doc)}")
+    if args.json:
+        _emit_json(doc)
+    else:
+        for name, value in sorted(doc["fields"].items()):
+            print(f"{name} = {json.dumps(value)}")
+    return EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """List a sub-cloud's collections, or a collection's document ids."""
+    client = Client(_data_dir(args))
+    if args.coll is None:
+        result = client.get(f"/api/subclouds/{_q(args.sc)}/collections")
+        items = result["collections"]
+    else:
+        result = client.get(f"/api/subclouds/{_q(args.sc)}/{_q(args.coll)}")
+        items = result["documents"]
+    if args.json:
+        _emit_json(result)
+    else:
+        for item in items:
+            print(item)
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Remove a document."""
+    Client(_data_dir(args)).request(
+        "DELETE", f"/api/subclouds/{_q(args.sc)}/{_q(args.coll)}/{_q(args.doc)}")
+    if args.json:
+        _emit_json({"deleted": True, "collection": args.coll, "document": args.doc})
+    else:
+        print(f"removed {args.coll}/{args.doc}")
+    return EXIT_OK
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    """Give a peer read or write rights to a sub-cloud you own."""
+    _, result = Client(_data_dir(args)).request(
+        "POST", f"/api/subclouds/{_q(args.sc)}/share",
+        {"hashname": args.hashname, "rights": args.rights})
+    if args.json:
+        _emit_json(result)
+    else:
+        print(f"{args.hashname} may now {args.rights} {args.sc}")
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Follow the changes of every sub-cloud (local and from peers) until Ctrl-C."""
+    args.type = ["change", "change.lost"]
+    return cmd_events(args)
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -778,6 +897,34 @@ def build_parser() -> argparse.ArgumentParser:
     dash = add("dashboard", cmd_dashboard, "open the web dashboard (one-time login link)")
     dash.add_argument("--no-open", action="store_true", help="only print the link")
     add("doctor", cmd_doctor, "check the setup and the daemon")
+    sc = sub.add_parser("sc", parents=[common], help="create and list sub-clouds",
+                        description="Create and list sub-clouds.")
+    sc_sub = sc.add_subparsers(dest="sc_command", required=True, metavar="SUBCOMMAND")
+    sc_new = sc_sub.add_parser("new", parents=[common, shows], help="create a sub-cloud",
+                               description=cmd_sc_new.__doc__)
+    sc_new.set_defaults(func=cmd_sc_new)
+    sc_new.add_argument("name", help="its name (1..200 characters)")
+    sc_new.add_argument("--kind", default="device", choices=["device", "thing", "cloud"])
+    sc_ls = sc_sub.add_parser("ls", parents=[common, shows], help="list sub-clouds",
+                              description=cmd_sc_ls.__doc__)
+    sc_ls.set_defaults(func=cmd_sc_ls)
+    put = add("put", cmd_put, "write fields of a document")
+    for p in (put, add("get", cmd_get, "show a document"), add("rm", cmd_rm, "remove a document")):
+        p.add_argument("sc", help="the sub-cloud (id or name)")
+        p.add_argument("coll", help="the collection")
+        p.add_argument("doc", help="the document id")
+    put.add_argument("fields", nargs="+", metavar="FIELD=VALUE",
+                     help="values are JSON when they parse (3, true, \"x\"), else text")
+    ls = add("ls", cmd_ls, "list a sub-cloud's collections, or a collection's documents")
+    ls.add_argument("sc", help="the sub-cloud (id or name)")
+    ls.add_argument("coll", nargs="?", default=None, help="the collection")
+    share = add("share", cmd_share, "give a peer read or write rights to a sub-cloud")
+    share.add_argument("sc", help="the sub-cloud (id or name)")
+    share.add_argument("hashname", help="the peer's hashname (`p2pcloud peers`)")
+    share.add_argument("rights", choices=["read", "write"])
+    watch = add("watch", cmd_watch, "follow sub-cloud changes (JSON lines with --json)")
+    watch.add_argument("--count", type=int, default=0, metavar="N",
+                       help="exit after N changes (default: follow until Ctrl-C)")
     return parser
 
 

@@ -167,6 +167,28 @@ def test_openapi_validates_and_every_route_is_exercised(
     assert a.request("GET", "/api/peers", token=None,
                      headers={"Cookie": f"p2pcloud_session={session2}"}).status == 200
 
+    # Sub-clouds: create, write, read, list, share, delete (tests/e2e/test_subcloud_cli.py
+    # has the two-daemon story); every answer is checked against its schema.
+    made = api.call("POST", "/api/subclouds", body={"name": "api", "kind": "cloud"})
+    assert made.status == 201
+    sc = made.json()["id"]
+    assert [s["id"] for s in api.call("GET", "/api/subclouds").json()["subclouds"]] == [sc]
+    doc_path = "/api/subclouds/{sc}/{coll}/{doc}"
+    put = api.call("PUT", doc_path, url=f"/api/subclouds/{sc}/c/d", body={"x": 1})
+    assert put.status == 200 and put.json()["fields"] == {"x": 1}
+    got = api.call("GET", doc_path, url=f"/api/subclouds/{sc}/c/d")
+    assert got.json()["fields"] == {"x": 1}
+    colls = api.call("GET", "/api/subclouds/{sc}/collections",
+                     url=f"/api/subclouds/{sc}/collections")
+    assert colls.json()["collections"] == ["c"]
+    docs = api.call("GET", "/api/subclouds/{sc}/{coll}", url=f"/api/subclouds/{sc}/c")
+    assert docs.json()["documents"] == ["d"]
+    shared = api.call("POST", "/api/subclouds/{sc}/share", url=f"/api/subclouds/{sc}/share",
+                      body={"hashname": b.status()["hashname"], "rights": "write"})
+    assert shared.status == 200
+    assert api.call("DELETE", doc_path, url=f"/api/subclouds/{sc}/c/d").status == 204
+    assert api.call("GET", doc_path, url=f"/api/subclouds/{sc}/c/d").status == 404
+
     # Last: shutdown, through the API.
     pid = a.pid
     stopping = api.call("POST", "/api/shutdown")
