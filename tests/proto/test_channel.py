@@ -157,10 +157,14 @@ class Pipe:
         else:
             dst.channel.receive(head, body, self.now)
         ack = head.get("ack")
+        # a miss's total delta is the window counted from *that packet's* ack; a reordered
+        # older packet (lower ack) says nothing about the window now, as TCP ignores window
+        # updates from old segments (RFC 793 SND.WL1/WL2), and so does the sender
+        current = type(ack) is int and ack >= dst.acks_delivered
         if type(ack) is int and ack > dst.acks_delivered:
             dst.acks_delivered = ack
         miss = head.get("miss")
-        if type(ack) is int and isinstance(miss, list) and miss:
+        if current and isinstance(miss, list) and miss:
             dst.peer_window = min(sum(miss), MAX_WINDOW)  # v3: the total delta is the window
 
     def collect(self) -> None:
