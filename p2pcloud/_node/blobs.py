@@ -188,10 +188,14 @@ class BlobEngine:
             for fetch in list(self._transfers._fetches.values()):
                 while fetch.next_event() is not None:
                     pass
+            # plan first, then drain: planning itself emits events (BlobStalled when no
+            # peer is left to ask), and with nothing in flight there may be no later step
+            # to report them
+            messages = self._transfers.messages_to_send(now)
             events = []
             while (event := self._transfers.next_event()) is not None:
                 events.append(event)
-            return events, self._transfers.messages_to_send(now)
+            return events, messages
 
         events, messages = await trio.to_thread.run_sync(work, limiter=self._limiter)
         await self._handle(events)
