@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from p2pcloud._core import _ctext, _reference_text
 from p2pcloud.errors import DecodeError
-from tests.core.test_text_support import rid
+from tests.core.text_support import rid
 
 FORMATS = {"delta": _reference_text.FORMAT_DELTA, "state": _reference_text.FORMAT_STATE}
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from p2pcloud._core import _ctext, _reference_text
 from p2pcloud.errors import CoreUsageError, DecodeError
-from tests.core.test_text_support import IMPLEMENTATIONS, rid
+from tests.core.text_support import IMPLEMENTATIONS, rid
 
 IMPL = pytest.mark.parametrize("name", ["twin", "cython"])
 

@@ -12,7 +12,7 @@ import random
 import pytest
 
 from p2pcloud._core import _ctext, _reference_text
-from tests.core.test_text_support import IMPLEMENTATIONS, load_trace, replay, rid, trace_edits
+from tests.core.text_support import IMPLEMENTATIONS, load_trace, replay, rid, trace_edits
 
 TWIN_PREFIX = 6000  # edits of the trace the twin replays in the concurrent tests
 

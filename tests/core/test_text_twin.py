@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pcloud._core import _ctext, _reference_text
-from tests.core.test_text_support import rid
+from tests.core.text_support import rid
 
 # astral characters, accents and a lone surrogate (Python strs may hold one) all travel
 ALPHABET = st.sampled_from(["a", "b", "c", " ", "\n", "é", "ß", "中", "😀", "\ud800"])
