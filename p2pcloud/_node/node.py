@@ -73,6 +73,8 @@ log = logging.getLogger("p2pcloud.node")
 IDENTITY_FILE = "identity.key"  # the key file inside a node's data dir
 MAX_BACKLOG = 4096  # packets waiting for socket buffer room; beyond that they are dropped,
 # as a full UDP socket buffer drops them (the reliable channels retransmit)
+MAX_LOCAL_ADDRESSES = 4  # interface addresses advertised on a wildcard bind (the mesh
+# advertises at most 8 paths, a UDP and a TCP one per address)
 MAX_ACCEPT_BACKLOG = 64  # incoming channels queued for an acceptor before new ones are refused
 
 Channel = ChannelStream | UnreliableChannel
@@ -211,7 +213,7 @@ class Node:
         self._dropped: Counter[str] = Counter()
         self._closed = False
         self._pumping = False
-        self._public_host: str | None = None
+        self._public_hosts: list[str] = []  # real addresses advertised on a wildcard bind
         # sub-clouds (docs/subclouds.md): open_node attaches the engine when there is a data dir
         self.replication: Replication | None = None
         self._link_listeners: list[Callable[[Hashname, bool], None]] = []
@@ -279,7 +281,7 @@ class Node:
                     self._udp.close()
                 raise
             if bind == "0.0.0.0":  # noqa: S104  (a wildcard bind: advertise a real address)
-                self._public_host = await trio.to_thread.run_sync(_guess_host)
+                self._public_hosts = await trio.to_thread.run_sync(_local_addresses)
             if self._udp is not None:
                 self._add_path(self._udp.path)
                 nursery.start_soon(self._udp.run, self._deliver, self._pump)
@@ -290,8 +292,12 @@ class Node:
         nursery.start_soon(self._timer_loop)
 
     def _add_path(self, path: Path) -> None:
-        if path.ip == "0.0.0.0" and self._public_host:  # noqa: S104
-            path = Path(path.type, ip=self._public_host, port=path.port)
+        if path.ip == "0.0.0.0" and self._public_hosts:  # noqa: S104
+            # one path per interface address: a box with a leg in two networks is
+            # reachable (and its invites and link URIs work) from both
+            for host in self._public_hosts:
+                self._add_path(Path(path.type, ip=host, port=path.port))
+            return
         self.paths.append(path)
         self._mesh.add_local_path(path)
 
@@ -849,6 +855,22 @@ def _guess_host() -> str:
         return _stdlib_socket.gethostbyname(_stdlib_socket.gethostname())
     except OSError:
         return "127.0.0.1"
+
+
+def _local_addresses() -> list[str]:
+    """The machine's IPv4 interface addresses (not loopback) for a wildcard bind.
+
+    The host name's address (:func:`_guess_host`) is only the fallback: /etc/hosts often
+    names a loopback or stale address, and inside a network namespace it names none of ours.
+    """
+    try:
+        import ifaddr  # zeroconf's own dependency; imported here only when needed
+
+        found = [str(ip.ip) for adapter in ifaddr.get_adapters() for ip in adapter.ips
+                 if ip.is_IPv4 and not str(ip.ip).startswith("127.")]
+    except (ImportError, OSError):
+        found = []
+    return list(dict.fromkeys(found))[:MAX_LOCAL_ADDRESSES] or [_guess_host()]
 
 
 def _link_info(target: str | LinkInfo | Mapping[str, Any]) -> LinkInfo:
