@@ -20,6 +20,7 @@ from typing import Any
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+DISCOVERY_MODES = ("auto", "on", "off")
 MIN_STATISTICS_INTERVAL = 0.5  # seconds; faster ticks only burn CPU on every open dashboard
 MAX_CONFIG_BYTES = 1024 * 1024  # a config larger than this is a mistake, not a config
 
@@ -72,6 +73,10 @@ OPTIONS: tuple[Option, ...] = (
            "Least severe log level written."),
     Option("log_format", LOG_FORMATS, "text",
            "text: key=value lines; json: one JSON object per line."),
+    Option("discovery", DISCOVERY_MODES, "auto",
+           "LAN discovery (mDNS, service _p2pcloud._udp): advertise this node and link with "
+           "the cloud's members found on the LAN. auto: on when bind is not a loopback "
+           "address; on; off."),
     Option("statistics_interval", "float", 5.0,
            f"Seconds between statistics events on /api/events (at least "
            f"{MIN_STATISTICS_INTERVAL})."),
@@ -97,6 +102,7 @@ class Settings:
     log_level: str
     log_format: str
     statistics_interval: float
+    discovery: str = "auto"
 
 
 def load_config_file(path: Path) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from p2pcloud.errors import BadURI, KeyFileError, WrongPassphrase
 from p2pcloud.uri import parse_link_uri
 from p2pcloudd import datadir
 from p2pcloudd.config import (
+    DISCOVERY_MODES,
     LOG_FORMATS,
     LOG_LEVELS,
     ConfigError,
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-bind", default=None,
                         help="HTTP API address (default 127.0.0.1; others need "
                         "allow_remote_api = true in config.toml)")
+    parser.add_argument("--discovery", choices=DISCOVERY_MODES, default=None,
+                        help="LAN discovery by mDNS: auto (on when --bind is not loopback), "
+                        "on, off (default auto)")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                         help="least severe log level written (default info)")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default=None,
@@ -316,6 +320,7 @@ async def _run_locked(args: argparse.Namespace, data_dir: Path, stream: TextIO) 
             "port": args.port, "tcp_port": args.tcp_port, "bind": args.bind,
             "link": args.link, "api_port": args.api_port, "api_bind": args.api_bind,
             "log_level": args.log_level, "log_format": args.log_format,
+            "discovery": args.discovery,
         })
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
