@@ -407,58 +407,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-DEMO_PEER_DIR = "demo-peer"  # inside the data dir: one place to look, one place to delete
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Start a second node beside yours (a stand-in for another device) and link them.
-
-    Your node is started too if it is not running. The second node lives in
-    DATA_DIR/demo-peer with ports of its own; ``p2pcloud demo --stop`` stops it.
-    """
-    data_dir = _data_dir(args)
-    peer_dir = data_dir / DEMO_PEER_DIR
-    if args.stop:
-        if _running_status(peer_dir) is None:
-            raise CliError("the demo peer is not running", "start it with `p2pcloud demo`",
-                           EXIT_NOT_RUNNING)
-        pid = stop_daemon(peer_dir)
-        if args.json:
-            _emit_json({"stopped": True, "pid": pid})
-        else:
-            _console().print(f"demo peer stopped (pid {pid}); its files stay in {peer_dir}")
-        return EXIT_OK
-    console = _console()
-    ours = _running_status(data_dir)
-    started_ours = ours is None
-    if ours is None:
-        ours = start_daemon(data_dir, [], quiet=args.json)
-    if not args.json:
-        verb = "started" if started_ours else "running"
-        console.print(f"1. your node ({verb}):  {ours['hashname']}")
-    peer = _running_status(peer_dir)
-    if peer is None:
-        first = not (peer_dir / "state.json").exists()
-        flags = ["--port", "0", "--tcp-port", "0", "--api-port", "0"] if first else []
-        peer = start_daemon(peer_dir, flags, quiet=args.json)
-    if not args.json:
-        console.print(f"2. a second node:       {peer['hashname']}  (in {peer_dir})")
-    spinner = (_console(stderr=True).status("linking…") if sys.stderr.isatty() and not args.json
-               else contextlib.nullcontext())
-    with spinner:
-        _, linked = Client(data_dir).request("POST", "/api/links", {"uri": peer["link_uri"]},
-                                             timeout=LINK_REQUEST_TIMEOUT)
-    url = _login_url(data_dir)
-    if args.json:
-        _emit_json({"node": ours["hashname"], "peer": peer["hashname"], "path": linked["path"],
-                    "peer_data_dir": str(peer_dir), "dashboard_login_url": url})
-        return EXIT_OK
-    console.print(f"3. linked, encrypted:   {_path_text(linked['path'])}")
-    console.print(f"4. see it live:         {url}")
-    console.print("   `p2pcloud peers` lists the second node; `p2pcloud demo --stop` stops it.")
-    return EXIT_OK
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     """Show this node: hashname, link URI, ports, uptime, merge core, version."""
     status = Client(_data_dir(args)).get("/api/status")
@@ -892,8 +840,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics); may be repeated")
     events.add_argument("--count", type=int, default=0, metavar="N",
                         help="exit after N events (default: follow until Ctrl-C)")
-    demo = add("demo", cmd_demo, "start a second node beside yours and link them")
-    demo.add_argument("--stop", action="store_true", help="stop the demo's second node")
     dash = add("dashboard", cmd_dashboard, "open the web dashboard (one-time login link)")
     dash.add_argument("--no-open", action="store_true", help="only print the link")
     add("doctor", cmd_doctor, "check the setup and the daemon")
@@ -925,6 +871,12 @@ def build_parser() -> argparse.ArgumentParser:
     watch = add("watch", cmd_watch, "follow sub-cloud changes (JSON lines with --json)")
     watch.add_argument("--count", type=int, default=0, metavar="N",
                        help="exit after N changes (default: follow until Ctrl-C)")
+    from p2pcloudd import cli_things
+
+    cli_things.register(sub, common, shows)
+    from p2pcloudd import demo as _demo
+
+    _demo.register(sub, common, shows)
     return parser
 
 
@@ -964,4 +916,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m p2pcloudd.cli`: run the importable module, so the cli_<area> modules
+    # (which import p2pcloudd.cli) raise the same CliError class main() catches.
+    from p2pcloudd.cli import main as _main
+
+    sys.exit(_main())
