@@ -7,15 +7,23 @@ durable (the SubCloud API returns only then).
 Change events: :func:`background` (run by the API app for the daemon's lifetime) keeps one
 task per held sub-cloud, subscribed to its changes, that publishes a ``change`` event
 ``{subcloud, name, collection, document, field, origin}`` on the daemon's event stream for
-every change the subscription reports. It looks for new sub-clouds every
-:data:`SUBCLOUD_POLL_INTERVAL` (created here, or shared with us by a peer): the node has no
-"sub-cloud added" hook, so a sub-cloud's first changes after it appears may be missed by at
-most that interval.
+every change the subscription reports. The node has no "sub-cloud added" hook, so a
+sub-cloud shared with us by a peer is found by a poll every :data:`SUBCLOUD_POLL_INTERVAL`,
+and also the moment any route names or lists it: the subscription is made synchronously
+there, so a client that has seen a sub-cloud through the API gets an event for every later
+change of it.
+
+Progress: ``sync.progress`` ``{subcloud, name, peers: [...]}`` is published whenever a
+sub-cloud's per-peer progress (``SubCloud.progress()``: items and bytes still to send and
+receive, blob bytes fetched) differs from the last one published, looked at every
+:data:`PROGRESS_INTERVAL`. Synced folders (``/api/folders``) are added per daemon run: the
+node does not remember them across restarts.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,6 +40,9 @@ SUBCLOUD_POLL_INTERVAL = 0.5  # s; how late a newly held sub-cloud's change even
 MAX_NAME = 200  # characters of a sub-cloud name (the node's own limit)
 MAX_KEY = 512  # characters of a collection/document id in a path; real ids are far shorter
 KINDS = ["device", "thing", "cloud"]
+MAX_PATH = 4096  # characters of a folder path: Linux's PATH_MAX
+FILES_COLLECTION = "files"  # p2pcloud.files.COLLECTION (not imported: that loads watchfiles)
+PROGRESS_INTERVAL = 0.5  # s between looks at sync progress for ``sync.progress`` events
 
 SUBCLOUD_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["id", "name", "kind", "owner"],
@@ -62,6 +73,49 @@ DOC_SCHEMA: dict[str, Any] = {
 FIELDS_REQUEST: dict[str, Any] = {
     "type": "object", "description": "the fields to write (last-writer-wins each)",
 }
+PROGRESS_SCHEMA: dict[str, Any] = {
+    "type": "object", "description": "what is still to move with one peer (SubCloud.progress)",
+    "required": ["peer", "send_items", "send_bytes", "in_flight_bytes", "receive_items",
+                 "receive_bytes", "blob_bytes_done", "blob_bytes_total"],
+    "properties": {"peer": {"type": "string"}, **{k: {"type": "integer"} for k in (
+        "send_items", "send_bytes", "in_flight_bytes", "receive_items", "receive_bytes",
+        "blob_bytes_done", "blob_bytes_total")}},
+}
+FOLDER_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["subcloud", "name", "path", "files", "conflicts"],
+    "properties": {
+        "subcloud": {"type": "string"}, "name": {"type": "string"},
+        "path": {"type": "string", "description": "the synced directory"},
+        "files": {"type": "integer", "description": "files the sub-cloud holds"},
+        "conflicts": {"type": "array", "items": {
+            "type": "object", "required": ["path", "copy", "device"],
+            "properties": {"path": {"type": "string"}, "copy": {"type": ["string", "null"]},
+                           "device": {"type": "string"}}}},
+    },
+}
+DETAIL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": [*SUBCLOUD_SCHEMA["required"], "members", "collections", "peers", "folders"],
+    "properties": {
+        **SUBCLOUD_SCHEMA["properties"],
+        "members": {"type": "array", "items": {
+            "type": "object", "required": ["hashname", "rights", "owner", "self", "online"],
+            "properties": {"hashname": {"type": "string"}, "rights": {"type": "string"},
+                           "owner": {"type": "boolean"}, "self": {"type": "boolean"},
+                           "online": {"type": "boolean"}}}},
+        "collections": {"type": "array", "items": {
+            "type": "object", "required": ["name", "documents"],
+            "properties": {"name": {"type": "string"}, "documents": {"type": "integer"}}}},
+        "peers": {"type": "array", "items": PROGRESS_SCHEMA},
+        "folders": {"type": "array", "items": FOLDER_SCHEMA},
+    },
+}
+FOLDER_REQUEST: dict[str, Any] = {
+    "type": "object", "required": ["subcloud", "path"], "additionalProperties": False,
+    "properties": {"subcloud": {"type": "string", "description": "its id or name"},
+                   "path": {"type": "string", "minLength": 1, "maxLength": MAX_PATH,
+                            "description": "an absolute path of an existing directory"}},
+}
 PARAMS = {"sc": "the sub-cloud: its base32 id, or its name", "coll": "a collection name",
           "doc": "a document id"}
 SC_ERRORS = (404,)
@@ -73,14 +127,46 @@ def _sc_json(daemon: Daemon, sc: Any) -> dict[str, Any]:
             "rights": sc.rights(daemon.node.hashname)}
 
 
+def _progress_json(sc: Any) -> list[dict[str, Any]]:
+    """``SubCloud.progress()`` as JSON rows, one per peer with a sync session, sorted."""
+    rows = [{"peer": p.peer, "send_items": p.send_items, "send_bytes": p.send_bytes,
+             "in_flight_bytes": p.in_flight_bytes, "receive_items": p.receive_items,
+             "receive_bytes": p.receive_bytes, "blob_bytes_done": p.blob_bytes_done,
+             "blob_bytes_total": p.blob_bytes_total} for p in sc.progress()]
+    return sorted(rows, key=lambda r: str(r["peer"]))
+
+
+def _folder_json(sc: Any, folder: Any) -> dict[str, Any]:
+    conflicts = [{"path": c.path, "copy": c.copy, "device": c.device}
+                 for c in folder.conflicts()]
+    return {"subcloud": sc.id_text, "name": sc.name, "path": str(folder.root),
+            "files": len(folder.replica.documents(FILES_COLLECTION)), "conflicts": conflicts}
+
+
+def _detail(daemon: Daemon, sc: Any) -> dict[str, Any]:
+    node = daemon.node
+    up = node.links
+    members = [{"hashname": sc.owner, "rights": "write", "owner": True}]
+    members += [{"hashname": h, "rights": r, "owner": False}
+                for h, r in sorted(sc.record.acl.items()) if h != sc.owner]
+    for m in members:
+        m["self"] = m["hashname"] == node.hashname
+        m["online"] = m["self"] or m["hashname"] in up
+    collections = [{"name": c, "documents": len(sc.documents(c))} for c in sc.collections()]
+    return {**_sc_json(daemon, sc), "members": members, "collections": collections,
+            "peers": _progress_json(sc), "folders": [_folder_json(sc, f) for f in sc.folders]}
+
+
 def _find(daemon: Daemon, request: Request) -> Any:
     key = request.path_params["sc"]
     try:
-        return daemon.node.subcloud(key)
+        sc = daemon.node.subcloud(key)
     except UnknownSubCloud as exc:
         raise ApiError(404, "unknown_subcloud", f"no sub-cloud {key!r} here",
                        "list them with `p2pcloud sc ls`; a shared one appears once its owner "
                        "is linked") from exc
+    _ensure_followed(daemon, sc)
+    return sc
 
 
 def _names(request: Request) -> tuple[str, str]:
@@ -111,6 +197,8 @@ async def _write(what: str, call: Any) -> None:
 async def _list_subclouds(daemon: Daemon, request: Request) -> Any:
     """Owned ones and the ones peers shared with us, by name."""
     scs = sorted(daemon.node.subclouds(), key=lambda s: (s.name, s.id_text))
+    for sc in scs:
+        _ensure_followed(daemon, sc)
     return {"subclouds": [_sc_json(daemon, s) for s in scs]}
 
 
@@ -124,10 +212,17 @@ async def _create_subcloud(daemon: Daemon, request: Request) -> Any:
         sc = await daemon.node.create_subcloud(body["name"], body.get("kind", "device"))
     except p2pcloud.LocalProtocolError as exc:
         raise ApiError(400, "bad_subcloud", str(exc), "choose another name or kind") from exc
-    wake = _WAKE.get(id(daemon))
-    if wake is not None:
-        wake.set()  # start its change events now
+    _ensure_followed(daemon, sc)  # its change events start now
     return _sc_json(daemon, sc)
+
+
+@route("GET", "/api/subclouds/{sc}",
+       params=PARAMS, summary="One sub-cloud: members, sync progress per peer, folders",
+       tag="subclouds", errors=SC_ERRORS, response=DETAIL_SCHEMA)
+async def _subcloud_detail(daemon: Daemon, request: Request) -> Any:
+    """Everything the dashboard's sub-cloud view shows, in one answer."""
+    sc = _find(daemon, request)
+    return _detail(daemon, sc)
 
 
 @route("GET", "/api/subclouds/{sc}/collections",
@@ -219,14 +314,63 @@ async def _delete_document(daemon: Daemon, request: Request) -> Any:
     return None
 
 
+# -- synced folders -----------------------------------------------------------------------
+
+
+@route("GET", "/api/folders", summary="The synced folders", tag="folders",
+       response={"type": "object", "required": ["folders"],
+                 "properties": {"folders": {"type": "array", "items": FOLDER_SCHEMA}}})
+async def _list_folders(daemon: Daemon, request: Request) -> Any:
+    """Every folder synced this daemon run, with its conflicts."""
+    return {"folders": [_folder_json(sc, f) for sc in daemon.node.subclouds()
+                        for f in sc.folders]}
+
+
+@route("POST", "/api/folders", summary="Sync a directory with a sub-cloud", tag="folders",
+       status=201, request=FOLDER_REQUEST, response=FOLDER_SCHEMA,
+       errors=(400, 403, 404, 409, 413, 415))
+async def _add_folder(daemon: Daemon, request: Request) -> Any:
+    """The directory's files go into the sub-cloud's ``files`` collection and the
+    sub-cloud's files onto the disk; it is watched from then on. Answers after the first
+    full reconcile (contents from peers keep arriving afterwards: ``sync.progress``)."""
+    body = await json_body(request, FOLDER_REQUEST)
+    try:
+        sc = daemon.node.subcloud(body["subcloud"])
+    except UnknownSubCloud as exc:
+        raise ApiError(404, "unknown_subcloud", f"no sub-cloud {body['subcloud']!r} here",
+                       "list them with `p2pcloud sc ls`") from exc
+    _ensure_followed(daemon, sc)
+    root = Path(body["path"])
+    if not root.is_absolute():
+        raise ApiError(400, "bad_folder", f"{root} is not an absolute path",
+                       "give the directory's full path")
+    resolved = await trio.to_thread.run_sync(root.resolve)
+    if not await trio.to_thread.run_sync(resolved.is_dir):
+        raise ApiError(400, "bad_folder", f"{root} is not a directory",
+                       "create it first (`mkdir -p`), then add it")
+    if any(f.root == resolved for f in sc.folders):
+        raise ApiError(409, "folder_exists", f"{resolved} already syncs with {sc.name!r}",
+                       "see `p2pcloud files ls`")
+    if sc.rights(daemon.node.hashname) != "write":
+        raise ApiError(403, "access_denied", f"no write rights to {sc.name!r}",
+                       "ask the sub-cloud's owner for write rights (`p2pcloud share`)")
+    try:
+        folder = await sc.add_folder(resolved)
+    except (OSError, p2pcloud.LocalProtocolError) as exc:
+        raise ApiError(400, "bad_folder", f"cannot sync {resolved}: {exc}",
+                       "check the directory and its permissions") from exc
+    log.info("folder added subcloud=%s path=%s", sc.id_text, resolved)
+    return _folder_json(sc, folder)
+
+
 # -- change events ------------------------------------------------------------------------
 
 
-async def _follow(daemon: Daemon, sc: Any) -> None:
+async def _follow(daemon: Daemon, sc: Any, subscription: Any) -> None:
     """Publish a ``change`` event for every change of ``sc``; resubscribe when lost."""
     while True:
         try:
-            async with sc.subscribe() as changes:
+            async with subscription as changes:
                 async for change in changes:
                     daemon.events.publish("change", {
                         "subcloud": sc.id_text, "name": sc.name,
@@ -238,25 +382,62 @@ async def _follow(daemon: Daemon, sc: Any) -> None:
             # We fell behind: readers re-read the state on this event.
             log.warning("change events lost subcloud=%s", sc.id_text)
             daemon.events.publish("change.lost", {"subcloud": sc.id_text, "name": sc.name})
+            subscription = sc.subscribe()
+
+
+class _Followers:
+    """The :func:`_follow` tasks of one daemon, one per held sub-cloud."""
+
+    def __init__(self, daemon: Daemon, nursery: trio.Nursery) -> None:
+        self.daemon = daemon
+        self.nursery = nursery
+        self.following: set[bytes] = set()
+
+    def ensure(self, sc: Any) -> None:
+        """Follow ``sc`` from now on. The subscription is made here, synchronously, so
+        every change after this call gets its event (the task only forwards them)."""
+        if sc.id in self.following:
+            return
+        self.following.add(sc.id)
+        self.nursery.start_soon(_follow, self.daemon, sc, sc.subscribe())
+
+
+def _ensure_followed(daemon: Daemon, sc: Any) -> None:
+    followers = _FOLLOWERS.get(id(daemon))
+    if followers is not None:
+        followers.ensure(sc)
+
+
+async def _report_progress(daemon: Daemon) -> None:
+    """Publish ``sync.progress`` for a sub-cloud whenever its per-peer progress changed.
+
+    Looked at every :data:`PROGRESS_INTERVAL`; an unchanged picture is not published again,
+    so an idle daemon publishes nothing and the last event of a sync says all is done.
+    """
+    last: dict[bytes, list[dict[str, Any]]] = {}
+    while True:
+        for sc in daemon.node.subclouds():
+            peers = _progress_json(sc)
+            if peers != last.get(sc.id, []):
+                last[sc.id] = peers
+                daemon.events.publish("sync.progress", {
+                    "subcloud": sc.id_text, "name": sc.name, "peers": peers})
+        await trio.sleep(PROGRESS_INTERVAL)
 
 
 async def background(daemon: Daemon) -> None:
-    """Run for the daemon's lifetime: one :func:`_follow` task per held sub-cloud."""
-    following: set[bytes] = set()
+    """Run for the daemon's lifetime: follow every held sub-cloud's changes (see the module
+    docstring), and :func:`_report_progress`."""
     async with trio.open_nursery() as nursery:
+        followers = _FOLLOWERS[id(daemon)] = _Followers(daemon, nursery)
+        nursery.start_soon(_report_progress, daemon)
         try:
             while True:
-                wake = _WAKE[id(daemon)] = trio.Event()
                 for sc in daemon.node.subclouds():
-                    if sc.id not in following:
-                        following.add(sc.id)
-                        nursery.start_soon(_follow, daemon, sc)
-                # A sub-cloud created through the API wakes us at once; shared ones are
-                # found by the poll.
-                with trio.move_on_after(SUBCLOUD_POLL_INTERVAL):
-                    await wake.wait()
+                    followers.ensure(sc)
+                await trio.sleep(SUBCLOUD_POLL_INTERVAL)
         finally:
-            _WAKE.pop(id(daemon), None)
+            _FOLLOWERS.pop(id(daemon), None)
 
 
-_WAKE: dict[int, trio.Event] = {}  # id(daemon) -> set it to look for new sub-clouds now
+_FOLLOWERS: dict[int, _Followers] = {}  # id(daemon) -> its followers, while the app runs
