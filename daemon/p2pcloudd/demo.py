@@ -70,8 +70,15 @@ PHOTO_BYTES = 256 * 1024  # the phone's "photo": large enough to travel as a chu
 LOG_TAIL_LINES = 15  # lines of each daemon's log printed when the demo fails
 
 
+CLOSED = "stream.closed"  # queued by EventStream when its stream ends (no daemon sends it)
+
+
 class DemoFailed(Exception):
     """A step did not complete; the message says which and what was seen."""
+
+
+class StreamClosed(DemoFailed):
+    """A daemon's event stream ended while the demo waited on it."""
 
 
 @dataclass
@@ -129,12 +136,16 @@ class EventStream:
             for raw in self._response:
                 if raw.startswith(b"data: "):
                     self.queue.put((time.monotonic(), json.loads(raw[6:])))
+        self.queue.put((time.monotonic(), {"type": CLOSED}))
 
     def wait(self, match: Callable[[dict[str, Any]], bool], timeout: float) -> float | None:
         """Take events until one matches; return its arrival time, or None on timeout.
 
         Events that do not match are dropped (callers wait for things in the order they
         cause them).
+
+        Raises:
+            StreamClosed: the stream ended (the daemon stopped) before a match.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -145,6 +156,9 @@ class EventStream:
                 arrived, event = self.queue.get(timeout=left)
             except queue.Empty:
                 return None
+            if event.get("type") == CLOSED:
+                self.queue.put((arrived, event))  # stays closed for the next wait
+                raise StreamClosed("the event stream ended")
             if match(event):
                 return arrived
 
@@ -287,6 +301,11 @@ class Demo:
         return sc_id
 
     @staticmethod
+    def _exited(d: Device) -> str:
+        code = d.process.poll() if d.process is not None else None
+        return f" (its daemon exited with status {code})" if code is not None else ""
+
+    @staticmethod
     def _holds(d: Device, sc_id: str) -> bool:
         scs = d.api.get("/api/subclouds")["subclouds"]
         return any(s["id"] == sc_id and s["rights"] == "write" for s in scs)
@@ -316,7 +335,11 @@ class Demo:
                             and data.get("collection") == "notes"
                             and data.get("document") == doc and data.get("origin") != "local")
 
-                arrived = other.events.wait(remote_change, STEP_TIMEOUT)
+                try:
+                    arrived = other.events.wait(remote_change, STEP_TIMEOUT)
+                except StreamClosed as exc:
+                    raise DemoFailed(f"the {other.name}'s event stream ended while waiting "
+                                     f"for notes/{doc}{self._exited(other)}") from exc
                 if arrived is None:
                     raise DemoFailed(f"the {other.name} saw no change event for notes/{doc} "
                                      f"(written on the {name}) in {STEP_TIMEOUT:.0f} s")

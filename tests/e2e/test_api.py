@@ -187,6 +187,21 @@ def test_openapi_validates_and_every_route_is_exercised(
                       body={"hashname": b.status()["hashname"], "rights": "write"})
     assert shared.status == 200
     assert api.call("DELETE", doc_path, url=f"/api/subclouds/{sc}/c/d").status == 204
+    # One sub-cloud's view (members, per-peer progress, folders) and synced folders.
+    folder = a.data_dir.parent / "synced"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a")
+    added = api.call("POST", "/api/folders", body={"subcloud": sc, "path": str(folder)})
+    assert added.status == 201 and added.json()["files"] == 1
+    assert api.call("POST", "/api/folders", body={"subcloud": sc, "path": "rel"}).status == 400
+    assert [f["path"] for f in api.call("GET", "/api/folders").json()["folders"]] == [
+        str(folder.resolve())]
+    detail = api.call("GET", "/api/subclouds/{sc}", url=f"/api/subclouds/{sc}").json()
+    assert detail["members"][0]["self"] and detail["members"][0]["owner"]
+    assert {m["hashname"] for m in detail["members"]} == {a.status()["hashname"],
+                                                          b.status()["hashname"]}
+    assert detail["folders"][0]["files"] == 1
+    assert api.call("GET", "/api/subclouds/{sc}", url="/api/subclouds/nope").status == 404
     assert api.call("GET", doc_path, url=f"/api/subclouds/{sc}/c/d").status == 404
 
     # Last: shutdown, through the API.

@@ -267,22 +267,3 @@ def test_up_reports_why_the_daemon_could_not_start(tmp_path: Path) -> None:
     assert f"API port {port} on 127.0.0.1 is already in use" in done.stderr
     assert "p2pcloudd.log" in done.stderr
 
-
-def test_demo_starts_a_second_node_and_links_it(make_daemon: Callable[[str], Daemon]) -> None:
-    a = make_daemon("a")
-    a.up(*ZERO_PORTS)
-    peer = Daemon(a.data_dir / "demo-peer")
-    try:
-        shown = cli_json(a.data_dir, "demo")
-        peer.pids.append(peer.pid)
-        assert shown["peer"] == peer.status()["hashname"] != shown["node"]
-        assert (a.peer(shown["peer"]) or {}).get("online") is True
-        assert shown["dashboard_login_url"].startswith(a.api_url + "/login?code=")
-        again = cli_json(a.data_dir, "demo")  # both already running: links again, no new node
-        assert again["peer"] == shown["peer"]
-        stopped = cli_json(a.data_dir, "demo", "--stop")
-        assert stopped["pid"] == peer.pids[0]
-        assert cli(a.data_dir, "demo", "--stop").returncode == 3
-        assert a.status()["pid"] == a.pid  # your own node keeps running
-    finally:
-        peer.stop()
