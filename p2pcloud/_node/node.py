@@ -41,6 +41,7 @@ import trio
 from p2pcloud import _keyfile
 from p2pcloud._crypto import LocalIdentity
 from p2pcloud._ids import ChannelId, Hashname
+from p2pcloud._node.cloud import Cloud, open_cloud
 from p2pcloud._node.memory import MemoryEndpoint, MemoryNetwork
 from p2pcloud._node.replication import Replication, open_replication
 from p2pcloud._node.stream import ChannelStream, UnreliableChannel
@@ -185,10 +186,13 @@ class Node:
         # wall_offset: handshake `at` values are epoch seconds (telehash v3), while the
         # mesh's `now` is Trio's clock, which starts at a random offset in every process;
         # without it a restarted node could send a lower `at` and be taken for stale.
+        self._accept_user = accept or _accept_all
+        self.accept_filters: list[Callable[[Hashname], bool]] = []
+        """More accept checks (the cloud refuses revoked endpoints); all must say True."""
         self._mesh = Mesh(
             identity,
             entropy=os.urandom,
-            accept=accept or _accept_all,
+            accept=self._accept_handshake,
             flow_control=True,
             wall_offset=time.time() - trio.current_time(),
         )
@@ -217,6 +221,12 @@ class Node:
         # sub-clouds (docs/subclouds.md): open_node attaches the engine when there is a data dir
         self.replication: Replication | None = None
         self._link_listeners: list[Callable[[Hashname, bool], None]] = []
+        # the person's cloud (docs/cloud.md): open_node attaches it when there is a data dir
+        self.cloud: Cloud | None = None
+
+    def _accept_handshake(self, hashname: Hashname) -> bool:
+        return all(check(hashname) for check in self.accept_filters) and self._accept_user(
+            hashname)
 
     # -- properties --------------------------------------------------------------------
 
@@ -666,6 +676,19 @@ class Node:
                 raise trio.ClosedResourceError("the node is closed")
             raise LinkError(f"link to {hashname[:8]} went down: {waiter.down_reason}")
 
+    def unlink(self, hashname: Hashname) -> None:
+        """Drop the link to ``hashname`` now (its channels close with "link down").
+
+        A later handshake from it is judged by the accept checks like a stranger's.
+
+        Args:
+            hashname: the peer.
+        """
+        if self._closed:
+            return
+        self._mesh.unlink(hashname, trio.current_time())
+        self._pump()
+
     async def wait_direct_path(self, hashname: Hashname) -> Path:
         """Wait until packets to ``hashname`` take a direct path (not through a router).
 
@@ -910,6 +933,8 @@ async def open_node(
     network: MemoryNetwork | None = None,
     large_frames: bool = True,
     max_frame: int | None = None,
+    discovery: bool = False,
+    discovery_interfaces: list[str] | None = None,
 ) -> AsyncIterator[Node]:
     """Start a node and stop it when the block ends.
 
@@ -927,6 +952,11 @@ async def open_node(
         network: run on an in-memory network (tests) instead of sockets.
         large_frames: negotiate large frames on TCP (False: plain v3 chunking).
         max_frame: the largest TCP frame offered (default: ``_framing.DEFAULT_MAX_FRAME``).
+        discovery: advertise and browse on the LAN with mDNS (``_node/discovery.py``) so
+            the cloud's members find each other (needs UDP and a data dir); a short-code
+            pairing turns it on when needed.
+        discovery_interfaces: the IPv4 addresses mDNS uses (None: every interface;
+            ``["127.0.0.1"]`` in tests).
 
     Yields:
         The running :class:`Node`.
@@ -957,6 +987,9 @@ async def open_node(
             )
             if data_dir is not None:  # sub-clouds: the store and the replication engine
                 store = await open_replication(node, nursery)
+                # the person's cloud: membership, pairing, re-linking (docs/cloud.md)
+                node.cloud = await open_cloud(node, nursery, discovery=discovery,
+                                              discovery_interfaces=discovery_interfaces)
             try:
                 yield node
             finally:

@@ -49,7 +49,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
@@ -131,6 +131,26 @@ not read): larger content should be given as a file path."""
 MAX_PUT_BATCH_BYTES: Final = 64 * 1024 * 1024  # chunks per store transaction when adding a blob
 MAX_PUT_BATCH_CHUNKS: Final = 4096  # the store's MAX_CHUNK_BATCH
 MAX_REJECT_LOG: Final = 1000  # rejected deltas remembered for statistics() (most recent)
+MAX_UNSHARED: Final = 256  # registry records held back until rights arrive (a join's first)
+
+
+class CloudRules(Protocol):
+    """What the cloud (``_node/cloud.py``) decides for the engine; None means "no opinion"
+    (the sub-cloud is not part of the cloud, or the node is in no cloud): the registry ACL
+    decides then."""
+
+    def can_write(self, record: RegistryRecord, hashname: Hashname) -> bool | None:
+        """May ``hashname`` write the sub-cloud now?"""
+
+    def had_write(self, record: RegistryRecord, hashname: Hashname) -> bool | None:
+        """Did ``hashname`` hold write rights (revoked authors too), for verification?"""
+
+    def may_read(self, record: RegistryRecord, hashname: Hashname) -> bool | None:
+        """May ``hashname`` replicate the sub-cloud (grants, revocation, policy)?"""
+
+    def accepts_delta(self, subcloud: SubCloudId, hashname: Hashname, origin: ReplicaId,
+                      first: int, last: int) -> bool:
+        """Whether a verified delta's dot run is acceptable (revocation cutoffs)."""
 
 
 def _now_ms() -> int:
@@ -182,19 +202,78 @@ class Replication:
         self.rejections: list[tuple[str, str, str]] = []
         """Recent rejected inputs: (peer, reason, detail), newest last."""
         self._closed = False
+        self.rules: CloudRules | None = None
+        """The cloud's rights (grants, revocations, policy); set by ``_node/cloud.py``."""
+        self.subcloud_listeners: list[Callable[[SubCloud], None]] = []
+        """Called with every sub-cloud this node starts holding (created or received)."""
+        self._unshared: dict[SubCloudId, RegistryRecord] = {}
+        # registry records refused because they were not (yet) shared with us; re-checked by
+        # refresh_shares() when the cloud's membership changes (a joiner's first records can
+        # arrive before its welcome is processed)
 
     # -- rights ---------------------------------------------------------------------------------
 
     def can_write(self, subcloud: SubCloudId, hashname: Hashname) -> bool:
-        """The rights check: may ``hashname`` write to ``subcloud``? (one callable, so the
-        cloud/membership layer can replace it.)"""
+        """The rights check: may ``hashname`` write to ``subcloud``?
+
+        The cloud's grants decide for sub-clouds of the cloud (``rules``); the registry
+        ACL decides otherwise (sharing outside the cloud).
+        """
         sc = self.subclouds.get(subcloud)
-        return sc is not None and sc.record.rights(hashname) == "write"
+        if sc is None:
+            return False
+        if self.rules is not None:
+            verdict = self.rules.can_write(sc.record, hashname)
+            if verdict is not None:
+                return verdict
+        return sc.record.rights(hashname) == "write"
 
     def may_read(self, subcloud: SubCloudId, hashname: Hashname) -> bool:
-        """Whether a peer may replicate ``subcloud`` (the owner, or any ACL entry)."""
+        """Whether a peer may replicate ``subcloud`` (cloud grants and policy, the owner,
+        or any ACL entry)."""
         sc = self.subclouds.get(subcloud)
-        return sc is not None and sc.record.rights(hashname) is not None
+        return sc is not None and self.record_readable(sc.record, hashname)
+
+    def record_readable(self, record: RegistryRecord, hashname: Hashname) -> bool:
+        """Whether ``hashname`` may replicate the sub-cloud ``record`` describes."""
+        if self.rules is not None:
+            verdict = self.rules.may_read(record, hashname)
+            if verdict is not None:
+                return verdict
+        return record.rights(hashname) is not None
+
+    def _had_write(self, subcloud: SubCloudId, hashname: Hashname) -> bool:
+        # envelope verification: a revoked author's deltas up to its cutoff still verify
+        # (anyone may forward them); accepts_delta() then judges the dot run
+        sc = self.subclouds.get(subcloud)
+        if sc is not None and self.rules is not None:
+            verdict = self.rules.had_write(sc.record, hashname)
+            if verdict is not None:
+                return verdict
+        return self.can_write(subcloud, hashname)
+
+    def _accepts(self, env: Envelope) -> bool:
+        return self.rules is None or self.rules.accepts_delta(
+            env.subcloud, env.hashname, env.origin, env.first, env.last)
+
+    def refresh_shares(self) -> None:
+        """Rights changed (a member joined, was revoked, a policy changed): send peers the
+        registry records they may now read, take records held back earlier, re-run sync."""
+        for peer in list(self._registry_out):
+            for sc in self.subclouds.values():
+                if self.may_read(sc.id, peer):
+                    self._send_record(peer, sc.record)
+        if self._nursery is not None:
+            for record in list(self._unshared.values()):
+                if self.record_readable(record, self.hashname):
+                    del self._unshared[record.subcloud]
+                    self._nursery.start_soon(self._adopt_record, record)
+        self._rerun_sessions()
+
+    async def _adopt_record(self, record: RegistryRecord) -> None:
+        if record.subcloud not in self.subclouds:
+            await self._put_record(record)
+            self._rerun_sessions()
 
     def _reject(self, peer: str, reason: str, detail: str = "") -> None:
         self._stats[f"rejected: {reason}"] += 1
@@ -316,6 +395,8 @@ class Replication:
             sc = SubCloud(self, record, Replica(rid))
             self.subclouds[record.subcloud] = sc
             self.catalog.set_subcloud(record.subcloud)
+            for listener in self.subcloud_listeners:
+                listener(sc)
         else:
             sc.record = record
         return sc
@@ -454,13 +535,16 @@ class Replication:
         bad: list[tuple[str, str]] = []
         for raw in raws:
             try:
-                env = open_envelope(raw, self.can_write, is_known=self.subclouds.__contains__)
+                env = open_envelope(raw, self._had_write, is_known=self.subclouds.__contains__)
             except DeltaRejected as exc:
                 bad.append((exc.reason, exc.detail))
                 continue
             if env.subcloud != sc_id:
                 bad.append(("wrong sub-cloud", f"{env.subcloud.hex()} in a batch for "
                             f"{sc_id.hex()}"))
+                continue
+            if not self._accepts(env):
+                bad.append(("no write rights", f"{env.hashname}: beyond the revocation cutoff"))
                 continue
             ok.append(env)
         return ok, bad
@@ -476,7 +560,10 @@ class Replication:
             return
         async with sc.lock:
             replica = sc.replica
-            fresh = [e for e in envs if self.catalog.counter(sc_id, e.origin) < e.last]
+            # the cutoff again under the lock: a revocation signed while this batch was
+            # being verified must not let it in
+            fresh = [e for e in envs if self.catalog.counter(sc_id, e.origin) < e.last
+                     and self._accepts(e)]
             if not fresh:
                 return
             changes, applied = await trio.to_thread.run_sync(
@@ -569,7 +656,7 @@ class Replication:
             old.close()
         self._registry_out[peer] = send
         for sc in self.subclouds.values():
-            if sc.record.rights(peer) is not None:
+            if self.may_read(sc.id, peer):
                 send.send_nowait(sc.record.raw)
         try:
             async with trio.open_nursery() as nursery:
@@ -617,12 +704,15 @@ class Replication:
                 return
             if record.revision <= held.record.revision:
                 return
-        elif record.rights(self.hashname) is None:
-            return  # not shared with us: nothing to replicate
+        elif not self.record_readable(record, self.hashname):
+            # not shared with us (yet): nothing to replicate; kept for refresh_shares()
+            if len(self._unshared) < MAX_UNSHARED or record.subcloud in self._unshared:
+                self._unshared[record.subcloud] = record
+            return
         await self._put_record(record)
         self._stats["registry records"] += 1
         for other in self._registry_out:  # forward to peers it names
-            if other != peer and record.rights(other) is not None:
+            if other != peer and self.record_readable(record, other):
                 self._send_record(other, record)
         self._rerun_sessions()
 

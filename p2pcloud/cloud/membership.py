@@ -443,6 +443,17 @@ class Membership:
         """The valid admins, sorted."""
         return sorted(h for h, m in self._members.items() if m.role == ROLE_ADMIN)
 
+    def grants_of(self, hashname: Hashname) -> list[Grant]:
+        """The grants in force for ``hashname``, revoked endpoints included (what it held).
+
+        Args:
+            hashname: an endpoint.
+
+        Returns:
+            Its grants, by record id (empty for a stranger).
+        """
+        return list(self._rights.get(hashname, ()))
+
     def is_revoked(self, hashname: Hashname) -> bool:
         """Whether an effective revocation removed ``hashname``."""
         return hashname in self._revoked_by
