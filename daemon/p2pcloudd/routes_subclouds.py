@@ -13,6 +13,9 @@ and also the moment any route names or lists it: the subscription is made synchr
 there, so a client that has seen a sub-cloud through the API gets an event for every later
 change of it.
 
+``subcloud.added`` ``{subcloud, name, kind, owner}`` is published when a sub-cloud is
+first followed (created here, shared with us, or already held when the daemon started).
+
 Progress: ``sync.progress`` ``{subcloud, name, peers: [...]}`` is published whenever a
 sub-cloud's per-peer progress (``SubCloud.progress()``: items and bytes still to send and
 receive, blob bytes fetched) differs from the last one published, looked at every
@@ -400,6 +403,8 @@ class _Followers:
             return
         self.following.add(sc.id)
         self.nursery.start_soon(_follow, self.daemon, sc, sc.subscribe())
+        self.daemon.events.publish("subcloud.added", {
+            "subcloud": sc.id_text, "name": sc.name, "kind": sc.kind, "owner": sc.owner})
 
 
 def _ensure_followed(daemon: Daemon, sc: Any) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Daemon, cli_json
+from tests.e2e.conftest import Daemon, cli_json, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -105,3 +105,66 @@ def test_dashboard_shows_the_node_and_a_peer_linking_live(
     page.reload()
     expect(page.locator("#login")).to_be_visible()
     expect(page.locator("#node")).to_be_hidden()
+
+
+def test_dashboard_subcloud_view_follows_changes_and_sync_live(
+    page: Any, make_daemon: Callable[[str], Daemon], tmp_path: Path,
+) -> None:
+    from playwright.sync_api import expect
+
+    a, b = make_daemon("a"), make_daemon("b")
+    for d in (a, b):
+        d.up("--port", "0", "--tcp-port", "0", "--api-port", "0")
+    a_hn, b_hn = a.status()["hashname"], b.status()["hashname"]
+    assert a.request("POST", "/api/links", body={"uri": b.status()["link_uri"]}).status == 200
+
+    # B's dashboard is open before the sub-cloud exists.
+    page.goto(cli_json(b.data_dir, "dashboard", "--no-open")["url"])
+    expect(page.locator("#live")).to_have_text("live")
+    expect(page.locator("#no-subclouds")).to_be_visible()
+
+    # A creates a sub-cloud, writes, shares it with B: it appears on B's page by itself.
+    sc = a.request("POST", "/api/subclouds", body={"name": "family"}).json()["id"]
+    assert a.request("PUT", f"/api/subclouds/{sc}/notes/n1", body={"title": "milk"}).status == 200
+    assert a.request("POST", f"/api/subclouds/{sc}/share",
+                     body={"hashname": b_hn, "rights": "write"}).status == 200
+    item = page.locator('#subclouds li[data-name="family"]')
+    expect(item).to_contain_text("write rights")
+    item.locator("button").click()
+
+    # The view: members (A online, the owner), collections, nothing in flight at rest.
+    view = page.locator("#subcloud-view")
+    expect(view).to_be_visible()
+    expect(page.locator("#sc-id")).to_have_text(sc)
+    owner = page.locator(f'#sc-members li[data-hashname="{a_hn}"]')
+    expect(owner).to_have_class("online synced")
+    expect(owner.locator(".sync-state")).to_have_text("owner · in sync")
+    expect(page.locator(f'#sc-members li[data-hashname="{b_hn}"]')).to_contain_text("this node")
+    notes = page.locator('#sc-collections li[data-collection="notes"]')
+    expect(notes).to_contain_text("1 document")
+
+    # A write on A arrives live: the change list and the counts update without a reload.
+    assert a.request("PUT", f"/api/subclouds/{sc}/notes/n2",
+                     body={"title": "bread", "qty": 2}).status == 200
+    expect(page.locator("#sc-changes")).to_contain_text("notes/n2/title (from " + a_hn[:12])
+    expect(notes).to_contain_text("2 documents")
+    notes.locator("button").click()
+    page.locator('#sc-documents li[data-document="n2"] button').click()
+    expect(page.locator("#sc-document")).to_contain_text('"bread"')
+
+    # Folders: A syncs one holding a file, B an empty one; the file reaches B's disk and
+    # B's view shows the folder with it; afterwards nothing is left to move.
+    fa, fb = tmp_path / "folder-a", tmp_path / "folder-b"
+    fa.mkdir()
+    fb.mkdir()
+    (fa / "photo.bin").write_bytes(os.urandom(1 << 20))
+    assert a.request("POST", "/api/folders", body={"subcloud": sc, "path": str(fa)}).status == 201
+    assert b.request("POST", "/api/folders", body={"subcloud": sc, "path": str(fb)}).status == 201
+    wait_for("photo.bin on B's disk", lambda: (fb / "photo.bin").exists()
+             and (fb / "photo.bin").read_bytes() == (fa / "photo.bin").read_bytes())
+    expect(page.locator("#sc-folders")).to_contain_text(str(fb.resolve()))
+    expect(page.locator("#sc-folders")).to_contain_text("1 files")
+    expect(page.locator("#transfers-card")).to_be_visible()
+    expect(page.locator("#no-transfers")).to_be_visible()
+    expect(owner.locator(".sync-state")).to_have_text("owner · in sync")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390

@@ -3,7 +3,16 @@
 // Every value from the API goes into the page with textContent, never as HTML.
 "use strict";
 
-const state = { status: null, peers: new Map(), stats: null, statusAt: 0 };
+const state = {
+  status: null, peers: new Map(), stats: null, statusAt: 0,
+  subclouds: new Map(),      // id -> {id, name, kind, owner, rights}
+  progress: new Map(),       // sub-cloud id -> [PeerProgress rows] (sync.progress events)
+  highWater: new Map(),      // "sc|peer" -> most items seen pending since last in sync
+  changes: new Map(),        // sub-cloud id -> recent change events, newest first
+  open: null,                // the sub-cloud view: {id, detail, coll, doc}
+};
+const MAX_CHANGES = 20;      // recent changes kept per sub-cloud for the view
+const RELOAD_DELAY_MS = 200; // coalesce a burst of change events into one re-read
 const $ = (id) => document.getElementById(id);
 
 async function api(path, options = {}) {
@@ -19,7 +28,8 @@ async function api(path, options = {}) {
 
 function showLogin() {
   $("login").hidden = false;
-  for (const id of ["node", "peers-card", "stats-card"]) $(id).hidden = true;
+  for (const id of ["node", "peers-card", "stats-card", "subclouds-card", "transfers-card",
+                    "subcloud-view"]) $(id).hidden = true;
 }
 
 function short(hashname) { return hashname.slice(0, 12) + "…" + hashname.slice(-4); }
@@ -109,6 +119,209 @@ function renderStats() {
   }));
 }
 
+// -- sub-clouds ----------------------------------------------------------------------
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  Object.assign(node, props || {});
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function bytes(n) {
+  if (n < 1024) return n + " B";
+  if (n < 1048576) return (n / 1024).toFixed(1) + " KiB";
+  if (n < 1073741824) return (n / 1048576).toFixed(1) + " MiB";
+  return (n / 1073741824).toFixed(2) + " GiB";
+}
+
+function peerName(hashname) {
+  if (state.status && hashname === state.status.hashname) return "this node";
+  return short(hashname);
+}
+
+// One peer's progress for one sub-cloud: {text, fraction (0..1) or null, done}.
+// Items still to move have no known total, so the bar runs against the most items seen
+// pending since the peer was last in sync (it fills as the backlog drains).
+function progressOf(scId, row) {
+  const pending = row.send_items + row.receive_items;
+  const key = scId + "|" + row.peer;
+  const blobsLeft = row.blob_bytes_total - row.blob_bytes_done;
+  if (pending === 0 && row.in_flight_bytes === 0 && blobsLeft <= 0) {
+    state.highWater.delete(key);
+    return { text: "in sync", fraction: 1, done: true };
+  }
+  const high = Math.max(state.highWater.get(key) || 0, pending);
+  state.highWater.set(key, high);
+  const parts = [];
+  if (row.send_items) parts.push("sending " + row.send_items + " items (" + bytes(row.send_bytes) + ")");
+  if (row.receive_items) parts.push("receiving " + row.receive_items + " items (" + bytes(row.receive_bytes) + ")");
+  if (row.in_flight_bytes) parts.push(bytes(row.in_flight_bytes) + " in flight");
+  let fraction = high ? (high - pending) / high : null;
+  if (blobsLeft > 0) {
+    parts.push("files " + bytes(row.blob_bytes_done) + " of " + bytes(row.blob_bytes_total));
+    fraction = row.blob_bytes_done / row.blob_bytes_total;
+  }
+  return { text: parts.join(" · ") || "settling", fraction, done: false };
+}
+
+function progressBar(p) {
+  const bar = el("progress", { max: 1 });
+  if (p.fraction !== null) bar.value = p.fraction;  // no value: an indeterminate bar
+  return bar;
+}
+
+function renderSubclouds() {
+  $("subclouds-card").hidden = false;
+  const scs = [...state.subclouds.values()].sort((a, b) => a.name.localeCompare(b.name));
+  $("subclouds").replaceChildren(...scs.map((sc) => {
+    const open = el("button", { type: "button", className: "link sc-open",
+                                textContent: sc.name });
+    open.addEventListener("click", () => openSubcloud(sc.id));
+    const meta = el("span", { className: "peer-meta", textContent:
+      sc.kind + " · " + (sc.rights || "no") + " rights · owner " + peerName(sc.owner) });
+    const li = el("li", {}, open, meta);
+    li.dataset.subcloud = sc.id;
+    li.dataset.name = sc.name;
+    return li;
+  }));
+  $("subclouds-count").textContent = scs.length ? String(scs.length) : "";
+  $("no-subclouds").hidden = scs.length > 0;
+}
+
+function renderTransfers() {
+  const rows = [];
+  for (const [scId, peers] of state.progress) {
+    const sc = state.subclouds.get(scId);
+    for (const row of peers) {
+      const p = progressOf(scId, row);
+      if (p.done) continue;
+      const label = el("span", { className: "peer-name",
+        textContent: (sc ? sc.name : scId.slice(0, 8)) + " ↔ " + peerName(row.peer) });
+      const meta = el("span", { className: "peer-meta", textContent: p.text });
+      const li = el("li", {}, label, progressBar(p), meta);
+      li.dataset.subcloud = scId;
+      li.dataset.peer = row.peer;
+      rows.push(li);
+    }
+  }
+  $("transfers-card").hidden = false;
+  $("transfers").replaceChildren(...rows);
+  $("no-transfers").hidden = rows.length > 0;
+}
+
+function renderSubcloudView() {
+  const open = state.open;
+  $("subcloud-view").hidden = !open || !open.detail;
+  if (!open || !open.detail) return;
+  const d = open.detail;
+  $("sc-name").textContent = d.name;
+  $("sc-kind").textContent = d.kind;
+  $("sc-id").textContent = d.id;
+  $("sc-owner").textContent = d.owner;
+  $("sc-rights").textContent = d.rights || "none";
+  const progress = new Map((state.progress.get(d.id) || d.peers).map((r) => [r.peer, r]));
+  $("sc-members").replaceChildren(...d.members.map((m) => {
+    const peer = state.peers.get(m.hashname);
+    const online = m.self || (peer ? peer.online : m.online);
+    const name = el("span", { className: "peer-name",
+      textContent: (m.self ? "this node " : "") + m.hashname });
+    const who = [m.owner ? "owner" : m.rights];
+    const li = el("li", { className: online ? "online" : "offline" },
+                  el("span", { className: "dot", title: online ? "online" : "offline" }), name);
+    li.dataset.hashname = m.hashname;
+    const row = progress.get(m.hashname);
+    if (!m.self) {
+      const p = row ? progressOf(d.id, row) : null;
+      who.push(!online ? "offline" : p ? p.text : "linked, not syncing yet");
+      if (p && !p.done) li.append(progressBar(p));
+      li.classList.toggle("synced", Boolean(p && p.done));
+    }
+    li.append(el("span", { className: "peer-meta sync-state", textContent: who.join(" · ") }));
+    return li;
+  }));
+  $("sc-collections").replaceChildren(...d.collections.map((c) => {
+    const b = el("button", { type: "button", className: "link", textContent: c.name });
+    b.addEventListener("click", () => { open.coll = c.name; open.doc = null; reloadOpen(); });
+    const li = el("li", {}, b, el("span", { className: "peer-meta",
+      textContent: c.documents + (c.documents === 1 ? " document" : " documents") }));
+    li.dataset.collection = c.name;
+    return li;
+  }));
+  $("sc-no-collections").hidden = d.collections.length > 0;
+  $("sc-documents-box").hidden = !open.coll;
+  if (open.coll && open.documents) {
+    $("sc-documents-title").textContent = open.coll;
+    $("sc-documents").replaceChildren(...open.documents.map((doc) => {
+      const b = el("button", { type: "button", className: "link", textContent: doc });
+      b.addEventListener("click", () => { open.doc = doc; reloadOpen(); });
+      const li = el("li", {}, b);
+      li.dataset.document = doc;
+      return li;
+    }));
+  }
+  $("sc-document-box").hidden = !(open.doc && open.fields);
+  if (open.doc && open.fields) {
+    $("sc-document-title").textContent = open.coll + "/" + open.doc;
+    $("sc-document").replaceChildren(...Object.keys(open.fields).sort().flatMap((k) => [
+      el("dt", { textContent: k }),
+      el("dd", { textContent: JSON.stringify(open.fields[k]) })]));
+  }
+  $("sc-folders").replaceChildren(...d.folders.map((f) => el("li", {},
+    el("span", { className: "peer-name", textContent: f.path }),
+    el("span", { className: "peer-meta", textContent: f.files + (f.files === 1 ? " file" : " files") +
+      (f.conflicts.length ? " · " + f.conflicts.length + " conflicts: " +
+        f.conflicts.map((c) => c.copy || c.path).join(", ") : "") }))));
+  $("sc-no-folders").hidden = d.folders.length > 0;
+  const changes = state.changes.get(d.id) || [];
+  $("sc-changes").replaceChildren(...changes.map((c) => {
+    const where = [c.collection, c.document, c.field].filter((x) => x !== null).join("/");
+    const from = c.origin === "local" ? "here" : "from " + peerName(c.origin);
+    return el("li", { textContent: new Date(c.time * 1000).toLocaleTimeString() + " " +
+                      where + " (" + from + ")" });
+  }));
+  $("sc-no-changes").hidden = changes.length > 0;
+}
+
+async function reloadOpen() {
+  const open = state.open;
+  if (!open) return;
+  const base = "/api/subclouds/" + encodeURIComponent(open.id);
+  try {
+    open.detail = await api(base);
+    if (!state.progress.has(open.id)) state.progress.set(open.id, open.detail.peers);
+    if (open.coll) {
+      open.documents = (await api(base + "/" + encodeURIComponent(open.coll))).documents;
+    }
+    if (open.doc) {
+      try {
+        open.fields = (await api(base + "/" + encodeURIComponent(open.coll) + "/" +
+                                 encodeURIComponent(open.doc))).fields;
+      } catch (_) { open.fields = null; }  // removed meanwhile
+    }
+  } catch (e) {
+    if (e.message === "not logged in") return;
+  }
+  if (state.open === open) renderSubcloudView();
+}
+
+let reloadTimer = null;
+function reloadOpenSoon() {
+  if (reloadTimer) return;
+  reloadTimer = setTimeout(() => { reloadTimer = null; reloadOpen(); }, RELOAD_DELAY_MS);
+}
+
+function openSubcloud(id) {
+  state.open = { id, detail: null, coll: null, doc: null };
+  reloadOpen().then(() => $("subcloud-view").scrollIntoView({ block: "start" }));
+}
+
+async function refreshSubclouds() {
+  const scs = await api("/api/subclouds");
+  state.subclouds = new Map(scs.subclouds.map((sc) => [sc.id, sc]));
+  renderSubclouds();
+}
+
 async function refresh() {
   const [status, peers, stats] = await Promise.all(
     [api("/api/status"), api("/api/peers"), api("/api/statistics")]);
@@ -119,6 +332,9 @@ async function refresh() {
   renderNode();
   renderPeers();
   renderStats();
+  await refreshSubclouds();
+  renderTransfers();
+  await reloadOpen();
 }
 
 function follow() {
@@ -140,6 +356,7 @@ function follow() {
     state.peers.set(data.hashname, { ...old, online: true, path: data.path,
                                      last_seen: Date.now() / 1000 });
     renderPeers();
+    renderSubcloudView();
   });
   source.addEventListener("link.path", (e) => {
     const { data } = JSON.parse(e.data);
@@ -152,12 +369,36 @@ function follow() {
     state.peers.set(data.hashname, { ...old, online: false, path: null,
                                      last_seen: Date.now() / 1000 });
     renderPeers();
+    renderSubcloudView();
   });
   source.addEventListener("statistics", (e) => {
     state.stats = JSON.parse(e.data).data;
     renderStats();
   });
   source.addEventListener("reset", () => { refresh().catch(() => {}); });
+  source.addEventListener("subcloud.added", (e) => {
+    const { data } = JSON.parse(e.data);
+    if (!state.subclouds.has(data.subcloud)) refreshSubclouds().catch(() => {});
+  });
+  source.addEventListener("change", (e) => {
+    const event = JSON.parse(e.data);
+    const data = event.data;
+    const list = state.changes.get(data.subcloud) || [];
+    list.unshift({ ...data, time: event.time });
+    state.changes.set(data.subcloud, list.slice(0, MAX_CHANGES));
+    if (!state.subclouds.has(data.subcloud)) refreshSubclouds().catch(() => {});
+    if (state.open && state.open.id === data.subcloud) reloadOpenSoon();
+  });
+  source.addEventListener("change.lost", (e) => {
+    const { data } = JSON.parse(e.data);
+    if (state.open && state.open.id === data.subcloud) reloadOpenSoon();
+  });
+  source.addEventListener("sync.progress", (e) => {
+    const { data } = JSON.parse(e.data);
+    state.progress.set(data.subcloud, data.peers);
+    renderTransfers();
+    if (state.open && state.open.id === data.subcloud) renderSubcloudView();
+  });
 }
 
 function wire() {
@@ -186,6 +427,10 @@ function wire() {
       out.className = "error";
       out.textContent = e.message;
     }
+  });
+  $("subcloud-close").addEventListener("click", () => {
+    state.open = null;
+    renderSubcloudView();
   });
   $("logout").addEventListener("click", async () => {
     try { await api("/api/logout", { method: "POST" }); } finally { showLogin(); }
