@@ -163,7 +163,7 @@ def test_dashboard_subcloud_view_follows_changes_and_sync_live(
     wait_for("photo.bin on B's disk", lambda: (fb / "photo.bin").exists()
              and (fb / "photo.bin").read_bytes() == (fa / "photo.bin").read_bytes())
     expect(page.locator("#sc-folders")).to_contain_text(str(fb.resolve()))
-    expect(page.locator("#sc-folders")).to_contain_text("1 files")
+    expect(page.locator("#sc-folders")).to_contain_text("1 file")
     expect(page.locator("#transfers-card")).to_be_visible()
     expect(page.locator("#no-transfers")).to_be_visible()
     expect(owner.locator(".sync-state")).to_have_text("owner · in sync")
