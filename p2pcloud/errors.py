@@ -206,3 +206,14 @@ class AccessDenied(SubCloudError):
 
 class SubscriptionLost(SubCloudError):
     """A subscriber fell too far behind and its changes were dropped: re-read the state."""
+
+
+# -- things on a node --------------------------------------------------------------------------
+
+
+class UnknownThing(ThingError, KeyError):
+    """No thing with that hashname or name is held by this node (``node.things.get``)."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its argument; a message for people reads better unquoted
+        return str(self.args[0]) if self.args else "unknown thing"

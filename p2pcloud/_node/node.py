@@ -46,6 +46,7 @@ from p2pcloud._node.memory import MemoryEndpoint, MemoryNetwork
 from p2pcloud._node.replication import Replication, open_replication
 from p2pcloud._node.stream import ChannelStream, UnreliableChannel
 from p2pcloud._node.subcloud import SubCloud
+from p2pcloud._node.things import Things, open_things
 from p2pcloud._node.transport import TcpTransport, TransportError, UdpTransport
 from p2pcloud._wire import MAX_PACKET, MAX_UDP_PACKET, b32decode
 from p2pcloud.errors import (
@@ -223,6 +224,8 @@ class Node:
         self._link_listeners: list[Callable[[Hashname, bool], None]] = []
         # the person's cloud (docs/cloud.md): open_node attaches it when there is a data dir
         self.cloud: Cloud | None = None
+        # things and their tags (docs/things.md): open_node attaches them with a data dir
+        self.things: Things | None = None
 
     def _accept_handshake(self, hashname: Hashname) -> bool:
         return all(check(hashname) for check in self.accept_filters) and self._accept_user(
@@ -990,6 +993,8 @@ async def open_node(
                 # the person's cloud: membership, pairing, re-linking (docs/cloud.md)
                 node.cloud = await open_cloud(node, nursery, discovery=discovery,
                                               discovery_interfaces=discovery_interfaces)
+                # things and their tags (docs/things.md "Things on a node")
+                node.things = await open_things(node, nursery)
             try:
                 yield node
             finally:

@@ -206,6 +206,9 @@ class Replication:
         """The cloud's rights (grants, revocations, policy); set by ``_node/cloud.py``."""
         self.subcloud_listeners: list[Callable[[SubCloud], None]] = []
         """Called with every sub-cloud this node starts holding (created or received)."""
+        self.change_listeners: list[Callable[[SubCloud, list[Change]], None]] = []
+        """Called with every batch of changes of any sub-cloud, local or merged (after its
+        subscribers); quick synchronous callbacks (``_node/things.py`` wakes its rules)."""
         self._unshared: dict[SubCloudId, RegistryRecord] = {}
         # registry records refused because they were not (yet) shared with us; re-checked by
         # refresh_shares() when the cloud's membership changes (a joiner's first records can
@@ -274,6 +277,12 @@ class Replication:
         if record.subcloud not in self.subclouds:
             await self._put_record(record)
             self._rerun_sessions()
+
+    def _changed(self, sc: SubCloud, changes: list[Change]) -> None:
+        """Tell a sub-cloud's subscribers and the change listeners what changed."""
+        sc._notify(changes)
+        for listener in self.change_listeners:
+            listener(sc, changes)
 
     def _reject(self, peer: str, reason: str, detail: str = "") -> None:
         self._stats[f"rejected: {reason}"] += 1
@@ -453,7 +462,7 @@ class Replication:
             if not delta:
                 return
             await self._commit_delta(sc, delta)
-        sc._notify([Change(c, d, f, "local") for c, d, f in places])
+        self._changed(sc, [Change(c, d, f, "local") for c, d, f in places])
         await self._after_local_writes(sc, places)
 
     async def _commit_delta(self, sc: SubCloud, delta: bytes) -> Envelope:
@@ -590,7 +599,7 @@ class Replication:
         if stored:
             self._push(sc_id, stored, exclude=peer)
         if changes:
-            sc._notify([Change(c, d, f, peer) for c, d, f in changes])
+            self._changed(sc, [Change(c, d, f, peer) for c, d, f in changes])
             await self._after_local_writes(sc, changes)
 
     async def ingest_snapshot(self, sc_id: SubCloudId, snapshot: bytes, peer: Hashname) -> None:
@@ -613,7 +622,7 @@ class Replication:
                                       log_bytes=s.log_bytes,
                                       log_dots=s.log_dots)
         if changes:
-            sc._notify([Change(c, d, f, peer) for c, d, f in changes])
+            self._changed(sc, [Change(c, d, f, peer) for c, d, f in changes])
             await self._after_local_writes(sc, changes)
 
     # -- links and channels -----------------------------------------------------------------------
@@ -968,7 +977,7 @@ class Replication:
         if deltas:
             changed = [("files", e.path, "content") for e in result.events
                        if hasattr(e, "path")]
-            sc._notify([Change(c, d, f, "local") for c, d, f in changed])
+            self._changed(sc, [Change(c, d, f, "local") for c, d, f in changed])
         wants: list[tuple[bytes, Manifest | None]] = []
         for blob, missing in result.missing.items():
             self._blob_paths.setdefault(blob, []).append((folder, missing.path))

@@ -774,7 +774,8 @@ class RuleRunner:
 
     def __init__(self, me: str, hosts: Sequence[str], *,
                  registry: HandlerRegistry | None = None, started_ms: int,
-                 schedules_since_ms: int | None = None) -> None:
+                 schedules_since_ms: int | None = None,
+                 takeover_ms: int = TAKEOVER_MS) -> None:
         """Create the runner (once per thing when the device starts).
 
         Args:
@@ -785,6 +786,9 @@ class RuleRunner:
                 wrote while this one was down.
             schedules_since_ms: schedule occurrences after this time are considered (the
                 last time the device ran, if the shell remembers it; default started_ms).
+            takeover_ms: how long each candidate waits for the one before it, and how long
+                overdue work waits after a start (``TAKEOVER_MS`` / ``SETTLE_MS``); every
+                device of a cloud must use the same value.
         """
         self.me = me
         self.hosts = list(hosts)
@@ -795,6 +799,7 @@ class RuleRunner:
         self._schedule_since = started_ms if schedules_since_ms is None else schedules_since_ms
         self._wake: int | None = None
         self._rule_cache: dict[tuple[str, str, int], Rule] = {}
+        self.takeover_ms = takeover_ms
 
     def observe(self, replica: Replica, now_ms: int) -> None:
         """Take in new events from the ``events`` log and schedule occurrences up to now.
@@ -831,10 +836,10 @@ class RuleRunner:
 
     def _start(self, event: Event) -> int:
         rank = candidates(event, self.hosts).index(self.me)
-        start = event.at_ms + rank * TAKEOVER_MS
+        start = event.at_ms + rank * self.takeover_ms
         if event.at_ms < self.started_ms:
             # Overdue work found at start-up: let the first sync deliver markers first.
-            start = max(start, self.started_ms + SETTLE_MS)
+            start = max(start, self.started_ms + self.takeover_ms)
         return start
 
     def due(self, replica: Replica, now_ms: int) -> list[Due]:

@@ -1,0 +1,1498 @@
+"""Things on a node: the ``node.things`` facade over the pure layers (docs/things.md).
+
+Theory of operation
+-------------------
+Every node with a data dir gets a :class:`Things` (``node.things``). A thing is a sub-cloud
+of kind ``thing`` (p2pcloud/things/thing.py layout) replicated by the node's engine like any
+other; this module only adds what the pure layers leave to the shell:
+
+* **Owning the sub-cloud.** A thing's registry record (p2pcloud/_node/subcloud.py) is signed
+  by the *thing's own key*, with the cloud's devices in its ACL. Any owner device that opened
+  the thing key (sealed to every member, ``open_thing_key``) can re-sign it when the cloud's
+  membership changes, a smart thing is the natural owner of its own sub-cloud, and a thing
+  handed on to another cloud writes its new sub-cloud as itself (transfer.py).
+* **Writes** run the pure helper (``create_layout``, ``rename``, ``claim_here``...) on the
+  device's replica under the sub-cloud's lock and commit the delta through the engine
+  (sealed by this device, durable before the call returns, pushed to the members).
+* **Reaching a thing** (scans by claimants and finders): see p2pcloud/_node/thinghost.py. A
+  tag lists owner devices as routers; the scanner wakes the thing on one of them and links
+  the thing's hashname; the thing endpoint serves the ``thing`` channel with
+  ``scan.serve_request`` against the owner device's replica (finder allow-list included).
+* **Notifications.** Inbox messages and rule notices are data in the sub-cloud (``inbox`` and
+  ``notices`` logs), so every owner device learns of them through sync. A change hook of the
+  engine turns appends to those logs into :class:`ThingNotice` events (``message``,
+  ``notification``) on every device, once per record.
+* **Rules** (p2pcloud/things/rules.py): one :class:`RuleRunner` per thing that has rules (or
+  for every changed thing once Python handlers are registered). The change hook marks a
+  thing dirty; a single task observes dirty things, runs what is due on this device (done
+  marker and appends in one delta), writes ``notify_owner`` notices, calls Python handlers,
+  and sleeps until the earliest runner timer. Exactly once holds as the pure layer states.
+* **Transfers**: the new owner makes a *transfer target* (cloud id, member keys, a device to
+  reach, a single-use secret); the old owner's device builds the package
+  (``prepare_transfer``), sends it on a ``thingtransfer`` channel, and on success ends its
+  access (``end_access``). The new owner verifies (``accept_transfer``) and stores the
+  thing's envelopes as received deltas of the new sub-cloud.
+
+Scale: nothing here runs per thing at open. The index (hashname -> sub-cloud) is built from
+the in-memory replicas; runners exist only for things with rules; endpoints are started on
+demand and bounded (thinghost.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import cbor2
+import trio
+
+from p2pcloud._core import Replica
+from p2pcloud._crypto import LocalIdentity, hashname_from_keys, is_hashname
+from p2pcloud._ids import CloudId, Hashname, SubCloudId
+from p2pcloud._node.subcloud import Change, RegistryRecord, SubCloud, sign_record
+from p2pcloud._node.thinghost import (
+    HOST_CHANNEL,
+    MAX_HOST_REQUEST,
+    ThingHost,
+    decode_wake,
+    read_frame,
+    write_frame,
+)
+from p2pcloud._wire import b32decode, b32encode
+from p2pcloud.cloud.grants import ROLE_THING
+from p2pcloud.errors import (
+    AccessDenied,
+    BadURI,
+    ClaimRefused,
+    LinkError,
+    MalformedPacket,
+    ThingError,
+    TransferError,
+    UnknownThing,
+)
+from p2pcloud.things import rules as _r
+from p2pcloud.things import scan as _s
+from p2pcloud.things import thing as _t
+from p2pcloud.things import transfer as _x
+from p2pcloud.things.tags import Tag, TagPath, fresh_tag, parse_tag, scan_image
+from p2pcloud.uri import LinkInfo
+
+if TYPE_CHECKING:
+    from p2pcloud._node.node import Node
+    from p2pcloud._node.replication import Replication
+    from p2pcloud._node.stream import ChannelStream
+
+__all__ = [
+    "NOTICES",
+    "TRANSFER_CHANNEL",
+    "ScanResult",
+    "ThingEvent",
+    "MessageReceived",
+    "OwnerNotified",
+    "ThingChanged",
+    "ThingCreated",
+    "ThingNotice",
+    "ThingView",
+    "Things",
+    "claim_secret_for",
+]
+
+log = logging.getLogger("p2pcloud.things")
+
+TRANSFER_CHANNEL: Final = "thingtransfer"  # the new owner's device receives packages here
+TRANSFER_PREFIX: Final = "P2PCLOUD-TRANSFER:"
+NOTICES: Final = "notices"  # log of notify_owner records (rules), one per firing
+MAX_SHEET: Final = 200  # fresh tags made in one call: a few printed pages
+MAX_KEY_CACHE: Final = 256  # opened thing keys kept in memory (an LRU): busy things only
+REACH_TIMEOUT: Final = 15.0  # seconds to link a router or a thing before trying the next path
+REQUEST_TIMEOUT: Final = 30.0  # seconds for one request/response on a thing channel
+TARGET_TTL: Final = 3600.0  # seconds a transfer target stays valid
+MAX_TARGETS: Final = 64  # open transfer targets of one device
+MAX_TARGET_TEXT: Final = 8192  # a target lists up to 64 member keys and 4 paths
+MAX_TARGET_MEMBERS: Final = 64  # as a claim (scan.MAX_CLAIM_MEMBERS)
+SAME_CLOUD_WAIT: Final = 30.0  # seconds a claim by a fellow device waits for the sync
+READING_FIELDS: Final = frozenset({"value", "unit", "kind"})
+CARD_LABEL: Final = "text"  # the card field ``set_card(text)`` writes
+HISTORY_ALL: Final = "all"
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def claim_secret_for(seed: bytes) -> bytes:
+    """The claim secret of a thing made by a node, derived from the thing's seed.
+
+    The pure layer draws a random secret and keeps only its hash; a node derives it from the
+    thing's Ed25519 seed instead, so any owner device that opens the thing key can print the
+    fresh tag again (a sheet lost before it was stuck on). Those who cannot open the key
+    learn nothing: the derivation is a keyed hash.
+
+    Args:
+        seed: the thing's 32-byte Ed25519 seed.
+
+    Returns:
+        16 bytes.
+    """
+    return hmac.new(seed, b"p2pcloud claim secret v1", hashlib.sha256).digest()[
+        :_t.CLAIM_SECRET_SIZE]
+
+
+# -- what the facade returns -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ThingView:
+    """A thing as an application shows it.
+
+    Attributes:
+        hashname: the thing's hashname. subcloud: its sub-cloud id (base32).
+        name, make, model, serial: the profile. archived: hidden from the default list.
+        claimed: its claim secret is spent. ended: handed on to another cloud.
+        owner_cloud: base32 id of the cloud that holds it (None if unknown).
+        card: what a finder sees. created_ms: when it was made.
+        smart: the thing runs its own node (it owns and writes its sub-cloud itself).
+    """
+
+    hashname: Hashname
+    subcloud: str
+    name: str
+    make: str
+    model: str
+    serial: str
+    archived: bool
+    claimed: bool
+    ended: bool
+    owner_cloud: str | None
+    card: dict[str, str]
+    created_ms: int
+    smart: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the daemon's API shape)."""
+        return {"hashname": self.hashname, "subcloud": self.subcloud, "name": self.name,
+                "make": self.make, "model": self.model, "serial": self.serial,
+                "archived": self.archived, "claimed": self.claimed, "ended": self.ended,
+                "owner_cloud": self.owner_cloud, "card": dict(self.card),
+                "created_ms": self.created_ms, "smart": self.smart}
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """What a scan did.
+
+    Attributes:
+        action: ``"claimed"`` (a fresh tag: the thing is now this cloud's), ``"opened"`` (the
+            owner scanned a claimed tag; a ``scanned`` event was recorded) or ``"finder"``
+            (someone else's thing: only ``card`` is known; :meth:`Things.leave_message`).
+        tag: the tag that was scanned.
+        thing: the thing (claimed / opened), else None.
+        card: the card (finder), else None.
+        new_tag: after a claim, the claimed tag to print (it replaces the fresh one).
+    """
+
+    action: str
+    tag: Tag
+    thing: ThingView | None = None
+    card: dict[str, str] | None = None
+    new_tag: Tag | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThingEvent:
+    """An event of a thing, as Python handlers (:meth:`Things.add_handler`) get it.
+
+    Attributes:
+        thing: the thing's hashname. type: ``scanned``, ``reading_added``,
+        ``message_received`` or ``schedule``. id: the event id. origin: the device where it
+        happened. at_ms: when. fields: what rule conditions read.
+    """
+
+    thing: Hashname
+    type: str
+    id: str
+    origin: str
+    at_ms: int
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ThingNotice:
+    """What :meth:`Things.add_listener` functions get (one of the subclasses below).
+
+    Attributes:
+        thing: the thing's hashname.
+        data: details (see each subclass).
+    """
+
+    thing: Hashname
+    data: dict[str, Any] = field(default_factory=dict)
+
+    kind = "notice"  # a class attribute: what happened, for logs and filters
+
+
+@dataclass(frozen=True, slots=True)
+class ThingCreated(ThingNotice):
+    """A thing appeared on this device: made here, claimed, received by transfer, or synced
+    from another owner device."""
+
+    kind = "created"
+
+
+@dataclass(frozen=True, slots=True)
+class ThingChanged(ThingNotice):
+    """A thing's sub-cloud changed; ``data["collections"]`` names what (or ``claimed`` /
+    ``handed_on`` is true)."""
+
+    kind = "changed"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived(ThingNotice):
+    """A finder left a message; ``data`` is the inbox record ``{id, from, text, contact,
+    at_ms}``. Every owner device gets it once (the inbox replicates)."""
+
+    kind = "message"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerNotified(ThingNotice):
+    """A rule notified the owner; ``data`` has ``text``, ``rule``, ``event``, ``type``. Every
+    owner device gets it once; the rule fired on one of them."""
+
+    kind = "notification"
+
+
+_NOTICES: Final[dict[str, type[ThingNotice]]] = {
+    c.kind: c for c in (ThingCreated, ThingChanged, MessageReceived, OwnerNotified)}
+
+
+Handler = Callable[[ThingEvent], Awaitable[None] | None]
+Listener = Callable[[ThingNotice], None]
+
+
+class _Registry(_r.HandlerRegistry):
+    """Python handlers that fire only for events at or after their registration (as rules
+    fire only for events after their creation: registering must not replay history)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since_ms: dict[str, int] = {}
+
+    def firing(self, event: _r.Event) -> _r.Firing | None:
+        since = self.since_ms.get(event.type)
+        if since is None or event.at_ms < since:
+            return None
+        return super().firing(event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Target:
+    cloud: CloudId
+    device_key: bytes
+    paths: list[dict[str, Any]]
+    secret: bytes
+    members: dict[Hashname, bytes]
+
+
+# -- the facade ----------------------------------------------------------------------------------
+
+
+class Things:
+    """The things of this node's cloud (see the module docstring). ``node.things``."""
+
+    def __init__(self, node: Node, *, takeover_ms: int = _r.TAKEOVER_MS) -> None:
+        """Create the facade; ``open_node`` does this and calls :meth:`start`.
+
+        Args:
+            node: a node with a data dir (its replication engine runs).
+            takeover_ms: how long each rule candidate waits for the one before it
+                (``rules.TAKEOVER_MS``); set before the first event for tests.
+        """
+        assert node.replication is not None
+        self.node = node
+        self._repl: Replication = node.replication
+        self.takeover_ms = takeover_ms
+        self._index: dict[Hashname, SubCloudId] = {}
+        self._keys: OrderedDict[SubCloudId, LocalIdentity] = OrderedDict()
+        self._listeners: list[Listener] = []
+        self._registry = _Registry()
+        self._py_handlers: dict[str, list[tuple[Handler, bool]]] = {}
+        self._runners: dict[SubCloudId, _r.RuleRunner] = {}
+        self._dirty: set[SubCloudId] = set()
+        self._rules_wake = trio.Event()
+        self._targets: dict[bytes, tuple[float, _Target]] = {}
+        self._seen_logs: dict[tuple[SubCloudId, str], int] = {}
+        self._started_ms = _now_ms()
+        self._nursery: trio.Nursery | None = None
+        bind = next((p.ip for p in node.paths if p.type == "udp4" and p.ip), "127.0.0.1")
+        self.host = ThingHost(bind, self._serve_thing)
+        self.stats: Counter[str] = Counter()
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Index the held things, serve the channels, start the rules task."""
+        self._nursery = nursery
+        for sc in self._thing_subclouds():
+            self._index_one(sc)
+            self._note_logs(sc)
+            if sc.replica.documents(_t.RULES):
+                self._dirty.add(sc.id)
+        await nursery.start(self.host.run)
+        self.node.serve_channel(HOST_CHANNEL, self._serve_wake)
+        self.node.serve_channel(TRANSFER_CHANNEL, self._serve_transfer)
+        self._repl.change_listeners.append(self._on_change)
+        cloud = self._cloud()
+        if cloud is not None and hasattr(cloud, "add_listener"):
+            cloud.add_listener(self._on_membership)
+        nursery.start_soon(self._rules_loop)
+        self._rules_wake.set()
+
+    # -- cloud ---------------------------------------------------------------------------------
+
+    def _cloud(self) -> Any:
+        return getattr(self.node, "cloud", None)
+
+    def _cloud_id(self) -> CloudId | None:
+        cloud = self._cloud()
+        cid = getattr(cloud, "id", None) if cloud is not None else None
+        return CloudId(bytes(cid)) if cid else None
+
+    def _require_cloud(self) -> CloudId:
+        cid = self._cloud_id()
+        if cid is None:
+            raise ThingError("this node is in no cloud yet: found one or join one first")
+        return cid
+
+    def _membership(self) -> Any:
+        cloud = self._cloud()
+        return getattr(cloud, "membership", None) if self._cloud_id() else None
+
+    def _members(self, sc_id: SubCloudId | None) -> dict[Hashname, bytes]:
+        """Who the thing key is sealed to: the cloud's devices that may read the thing."""
+        membership = self._membership()
+        out: dict[Hashname, bytes] = {}
+        if membership is not None:
+            for h, m in membership.members().items():
+                if m.role == ROLE_THING:
+                    continue
+                if sc_id is None or membership.can_read(sc_id, h):
+                    out[h] = bytes(m.key)
+        out.setdefault(self.node.hashname, self.node.identity.cs3a_public)
+        return out
+
+    def _acl(self, sc_id: SubCloudId, owner: Hashname) -> dict[Hashname, str]:
+        """The thing sub-cloud's ACL: its devices, and smart things that may write it."""
+        acl = {h: "write" for h in self._members(sc_id)}
+        membership = self._membership()
+        if membership is not None:
+            for h, m in membership.members().items():
+                if m.role == ROLE_THING and membership.can_write(sc_id, h):
+                    acl[h] = "write"
+        acl.pop(owner, None)
+        return acl
+
+    def _hosts(self, sc_id: SubCloudId) -> list[str]:
+        return sorted(self._members(sc_id))
+
+    # -- index and lookups ---------------------------------------------------------------------
+
+    def _thing_subclouds(self) -> list[SubCloud]:
+        return [sc for sc in self._repl.subclouds.values() if sc.kind == "thing"]
+
+    def _index_one(self, sc: SubCloud) -> None:
+        hn = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")
+        if not is_hashname(hn):
+            return
+        hn = Hashname(str(hn))
+        held = self._index.get(hn)
+        if held is not None and held != sc.id:
+            other = self._repl.subclouds.get(held)
+            # the live sub-cloud wins over an ended one (an old owner's archive)
+            if other is not None and not _ended(other.replica) and _ended(sc.replica):
+                return
+        self._index[hn] = sc.id
+
+    def _held(self, hashname: Hashname) -> SubCloud | None:
+        """This node's live (not handed on) sub-cloud of a thing, if any."""
+        sc_id = self._index.get(hashname)
+        if sc_id is None:
+            for sc in self._thing_subclouds():  # a sub-cloud that arrived since: index it
+                self._index_one(sc)
+            sc_id = self._index.get(hashname)
+        sc = self._repl.subclouds.get(sc_id) if sc_id is not None else None
+        if sc is None or _ended(sc.replica):
+            return None
+        return sc
+
+    def _find(self, thing: str | ThingView, *, live: bool = True) -> SubCloud:
+        if not isinstance(thing, str):
+            thing = str(getattr(thing, "hashname", thing))
+        if is_hashname(thing):
+            sc = self._held(Hashname(thing))
+            if sc is not None or live:
+                if sc is None:
+                    raise UnknownThing(f"no thing {thing[:12]} in this cloud")
+                return sc
+        scs = self._thing_subclouds()
+        named = []
+        for sc in scs:
+            try:
+                info = _t.thing_info(sc.replica)
+            except ThingError:
+                continue
+            if live and info.ended:
+                continue
+            if info.name == thing or (len(thing) >= 8 and info.hashname.startswith(thing)):
+                named.append(sc)
+        if len(named) != 1:
+            more = "several things match" if named else "no thing matches"
+            raise UnknownThing(f"{thing!r}: {more}; use the hashname")
+        return named[0]
+
+    def _view(self, sc: SubCloud) -> ThingView:
+        info = _t.thing_info(sc.replica)
+        created = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "created_ms", 0)
+        return ThingView(
+            hashname=info.hashname, subcloud=sc.id_text, name=info.name, make=info.make,
+            model=info.model, serial=info.serial, archived=info.archived, claimed=info.claimed,
+            ended=info.ended,
+            owner_cloud=b32encode(info.owner_cloud) if info.owner_cloud else None,
+            card=_t.card(sc.replica), created_ms=created if isinstance(created, int) else 0,
+            smart=sc.owner == info.hashname and sc.replica.get(
+                _t.PROFILE, _t.PROFILE_DOC, "smart", False) is True)
+
+    def list(self, *, include_archived: bool = False) -> list[ThingView]:
+        """The things this node holds, sorted by name (handed-on things are not listed).
+
+        Args:
+            include_archived: also list archived things.
+
+        Returns:
+            The views.
+        """
+        out = []
+        for sc in self._thing_subclouds():
+            try:
+                view = self._view(sc)
+            except ThingError:
+                continue  # the record arrived, the profile not yet
+            if view.ended or (view.archived and not include_archived):
+                continue
+            out.append(view)
+        return sorted(out, key=lambda v: (v.name.casefold(), v.hashname))
+
+    def get(self, hashname_or_name: str) -> ThingView:
+        """One thing, by hashname, unique name, or hashname prefix (8+ characters).
+
+        Raises:
+            UnknownThing: none matches, or several do.
+        """
+        return self._view(self._find(hashname_or_name))
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    def _thing_key(self, sc: SubCloud) -> LocalIdentity:
+        identity = self._keys.get(sc.id)
+        if identity is None:
+            owner = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")
+            if owner == self.node.hashname:
+                identity = self.node.identity  # a smart thing is itself
+            else:
+                identity = _t.open_thing_key(sc.replica, self.node.identity)
+            self._keys[sc.id] = identity
+            while len(self._keys) > MAX_KEY_CACHE:
+                self._keys.popitem(last=False)
+        else:
+            self._keys.move_to_end(sc.id)
+        return identity
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def _write(self, sc: SubCloud, fn: Callable[[Replica], Any],
+                     places: list[tuple[str, str | None, str | None]]) -> Any:
+        """Run a pure helper on our replica and commit its delta through the engine.
+
+        ``fn`` returns a delta, or a tuple whose last item is the delta; its result is
+        returned. Raises what ``fn`` raises (nothing written), AccessDenied or StoreError.
+        """
+        if not self._repl.can_write(sc.id, self.node.hashname):
+            raise AccessDenied(f"this device may not write the thing {sc.name!r}")
+        async with sc.lock:
+            result = fn(sc.replica)
+            delta = result[-1] if isinstance(result, tuple) else result
+            if delta:
+                await self._repl._commit_delta(sc, delta)
+        if delta:
+            self._repl._changed(sc, [Change(c, d, f, "local") for c, d, f in places])
+        return result
+
+    async def _put_record(self, thing: LocalIdentity, sc_id: SubCloudId,
+                          acl: dict[Hashname, str], previous: RegistryRecord | None = None
+                          ) -> SubCloud:
+        """Sign (as the thing) and keep the thing sub-cloud's registry record; tell peers."""
+        record = sign_record(thing, sc_id, name=f"thing {thing.hashname}", kind="thing",
+                             acl=acl, revision=previous.revision + 1 if previous else 1)
+        sc = await self._repl._put_record(record)
+        for peer in set(acl) | (set(previous.acl) if previous else set()):
+            self._repl._send_record(peer, record)
+        self._repl._rerun_sessions()
+        return sc
+
+    def _new_thing(self) -> _t.NewThing:
+        made = _t.new_thing(os.urandom)
+        seed = made.identity.seed
+        assert seed is not None
+        return _t.NewThing(made.identity, made.subcloud, claim_secret_for(seed))
+
+    async def _create(self, new: _t.NewThing, *, name: str, make: str, model: str,
+                      serial: str, card: str, smart: bool = False) -> ThingView:
+        cloud = self._require_cloud()
+        members = self._members(new.subcloud)
+        now = _now_ms()
+        # Check the profile on a scratch replica first: a bad name must leave no sub-cloud.
+        _t.create_layout(Replica(b"\0" * 16), new, name=name, make=make, model=model,
+                         serial=serial, cloud=cloud, members=members, entropy=os.urandom,
+                         now_ms=now)
+        sc = await self._put_record(new.identity, new.subcloud,
+                                    self._acl(new.subcloud, new.hashname))
+
+        # create_layout is one transaction; the extras (smart flag, card) a second one.
+        async with sc.lock:
+            delta = _t.create_layout(sc.replica, new, name=name, make=make, model=model,
+                                     serial=serial, cloud=cloud, members=members,
+                                     entropy=os.urandom, now_ms=now)
+            await self._repl._commit_delta(sc, delta)
+            extras: dict[str, Any] = {}
+            if smart:
+                extras["smart"] = True
+            if extras or card:
+                sc.replica.begin(now)
+                if extras:
+                    sc.replica.set_many(_t.PROFILE, _t.PROFILE_DOC, extras)
+                if card:
+                    sc.replica.set(_t.CARD, _t.CARD_DOC, "fields",
+                                   {CARD_LABEL: _card_text(card)})
+                more = sc.replica.commit()
+                if more:
+                    await self._repl._commit_delta(sc, bytes(more))
+        self._keys[sc.id] = new.identity
+        self._index[new.hashname] = sc.id
+        self._repl._changed(sc, [(Change(_t.PROFILE, _t.PROFILE_DOC, None, "local"))])
+        return self._view(sc)
+
+    async def create(self, name: str, *, make: str = "", model: str = "", serial: str = "",
+                     card: str = "") -> ThingView:
+        """Make a new thing held by this cloud (unclaimed: print its fresh tag, then scan).
+
+        Args:
+            name, make, model, serial: its profile (each at most 200 characters).
+            card: what a finder may read once it is claimed ("" shows nothing).
+
+        Returns:
+            The new thing.
+
+        Raises:
+            ThingError: no cloud yet, or a field too long (nothing is written).
+        """
+        _card_text(card)
+        return await self._create(self._new_thing(), name=name, make=make, model=model,
+                                  serial=serial, card=card)
+
+    async def fresh_tags(self, count: int) -> list[Tag]:
+        """Make ``count`` unclaimed things and return their fresh tags (a sheet to print).
+
+        Raises:
+            ThingError: count out of 1..MAX_SHEET, or no cloud yet.
+        """
+        if not isinstance(count, int) or not 0 < count <= MAX_SHEET:
+            raise ThingError(f"a sheet has 1..{MAX_SHEET} tags")
+        out = []
+        for _ in range(count):
+            view = await self.create("")
+            out.append(self.tag(view.hashname))
+        return out
+
+    def _live(self, thing: str | ThingView) -> SubCloud:
+        sc = self._find(thing)
+        return sc
+
+    async def rename(self, thing: str | ThingView, name: str) -> None:
+        """Rename a thing. Raises UnknownThing, ThingError (too long)."""
+        sc = self._live(thing)
+        await self._write(sc, lambda r: _t.rename(r, name, now_ms=_now_ms()),
+                          [(_t.PROFILE, _t.PROFILE_DOC, "name")])
+
+    async def archive(self, thing: str | ThingView, archived: bool = True) -> None:
+        """Archive (hide from the default list) or restore a thing; nothing is deleted."""
+        sc = self._find(thing)
+        await self._write(sc, lambda r: _t.set_archived(r, archived, now_ms=_now_ms()),
+                          [(_t.PROFILE, _t.PROFILE_DOC, "archived")])
+
+    async def note(self, thing: str | ThingView, text: str) -> None:
+        """Append text to a thing's notes (a collaborative text field)."""
+        sc = self._live(thing)
+        await self._write(sc, lambda r: _t.add_note(r, text, now_ms=_now_ms()),
+                          [(_t.NOTES, _t.NOTES_DOC, _t.NOTES_FIELD)])
+
+    def notes(self, thing: str | ThingView) -> str:
+        """A thing's notes text."""
+        value = self._find(thing).replica.get(_t.NOTES, _t.NOTES_DOC, _t.NOTES_FIELD, "")
+        return value if isinstance(value, str) else ""
+
+    async def add_reading(self, thing: str | ThingView, fields: Mapping[str, Any]) -> None:
+        """Record a reading (``{"value": 71.5, "unit": "kg", "kind": "weight"}``).
+
+        Raises:
+            ThingError: no numeric ``value``, or unknown fields.
+        """
+        extra = set(fields) - READING_FIELDS
+        if extra or "value" not in fields:
+            raise ThingError(f"a reading has a numeric 'value' and optional 'unit', 'kind' "
+                             f"(got {sorted(fields)})")
+        sc = self._live(thing)
+        me = self.node.hashname
+        await self._write(sc, lambda r: _t.add_reading(
+            r, fields["value"], unit=str(fields.get("unit", "")),
+            kind=str(fields.get("kind", "")), by=me, entropy=os.urandom, now_ms=_now_ms()),
+            [(_t.READINGS, None, None), (_t.EVENTS, None, None)])
+
+    def readings(self, thing: str | ThingView) -> list[dict[str, Any]]:
+        """A thing's readings, oldest first."""
+        return [v for v in self._find(thing, live=False).log(_t.READINGS) if isinstance(v, dict)]
+
+    def events(self, thing: str | ThingView) -> list[dict[str, Any]]:
+        """A thing's events (scanned, claimed, reading_added, message_received), oldest first."""
+        return [v for v in self._find(thing, live=False).log(_t.EVENTS) if isinstance(v, dict)]
+
+    def notices(self, thing: str | ThingView) -> list[dict[str, Any]]:
+        """The notifications rules wrote for a thing, oldest first."""
+        return [v for v in self._find(thing, live=False).log(NOTICES) if isinstance(v, dict)]
+
+    async def set_card(self, thing: str | ThingView, text: str) -> None:
+        """Choose what a finder sees ("" shows nothing). Raises ThingError (too long)."""
+        sc = self._live(thing)
+        fields = {CARD_LABEL: _card_text(text)} if text else {}
+        await self._write(sc, lambda r: _t.set_card(r, fields, now_ms=_now_ms()),
+                          [(_t.CARD, _t.CARD_DOC, "fields")])
+
+    def inbox(self, thing: str | ThingView) -> list[dict[str, Any]]:
+        """Finder messages, oldest first: ``{id, from, text, contact, at_ms}``."""
+        return [v for v in self._find(thing, live=False).log(_t.INBOX) if isinstance(v, dict)]
+
+    # -- tags ----------------------------------------------------------------------------------
+
+    def _tag_paths(self) -> list[TagPath]:
+        """Router paths of this cloud: this device first, then members we see directly."""
+        out: list[TagPath] = []
+        seen: set[tuple[str, int]] = set()
+
+        def add(key: bytes, ip: str | None, port: int | None) -> None:
+            if (ip and port and ip not in ("0.0.0.0", "") and (ip, port) not in seen  # noqa: S104
+                    and len(out) < 4 and ":" not in ip):
+                seen.add((ip, port))
+                out.append(TagPath("router", ip, port, key))
+
+        for p in self.node.paths:
+            if p.type == "udp4":
+                add(self.node.identity.cs3a_public, p.ip, p.port)
+        membership = self._membership()
+        if membership is not None:
+            for h, m in sorted(membership.members().items()):
+                if h == self.node.hashname or m.role == ROLE_THING:
+                    continue
+                path = self.node.link_path(h)
+                if path is not None and path.type == "udp4":
+                    add(bytes(m.key), path.ip, path.port)
+        return out
+
+    def tag(self, thing: str | ThingView) -> Tag:
+        """A thing's current tag, with this cloud's routers: its fresh tag while unclaimed
+        (re-derived from the thing key), else the claimed tag with the finder capability.
+
+        Raises:
+            UnknownThing: no such thing. ThingError: this device cannot open the thing key.
+        """
+        sc = self._live(thing)
+        info = _t.thing_info(sc.replica)
+        paths = self._tag_paths()
+        if info.claimed:
+            return _s.current_tag(sc.replica, paths)
+        identity = self._thing_key(sc)
+        seed = identity.seed
+        assert seed is not None
+        return fresh_tag(_t.NewThing(identity, sc.id, claim_secret_for(seed)), paths)
+
+    # -- scanning --------------------------------------------------------------------------------
+
+    async def _read_tag(self, source: str | bytes | Path) -> Tag:
+        if isinstance(source, Path):
+            data = await trio.Path(source).read_bytes()
+            return await trio.to_thread.run_sync(scan_image, data)
+        if isinstance(source, bytes):
+            return await trio.to_thread.run_sync(scan_image, source)
+        text = str(source).strip()
+        if not text.lower().startswith("p2pcloud:") and await trio.Path(text).is_file():
+            return await self._read_tag(Path(text))
+        return parse_tag(text)
+
+    async def scan(self, source: str | bytes | Path) -> ScanResult:
+        """Scan a tag: claim a fresh one, open our own thing, or read a stranger's card.
+
+        Args:
+            source: the tag URI text, a PNG/JPEG as bytes, or an image path.
+
+        Returns:
+            The :class:`ScanResult`.
+
+        Raises:
+            BadURI: the text is not a valid tag (truncated, altered, wrong version, foreign
+                key). TagImageError: no tag in the image. ClaimRefused: the claim secret is
+                wrong or spent. ThingError: the owner cannot be reached, or no cloud to claim
+                into. Nothing changes on any of these.
+        """
+        tag = await self._read_tag(source)
+        sc = self._held(tag.hashname)
+        cloud = self._cloud_id()
+        decision = _s.decide_scan(tag, holder=sc.replica if sc is not None else None,
+                                  my_cloud=cloud if cloud is not None else CloudId(b""))
+        me = self.node.hashname
+        if decision.action == _s.SCAN_REFUSED:
+            raise ClaimRefused(decision.reason, "this tag was claimed before; a claim works once")
+        if decision.action == _s.SCAN_CLAIM_HERE:
+            assert sc is not None and cloud is not None
+            paths = self._tag_paths()
+            new_tag, _event, _delta = await self._write(sc, lambda r: _s.claim_here(
+                r, tag.secret, me=me, my_cloud=cloud, paths=paths, entropy=os.urandom,
+                now_ms=_now_ms()), [(_t.ACCESS, _t.ACCESS_DOC, None), (_t.EVENTS, None, None)])
+            self._notify("changed", tag.hashname, {"claimed": True})
+            return ScanResult("claimed", tag, self._view(sc), new_tag=new_tag)
+        if decision.action == _s.SCAN_OPEN:
+            assert sc is not None
+            await self._write(sc, lambda r: _s.open_thing(r, me=me, entropy=os.urandom,
+                                                          now_ms=_now_ms()),
+                              [(_t.EVENTS, None, None)])
+            return ScanResult("opened", tag, self._view(sc))
+        if decision.action == _s.SCAN_CLAIM_REMOTE:
+            return await self._claim_remote(tag)
+        response = await self._request(tag, _s.card_request(tag))
+        if not response["ok"]:
+            raise ThingError(f"the thing's owner refused: {response['err']}")
+        card = response.get("card")
+        if not isinstance(card, dict):
+            raise ThingError("the thing's owner sent no card")
+        return ScanResult("finder", tag,
+                          card={str(k): str(v) for k, v in card.items()})
+
+    async def _claim_remote(self, tag: Tag) -> ScanResult:
+        cloud = self._require_cloud()
+        members = self._members(None)
+        response = await self._request(tag, _s.claim_request(tag, cloud=cloud, members=members))
+        if not response["ok"]:
+            detail = response.get("detail")
+            raise ClaimRefused(response["err"], detail if isinstance(detail, str) else "")
+        if response.get("same_cloud"):
+            # A device of our own cloud answered: the thing is ours; wait for its sub-cloud.
+            with trio.move_on_after(SAME_CLOUD_WAIT):
+                while True:
+                    sc = self._held(tag.hashname)
+                    if sc is not None and _t.thing_info(sc.replica).claimed:
+                        return ScanResult("claimed", tag, self._view(sc),
+                                          new_tag=_s.current_tag(sc.replica, self._tag_paths()))
+                    await trio.sleep(0.05)
+            raise ThingError("the thing was claimed, but its sub-cloud has not arrived yet; "
+                             "it will appear once this device syncs with the others")
+        pkg = response.get("pkg")
+        if not isinstance(pkg, bytes):
+            raise ThingError("the holder answered the claim without a package")
+        sc = await self._accept_package(pkg, expect=tag.hashname)
+        return ScanResult("claimed", tag, self._view(sc),
+                          new_tag=_s.current_tag(sc.replica, self._tag_paths()))
+
+    async def leave_message(self, tag: Tag | str, text: str, contact: str = "") -> None:
+        """Leave a message for a thing's owner (as a finder).
+
+        Args:
+            tag: the claimed tag (or its text). text: the message (at most 1000 characters).
+            contact: how to answer (optional, at most 200 characters).
+
+        Raises:
+            BadURI: not a tag. ThingError: refused (rate, capability) or unreachable.
+        """
+        parsed = parse_tag(tag) if isinstance(tag, str) else tag
+        if parsed.is_fresh:
+            raise ThingError("a fresh tag has no owner to write to; scan it to claim the thing")
+        response = await self._request(parsed, _s.message_request(parsed, text, contact))
+        if not response["ok"]:
+            raise ThingError(f"the thing's owner refused the message: {response['err']}")
+
+    async def _reach(self, tag: Tag) -> Hashname:
+        """Link the thing's hashname: wake it on a router of the tag, or use a direct path."""
+        node = self.node
+        if tag.hashname in node.links:
+            return tag.hashname
+        problems: list[str] = []
+        for p in tag.paths:
+            try:
+                with trio.fail_after(REACH_TIMEOUT):
+                    if p.type == "router":
+                        router = p.router_hashname
+                        if router is None or router == node.hashname:
+                            continue
+                        await node.link(LinkInfo(router, {"3a": p.key}, [p.to_path()]))
+                        paths = await self._wake(router, tag.hashname)
+                    else:
+                        paths = [p.to_path()]
+                    await node.link(LinkInfo(tag.hashname, {"3a": tag.key}, paths))
+                    return tag.hashname
+            except (LinkError, trio.TooSlowError, MalformedPacket, trio.BrokenResourceError,
+                    ThingError, BadURI) as exc:
+                problems.append(f"{p.type} {p.ip}:{p.port}: {exc or type(exc).__name__}")
+        raise ThingError("cannot reach the thing's owner: "
+                         + ("; ".join(problems) if problems else "the tag lists no path"))
+
+    async def _wake(self, router: Hashname, thing: Hashname) -> list[dict[str, Any]]:
+        stream = await self.node.open_channel(router, HOST_CHANNEL)
+        try:
+            await write_frame(stream, cbor2.dumps({"v": 1, "t": thing}))
+            data = await read_frame(stream, 4096)
+        finally:
+            await stream.aclose()
+        try:
+            m = cbor2.loads(data or b"")
+        except Exception as exc:  # cbor2 raises many types on hostile input
+            raise MalformedPacket(f"wake answer is not CBOR: {exc}") from exc
+        if not isinstance(m, dict) or m.get("v") != 1:
+            raise MalformedPacket("not a wake answer")
+        if not m.get("ok"):
+            raise ThingError(str(m.get("err", "refused")))
+        paths = m.get("paths")
+        if not isinstance(paths, list) or not paths or not all(isinstance(x, dict)
+                                                               for x in paths[:8]):
+            raise MalformedPacket("a wake answer without paths")
+        return [dict(x) for x in paths[:8]]
+
+    async def _request(self, tag: Tag, data: bytes) -> dict[str, Any]:
+        """Send one request on a ``thing`` channel to the thing and return the response."""
+        hn = await self._reach(tag)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                stream = await self.node.open_channel(hn, _s.CHANNEL_TYPE)
+                try:
+                    await write_frame(stream, data)
+                    answer = await read_frame(stream, _s.MAX_RESPONSE_BYTES)
+                finally:
+                    await stream.aclose()
+        except (LinkError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            raise ThingError(f"the thing did not answer: {exc or type(exc).__name__}") from exc
+        if answer is None:
+            raise ThingError("the thing closed the channel without an answer")
+        try:
+            return _s.decode_response(answer)
+        except MalformedPacket as exc:
+            raise ThingError(f"the thing's answer is malformed: {exc}") from exc
+
+    async def raw_request(self, tag: Tag, data: bytes) -> dict[str, Any]:
+        """Send any request bytes on a ``thing`` channel (tools and tests of the allow-list).
+
+        Returns:
+            The decoded response (``ok`` false with ``err`` for refusals).
+        """
+        return await self._request(tag, data)
+
+    # -- serving (the owner's side) --------------------------------------------------------------
+
+    async def _serve_wake(self, stream: ChannelStream) -> None:
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            try:
+                data = await read_frame(stream, MAX_HOST_REQUEST)
+                if data is None:
+                    return
+                hn = decode_wake(data)
+            except MalformedPacket as exc:
+                self.stats["refused: bad wake request"] += 1
+                await write_frame(stream, cbor2.dumps({"v": 1, "ok": False, "err": str(exc)}))
+                return
+            sc = self._held(hn)
+            answer: dict[str, Any]
+            if sc is None:
+                answer = {"v": 1, "ok": False, "err": "no such thing here"}
+            else:
+                try:
+                    identity = self._thing_key(sc)
+                    paths = await self.host.wake(identity)
+                    answer = {"v": 1, "ok": True, "paths": paths}
+                    self.stats["woken"] += 1
+                except ThingError as exc:
+                    answer = {"v": 1, "ok": False, "err": str(exc)}
+            await write_frame(stream, cbor2.dumps(answer))
+
+    async def _serve_thing(self, thing: Hashname, stream: ChannelStream) -> None:
+        """Answer requests on a ``thing`` channel to a hosted thing (thinghost.py)."""
+        requester = stream.hashname
+        while True:
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    data = await read_frame(stream, _s.MAX_REQUEST_BYTES)
+            except (MalformedPacket, trio.TooSlowError) as exc:
+                self.stats["refused: bad frame"] += 1
+                await write_frame(stream, _s.encode_response(
+                    False, err=_s.REFUSE_MALFORMED, detail=str(exc)))
+                return
+            if data is None:
+                return
+            await write_frame(stream, await self._answer(thing, requester, data))
+
+    async def _answer(self, thing: Hashname, requester: Hashname, data: bytes) -> bytes:
+        sc = self._held(thing)
+        if sc is None:
+            self.stats[f"refused: {_s.REFUSE_MOVED}"] += 1
+            return _s.encode_response(False, err=_s.REFUSE_MOVED,
+                                      detail="ask the owner for the thing's new tag")
+        try:
+            request: _s.Request | None = _s.decode_request(data)
+        except MalformedPacket:
+            request = None
+        cloud = self._cloud_id()
+        membership = self._membership()
+        if (request is not None and request.op == _s.OP_CLAIM and cloud is not None
+                and request.fields.get("cloud") == bytes(cloud) and membership is not None
+                and membership.is_member(requester)):
+            return await self._claim_for_member(sc, request)
+        try:
+            identity: LocalIdentity | None = self._thing_key(sc)
+        except ThingError:
+            identity = None
+        me = self.node.hashname
+        async with sc.lock:
+            served = _s.serve_request(sc.replica, data, requester=requester, me=me,
+                                      thing_identity=identity, entropy=os.urandom,
+                                      now_ms=_now_ms())
+            if served.delta:
+                await self._repl._commit_delta(sc, served.delta)
+        if served.delta:
+            self._repl._changed(sc, [Change(_t.EVENTS, None, None, "local"),
+                                     Change(_t.INBOX, None, None, "local")])
+        for event in served.events:
+            if isinstance(event, _s.RequestRefused):
+                self.stats[f"refused: {event.reason}"] += 1
+            elif isinstance(event, _s.ClaimAnswered):
+                self.stats["claims answered"] += 1
+                self.host.stop(thing)
+                self._notify("changed", thing, {"handed_on": True})
+        return served.response
+
+    async def _claim_for_member(self, sc: SubCloud, request: _s.Request) -> bytes:
+        secret = request.fields.get("secret")
+        cloud = self._require_cloud()
+        me = self.node.hashname
+        paths = self._tag_paths()
+        try:
+            await self._write(sc, lambda r: _s.claim_here(
+                r, secret if isinstance(secret, bytes) else b"", me=me, my_cloud=cloud,
+                paths=paths, entropy=os.urandom, now_ms=_now_ms()),
+                [(_t.ACCESS, _t.ACCESS_DOC, None), (_t.EVENTS, None, None)])
+        except ClaimRefused as exc:
+            self.stats[f"refused: {exc.reason}"] += 1
+            return _s.encode_response(False, err=exc.reason, detail=exc.detail)
+        self._notify("changed", _t.thing_info(sc.replica).hashname, {"claimed": True})
+        return _s.encode_response(True, same_cloud=True, subcloud=bytes(sc.id))
+
+    # -- transfer --------------------------------------------------------------------------------
+
+    def transfer_target(self) -> str:
+        """A transfer target for someone handing a thing to this cloud (show it to them).
+
+        It names this cloud, its members' keys (the thing key is sealed to them), this device
+        and where it answers, and a single-use secret (valid TARGET_TTL seconds, until this
+        node stops).
+
+        Raises:
+            ThingError: no cloud yet, or too many open targets.
+        """
+        cloud = self._require_cloud()
+        now = trio.current_time()
+        self._targets = {s: v for s, v in self._targets.items() if v[0] > now}
+        if len(self._targets) >= MAX_TARGETS:
+            raise ThingError("too many open transfer targets; wait for some to expire")
+        secret = os.urandom(16)
+        members = self._members(None)
+        paths = [p.to_json() for p in self.node.paths][:4]
+        target = _Target(cloud, self.node.identity.cs3a_public, paths, secret, members)
+        self._targets[secret] = (now + TARGET_TTL, target)
+        body = cbor2.dumps({"v": 1, "c": bytes(cloud), "k": target.device_key, "p": paths,
+                            "s": secret, "m": [bytes(k) for k in list(members.values())[
+                                :MAX_TARGET_MEMBERS]]})
+        return TRANSFER_PREFIX + b32encode(body).upper()
+
+    @staticmethod
+    def _parse_target(text: str) -> _Target:
+        text = text.strip()
+        if len(text) > MAX_TARGET_TEXT or not text.upper().startswith(TRANSFER_PREFIX):
+            raise TransferError(f"not a transfer target (it starts with {TRANSFER_PREFIX})")
+        try:
+            m = cbor2.loads(b32decode(text[len(TRANSFER_PREFIX):].lower()))
+        except Exception as exc:  # base32 or CBOR: both mean the text is damaged
+            raise TransferError(f"the transfer target is damaged: {exc}") from exc
+        try:
+            if not isinstance(m, dict) or m.get("v") != 1:
+                raise TransferError("unknown transfer target version")
+            cloud, key, paths, secret, keys = m["c"], m["k"], m["p"], m["s"], m["m"]
+            if not (isinstance(cloud, bytes) and isinstance(key, bytes) and len(key) == 32
+                    and isinstance(paths, list) and isinstance(secret, bytes)
+                    and len(secret) == 16 and isinstance(keys, list)
+                    and 0 < len(keys) <= MAX_TARGET_MEMBERS
+                    and all(isinstance(k, bytes) and len(k) == 32 for k in keys)
+                    and all(isinstance(p, dict) for p in paths)):
+                raise TransferError("the transfer target has bad fields")
+        except KeyError as exc:
+            raise TransferError(f"the transfer target lacks {exc}") from exc
+        members = {hashname_from_keys({"3a": k}): k for k in keys}
+        return _Target(CloudId(cloud), key, [dict(p) for p in paths], secret, members)
+
+    async def transfer(self, thing: str | ThingView, to: str, *,
+                       history: str = HISTORY_ALL) -> None:
+        """Hand a thing on to another cloud, with its history or a part of it.
+
+        Args:
+            thing: the thing. to: the new owner's :meth:`transfer_target` text.
+            history: ``"all"``, or comma-separated names among profile, notes, files, card,
+                rules, readings, events, inbox, transfers (the profile always goes).
+
+        Raises:
+            TransferError: a bad target, scope or package, or the new owner refused; nothing
+                changed here. ThingError: the new owner's device cannot be reached.
+        """
+        target = self._parse_target(to)
+        sc = self._live(thing)
+        identity = self._thing_key(sc)
+        scope = None if history.strip() == HISTORY_ALL else [
+            s.strip() for s in history.split(",") if s.strip()]
+        if target.cloud == self._cloud_id():
+            raise TransferError("the thing already belongs to that cloud")
+        async with sc.lock:
+            package = _x.prepare_transfer(sc.replica, identity, to_cloud=target.cloud,
+                                          members=target.members, scope=scope,
+                                          entropy=os.urandom, now_ms=_now_ms())
+        device = hashname_from_keys({"3a": target.device_key})
+        try:
+            with trio.fail_after(REACH_TIMEOUT):
+                await self.node.link(LinkInfo(device, {"3a": target.device_key},
+                                              target.paths))
+            with trio.fail_after(REQUEST_TIMEOUT * 4):
+                stream = await self.node.open_channel(device, TRANSFER_CHANNEL)
+                try:
+                    await write_frame(stream, cbor2.dumps({"v": 1, "s": target.secret,
+                                                           "pkg": package.encode()}))
+                    answer = await read_frame(stream, 4096)
+                finally:
+                    await stream.aclose()
+        except (LinkError, trio.TooSlowError, trio.BrokenResourceError,
+                MalformedPacket) as exc:
+            raise ThingError(f"cannot reach the new owner: {exc or type(exc).__name__}"
+                             ) from exc
+        try:
+            m = cbor2.loads(answer or b"")
+        except Exception as exc:  # cbor2 raises many types on hostile input
+            raise TransferError(f"the new owner's answer is malformed: {exc}") from exc
+        if not isinstance(m, dict) or m.get("ok") is not True:
+            err = m.get("err") if isinstance(m, dict) else None
+            raise TransferError(f"the new owner refused the thing: {err or 'no reason'}")
+        hn = _t.thing_info(sc.replica).hashname
+        await self._write(sc, lambda r: _x.end_access(r, package.record, now_ms=_now_ms()),
+                          [(_t.ACCESS, _t.ACCESS_DOC, None), (_t.TRANSFERS, None, None)])
+        self.host.stop(hn)
+        self._keys.pop(sc.id, None)
+        self._runners.pop(sc.id, None)
+        self._notify("changed", hn, {"handed_on": True})
+
+    async def _serve_transfer(self, stream: ChannelStream) -> None:
+        with trio.move_on_after(REQUEST_TIMEOUT * 4):
+            answer: dict[str, Any]
+            try:
+                data = await read_frame(stream, _x.MAX_PACKAGE_BYTES + 1024)
+                if data is None:
+                    return
+                m = cbor2.loads(data)
+                if not isinstance(m, dict) or m.get("v") != 1:
+                    raise TransferError("not a transfer message")
+                secret, pkg = m.get("s"), m.get("pkg")
+                entry = self._targets.get(secret) if isinstance(secret, bytes) else None
+                if entry is None or entry[0] < trio.current_time():
+                    raise TransferError("unknown or expired transfer target")
+                if not isinstance(pkg, bytes):
+                    raise TransferError("no package")
+                del self._targets[secret]  # single use, spent even if the package is bad
+                await self._accept_package(pkg, expect=None)
+                answer = {"v": 1, "ok": True}
+            except (TransferError, ThingError, MalformedPacket) as exc:
+                self.stats["refused: transfer"] += 1
+                answer = {"v": 1, "ok": False, "err": str(exc)}
+            except Exception as exc:  # cbor2's many decode errors: a malformed message
+                self.stats["refused: transfer"] += 1
+                answer = {"v": 1, "ok": False, "err": f"malformed: {exc}"}
+            await write_frame(stream, cbor2.dumps(answer))
+
+    async def _accept_package(self, pkg: bytes, *, expect: Hashname | None) -> SubCloud:
+        """Verify a package and keep the thing's new sub-cloud (its envelopes as received)."""
+        cloud = self._require_cloud()
+        accepted = await trio.to_thread.run_sync(
+            lambda: _x.accept_transfer(pkg, me=self.node.identity, my_cloud=cloud,
+                                       expect_thing=expect, now_ms=_now_ms()))
+        new_id = accepted.record.new_subcloud
+        if new_id in self._repl.subclouds:
+            raise TransferError("this package was received before")
+        thing = accepted.identity
+        sc = await self._put_record(thing, new_id, self._acl(new_id, thing.hashname))
+        await self._repl.ingest(new_id, accepted.envelopes, self.node.hashname)
+        if _t.thing_info(sc.replica).hashname != thing.hashname:
+            raise TransferError("the package's envelopes were not stored")
+        record = accepted.record.encode()
+
+        def keep_record(r: Replica) -> bytes:
+            r.begin(_now_ms())
+            r.append(_t.TRANSFERS, record)
+            return bytes(r.commit())
+
+        await self._write(sc, keep_record, [(_t.TRANSFERS, None, None)])
+        self._keys[sc.id] = thing
+        self._index[thing.hashname] = sc.id
+        self._notify("created", thing.hashname, {"transferred": True})
+        self._dirty.add(sc.id)
+        self._rules_wake.set()
+        return sc
+
+    # -- rules and handlers ------------------------------------------------------------------------
+
+    async def add_rule(self, thing: str | ThingView, text: str) -> str:
+        """Store a rule in the thing's sub-cloud (it replicates to every owner device).
+
+        Returns:
+            The rule id.
+
+        Raises:
+            RuleError: the rule does not parse (with a column), or too many rules.
+        """
+        sc = self._live(thing)
+        rule, _delta = await self._write(sc, lambda r: _r.add_rule(
+            r, text, entropy=os.urandom, now_ms=_now_ms()), [(_t.RULES, None, None)])
+        return rule.id
+
+    async def remove_rule(self, thing: str | ThingView, rule_id: str) -> None:
+        """Delete a rule. Raises UnknownThing, ThingError (no such rule)."""
+        sc = self._live(thing)
+        if rule_id not in sc.replica.documents(_t.RULES):
+            raise ThingError(f"the thing has no rule {rule_id!r}")
+        await self._write(sc, lambda r: _r.remove_rule(r, rule_id, now_ms=_now_ms()),
+                          [(_t.RULES, rule_id, None)])
+
+    def rules(self, thing: str | ThingView) -> list[dict[str, Any]]:
+        """A thing's rules: ``{id, text, created_ms, enabled}`` (``error`` if it does not parse)."""
+        sc = self._find(thing)
+        _parsed, errors = _r.load_rules(sc.replica)
+        out = []
+        for rule_id in sc.replica.documents(_t.RULES):
+            doc = sc.replica.document(_t.RULES, rule_id) or {}
+            item = {"id": rule_id, "text": doc.get("text", ""),
+                    "created_ms": doc.get("created_ms", 0), "enabled": doc.get("enabled", True)}
+            if rule_id in errors:
+                item["error"] = errors[rule_id]
+            out.append(item)
+        return out
+
+    def add_handler(self, event: str, fn: Handler) -> None:
+        """Run ``fn(ThingEvent)`` for every new event of ``event`` type of any thing, once per
+        event across the owner devices (the rule plan, docs/things.md "exactly once").
+
+        Only events from now on are handled. ``fn`` may be a plain or an async function.
+
+        Raises:
+            RuleError: an unknown event type.
+        """
+        self._registry.on(event)  # validates the type
+        self._registry.since_ms.setdefault(event, _now_ms())
+        self._py_handlers.setdefault(event, []).append((fn, inspect.iscoroutinefunction(fn)))
+
+        def marker(_event: _r.Event) -> None:
+            return None
+
+        self._registry.on(event)(marker)
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(ThingNotice)`` when a thing is created, changes, gets a message, or a rule
+        notifies the owner (on every owner device). ``fn`` must not block."""
+        self._listeners.append(fn)
+
+    def _notify(self, kind: str, thing: Hashname, data: dict[str, Any]) -> None:
+        notice = _NOTICES[kind](thing, data)
+        for fn in list(self._listeners):
+            try:
+                fn(notice)
+            except Exception:
+                log.exception("thing listener failed")
+
+    def rules_pending(self) -> int:
+        """Firings this device still waits on (0 when every known event was handled here or
+        marked done by another device)."""
+        return sum(len(r._pending) for r in self._runners.values())
+
+    def _runner(self, sc: SubCloud) -> _r.RuleRunner | None:
+        runner = self._runners.get(sc.id)
+        if runner is None:
+            if not sc.replica.documents(_t.RULES) and not self._py_handlers:
+                return None
+            runner = _r.RuleRunner(self.node.hashname, self._hosts(sc.id),
+                                   registry=self._registry, started_ms=self._started_ms,
+                                   takeover_ms=self.takeover_ms)
+            self._runners[sc.id] = runner
+        return runner
+
+    def _on_change(self, sc: SubCloud, changes: list[Change]) -> None:
+        """The engine's change hook (local writes and merges of any sub-cloud)."""
+        if sc.kind != "thing":
+            return
+        self._index_one(sc)
+        hn = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")
+        if not is_hashname(hn):
+            return
+        thing = Hashname(str(hn))
+        touched = {c.collection for c in changes}
+        remote = any(c.origin != "local" for c in changes)
+        if remote and (_t.PROFILE in touched and (sc.id, "__seen") not in self._seen_logs):
+            self._seen_logs[(sc.id, "__seen")] = 1
+            self._notify("created", thing, {})
+        for log_name, kind in ((_t.INBOX, "message"), (NOTICES, "notification")):
+            if log_name in touched:
+                records = sc.log(log_name)
+                start = self._seen_logs.get((sc.id, log_name), 0)
+                for record in records[start:]:
+                    if isinstance(record, dict):
+                        self._notify(kind, thing, dict(record))
+                self._seen_logs[(sc.id, log_name)] = len(records)
+        self._notify("changed", thing, {"collections": sorted(touched)})
+        if (_t.EVENTS in touched or _t.RULES in touched or _t.DONE in touched
+                or sc.id in self._runners):
+            self._dirty.add(sc.id)
+            self._rules_wake.set()
+
+    def _note_logs(self, sc: SubCloud) -> None:
+        # at start, inbox and notices already held are old news: notify only what arrives
+        self._seen_logs[(sc.id, "__seen")] = 1
+        for log_name in (_t.INBOX, NOTICES):
+            n = len(sc.replica.log(log_name))
+            if n:
+                self._seen_logs[(sc.id, log_name)] = n
+
+    async def _rules_loop(self) -> None:
+        while True:
+            await self._rules_wake.wait()
+            self._rules_wake = trio.Event()
+            dirty, self._dirty = self._dirty, set()
+            for sc_id in sorted(dirty | set(self._runners)):
+                sc = self._repl.subclouds.get(sc_id)
+                if sc is None or _ended(sc.replica):
+                    self._runners.pop(sc_id, None)
+                    continue
+                try:
+                    await self._run_rules(sc)
+                except (ThingError, AccessDenied) as exc:
+                    log.warning("rules of %s: %s", sc.name, exc)
+            wake = min((w for r in self._runners.values() if (w := r.get_timer()) is not None),
+                       default=None)
+            if wake is not None:
+                delay = max(0.0, (wake - _now_ms()) / 1000)
+                self._nursery_sleep(delay)
+
+    def _nursery_sleep(self, delay: float) -> None:
+        """Set the rules wake-up after ``delay`` seconds (a timer task, one at a time)."""
+        if self._nursery is None:
+            return
+
+        async def later(event: trio.Event) -> None:
+            await trio.sleep(delay)
+            event.set()
+
+        self._nursery.start_soon(later, self._rules_wake)
+
+    async def _run_rules(self, sc: SubCloud) -> None:
+        runner = self._runner(sc)
+        if runner is None:
+            return
+        runner.hosts = self._hosts(sc.id)
+        now = _now_ms()
+        runner.observe(sc.replica, now)
+        thing = Hashname(str(sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")))
+        for due in runner.due(sc.replica, now):
+            if not self._repl.can_write(sc.id, self.node.hashname):
+                return
+            async with sc.lock:
+                actions, delta = runner.complete(sc.replica, due, now_ms=_now_ms())
+                if delta:
+                    await self._repl._commit_delta(sc, delta)
+            if not delta:
+                continue
+            self.stats["rule firings"] += 1
+            self._repl._changed(sc, [Change(_t.DONE, None, None, "local")])
+            if due.firing.rule_id == _r.HandlerRegistry.HANDLERS_RULE:
+                await self._invoke_handlers(thing, due.event)
+            notices = []
+            for kind, target, value in actions:
+                if kind == "notify_owner":
+                    notices.append({"text": str(value or ""), "rule": due.firing.rule_id,
+                                    "event": due.event.id, "type": due.event.type,
+                                    "at_ms": due.event.at_ms})
+                elif kind == "show_card":
+                    notices.append({"text": "card shown", "card": _t.card(sc.replica),
+                                    "rule": due.firing.rule_id, "event": due.event.id,
+                                    "type": due.event.type, "at_ms": due.event.at_ms})
+                elif kind == "forward":
+                    # Doors to second parties (DESIGN.md section 8) are not built yet: the
+                    # firing is recorded and logged, nothing leaves the cloud.
+                    self.stats["forward not delivered"] += 1
+                    log.info("rule %s would forward to %s (no doors yet)", due.firing.rule_id,
+                             str(target)[:8])
+            if notices:
+                def write(r: Replica, items: list[dict[str, Any]] = notices) -> bytes:
+                    r.begin(_now_ms())
+                    for item in items:
+                        r.append(NOTICES, item)
+                    return bytes(r.commit())
+
+                await self._write(sc, write, [(NOTICES, None, None)])
+
+    async def _invoke_handlers(self, thing: Hashname, event: _r.Event) -> None:
+        view = ThingEvent(thing, event.type, event.id, event.origin, event.at_ms,
+                          dict(event.fields))
+        for fn, is_async in list(self._py_handlers.get(event.type, ())):
+            try:
+                result = fn(view)
+                if is_async or inspect.isawaitable(result):
+                    await result  # type: ignore[misc]
+            except Exception:
+                log.exception("thing handler for %s failed", event.type)
+
+    # -- membership changes ------------------------------------------------------------------
+
+    def _on_membership(self) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self.refresh_access)
+
+    async def refresh_access(self) -> int:
+        """Re-seal thing keys and re-sign ACLs after the cloud's membership changed.
+
+        One device does it per thing (the lowest hashname among the devices holding the key),
+        so concurrent re-signs do not race; a thing this device cannot open is skipped.
+
+        Returns:
+            How many things were updated.
+        """
+        if self._cloud_id() is None:
+            return 0
+        done = 0
+        for sc in self._thing_subclouds():
+            if _ended(sc.replica):
+                continue
+            members = self._members(sc.id)
+            if min(members) != self.node.hashname:
+                continue
+            try:
+                identity = self._thing_key(sc)
+            except ThingError:
+                continue
+            acl = self._acl(sc.id, identity.hashname)
+            changed = False
+            if acl != sc.record.acl and sc.owner == identity.hashname:
+                await self._put_record(identity, sc.id, acl, sc.record)
+                changed = True
+            if set(sc.replica.documents(_t.KEYS)) != set(members):
+                await self._write(sc, lambda r, i=identity, m=members: _t.reseal_thing_key(
+                    r, i, m, entropy=os.urandom, now_ms=_now_ms()), [(_t.KEYS, None, None)])
+                changed = True
+            done += changed
+            for runner in self._runners.values():
+                runner.hosts = self._hosts(sc.id)
+        return done
+
+    # -- smart things ------------------------------------------------------------------------------
+
+    async def become_thing(self, name: str, *, make: str = "", model: str = "",
+                           serial: str = "") -> ThingView:
+        """Make this node a smart thing: its own identity is the thing's (a device that has a
+        computer: a scale, a meter). Its sub-cloud is owned and written by itself; the cloud's
+        devices get write rights and its key sealed, as for any thing. Idempotent.
+
+        Returns:
+            Its view.
+
+        Raises:
+            ThingError: this node is in no cloud yet (pair or join first).
+        """
+        self._require_cloud()
+        sc = self._held(self.node.hashname)
+        if sc is not None:
+            return self._view(sc)
+        seed = self.node.identity.seed
+        if seed is None:
+            raise ThingError("this node's identity cannot sign")
+        sc_id = smart_subcloud_id(self.node.hashname)
+        new = _t.NewThing(self.node.identity, sc_id, claim_secret_for(seed))
+        view = await self._create(new, name=name, make=make, model=model, serial=serial,
+                                  card="", smart=True)
+        # A smart thing is claimed by pairing: it joined the cloud, no tag to claim with.
+        sc = self._repl.subclouds[sc_id]
+        cloud = self._require_cloud()
+        me = self.node.hashname
+        await self._write(sc, lambda r: _s.claim_here(r, new.claim_secret, me=me,
+                                                      my_cloud=cloud, entropy=os.urandom,
+                                                      now_ms=_now_ms()),
+                          [(_t.ACCESS, _t.ACCESS_DOC, None)])
+        del view
+        return self._view(sc)
+
+
+def smart_subcloud_id(hashname: Hashname) -> SubCloudId:
+    """The sub-cloud id of a smart thing: derived from its hashname, so the cloud can grant it
+    rights on exactly its own sub-cloud when it pairs, before the sub-cloud exists.
+
+    Args:
+        hashname: the smart thing's hashname.
+
+    Returns:
+        16 bytes.
+    """
+    return SubCloudId(hashlib.sha256(b"p2pcloud smart thing v1" + hashname.encode()).digest()[
+        :_t.SUBCLOUD_ID_SIZE])
+
+
+def _ended(replica: Replica) -> bool:
+    return bool(replica.get(_t.ACCESS, _t.ACCESS_DOC, "ended", False))
+
+
+def _card_text(text: str) -> str:
+    if not isinstance(text, str) or len(text) > _t.MAX_CARD_VALUE:
+        raise ThingError(f"a card is text of at most {_t.MAX_CARD_VALUE} characters")
+    return text
+
+
+async def open_things(node: Node, nursery: trio.Nursery) -> Things:
+    """Attach and start ``node.things`` (``open_node`` calls this after the cloud).
+
+    Args:
+        node: a started node with a data dir. nursery: the node's nursery.
+
+    Returns:
+        The running :class:`Things`.
+    """
+    things = Things(node)
+    await things.start(nursery)
+    return things
