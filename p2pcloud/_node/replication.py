@@ -369,6 +369,10 @@ class Replication:
         sc_id = SubCloudId(os.urandom(16))
         record = sign_record(self.identity, sc_id, name=name, kind=kind, acl={}, revision=1)
         await self._put_record(record)
+        # members of the cloud may read it at once (cloud grants): tell the linked ones
+        for peer in list(self._registry_out):
+            if self.may_read(sc_id, peer):
+                self._send_record(peer, record)
         return self.subclouds[sc_id]
 
     def find(self, id_or_name: str | bytes) -> SubCloud:
