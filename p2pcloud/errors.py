@@ -217,3 +217,8 @@ class UnknownThing(ThingError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its argument; a message for people reads better unquoted
         return str(self.args[0]) if self.args else "unknown thing"
+
+
+class ThingMoved(ThingError):
+    """The thing was handed on to another cloud: the devices a tag names no longer answer for
+    it (its new owner prints a new tag)."""

@@ -76,6 +76,7 @@ from p2pcloud.errors import (
     LinkError,
     MalformedPacket,
     ThingError,
+    ThingMoved,
     TransferError,
     UnknownThing,
 )
@@ -797,7 +798,11 @@ class Things:
     async def _claim_remote(self, tag: Tag) -> ScanResult:
         cloud = self._require_cloud()
         members = self._members(None)
-        response = await self._request(tag, _s.claim_request(tag, cloud=cloud, members=members))
+        try:
+            response = await self._request(tag, _s.claim_request(tag, cloud=cloud,
+                                                                 members=members))
+        except ThingMoved as exc:
+            raise ClaimRefused(_s.REFUSE_MOVED, str(exc)) from exc
         if not response["ok"]:
             detail = response.get("detail")
             raise ClaimRefused(response["err"], detail if isinstance(detail, str) else "")
@@ -842,6 +847,7 @@ class Things:
         if tag.hashname in node.links:
             return tag.hashname
         problems: list[str] = []
+        moved = False
         for p in tag.paths:
             try:
                 with trio.fail_after(REACH_TIMEOUT):
@@ -857,7 +863,11 @@ class Things:
                     return tag.hashname
             except (LinkError, trio.TooSlowError, MalformedPacket, trio.BrokenResourceError,
                     ThingError, BadURI) as exc:
+                moved = moved or isinstance(exc, ThingMoved)
                 problems.append(f"{p.type} {p.ip}:{p.port}: {exc or type(exc).__name__}")
+        if moved:
+            raise ThingMoved(f"{_s.REFUSE_MOVED}: the devices this tag names handed it on; "
+                             "ask its new owner for a new tag")
         raise ThingError("cannot reach the thing's owner: "
                          + ("; ".join(problems) if problems else "the tag lists no path"))
 
@@ -875,6 +885,8 @@ class Things:
         if not isinstance(m, dict) or m.get("v") != 1:
             raise MalformedPacket("not a wake answer")
         if not m.get("ok"):
+            if m.get("err") == _s.REFUSE_MOVED:
+                raise ThingMoved(_s.REFUSE_MOVED)
             raise ThingError(str(m.get("err", "refused")))
         paths = m.get("paths")
         if not isinstance(paths, list) or not paths or not all(isinstance(x, dict)
@@ -926,7 +938,9 @@ class Things:
             sc = self._held(hn)
             answer: dict[str, Any]
             if sc is None:
-                answer = {"v": 1, "ok": False, "err": "no such thing here"}
+                moved = self._index.get(hn) in self._repl.subclouds
+                answer = {"v": 1, "ok": False,
+                          "err": _s.REFUSE_MOVED if moved else "no such thing here"}
             else:
                 try:
                     identity = self._thing_key(sc)
