@@ -61,6 +61,10 @@ cdef extern from "Python.h":
     str PyUnicode_New(Py_ssize_t size, unsigned int maxchar)
     Py_ssize_t PyUnicode_GET_LENGTH(object o)
     int PyGC_Disable()
+    # CPython's hash of a byte string (siphash13 with the interpreter's random key): the
+    # field tables hash UTF-8 names with it, so a peer cannot aim names at one bucket, and
+    # an ASCII str's cached hash is the same number
+    Py_hash_t _Py_HashBytes(const void* p, Py_ssize_t n)
 
 DEF PRESIZE_MIN = 64  # below this, growing a dict costs less than thinking about it
 
@@ -706,26 +710,29 @@ cdef class _Changes:
         self.gen = gen
         self.on = on
 
-    cdef int touch(self, object coll, object doc, object field, Entry head) except -1:
-        """A kill, text or log touch of a place whose field head is ``head`` (or None)."""
+    cdef int touch(self, object coll, object doc, object field, bint had_head,
+                   uint64_t head_gen) except -1:
+        """A kill, text or log touch of a place whose field head has generation ``head_gen``
+        (``had_head`` false: the field is empty or it is a log)."""
         if not self.on:
             return 0
         key = (coll, doc, field)
         if key in self.rare:
             return 0
-        if head is None or head.gen != self.gen:
+        if not had_head or head_gen != self.gen:
             self.order.append(key)
         self.rare.add(key)
         return 0
 
-    cdef inline int inserted(self, Doc d, object field, bint had_head, uint64_t old_gen) except -1:
+    cdef inline int inserted(self, Doc d, Py_ssize_t slot, bint had_head,
+                             uint64_t old_gen) except -1:
         """An insertion in front of a head of generation ``old_gen`` (``had_head`` false: the
         field was empty)."""
         if not self.on:
             return 0
         if had_head and old_gen == self.gen:
             return 0
-        key = (d.coll, d.id, field)
+        key = (d.coll, d.id, d.slot_name(slot))
         if self.rare and key in self.rare:
             return 0
         # a tuple of strings cannot be part of a cycle: keep the collector off it, so a
@@ -735,69 +742,393 @@ cdef class _Changes:
         return 0
 
 
+# A document's fields live in a C table, not in a dict of objects (see Doc). Entries are C
+# structs in a per-document pool, linked into one chain per field by index.
+
+ctypedef struct ERec:
+    uint64_t ctr
+    uint64_t hlc
+    uint64_t gen        # the apply() call that inserted it, or NIDX_FLAG | name number
+    PyObject* value     # an owned reference (None for ops without a value)
+    int32_t rep
+    int32_t next        # the next entry of the chain (-1: the end); in the free list: next free
+    int32_t kind
+
+ctypedef struct FSlot:
+    Py_hash_t hash      # _Py_HashBytes of the UTF-8 name (= hash(str) of an ASCII name)
+    PyObject* name      # an owned str of the name, or NULL until one is needed
+    Py_ssize_t off      # the UTF-8 name: ``len`` bytes at ``off`` in the document's arena
+    int32_t len
+    int32_t head        # the first entry of the chain; -1: the field was removed
+
+DEF IX_EMPTY = -1
+DEF IX_DUMMY = -2
+# a document's slot and entry numbers are int32: 2^31 - 1 of each (far beyond any memory
+# this process could hold: an entry is 40 bytes) keeps the tables half the size of 64-bit ones
+DEF MAX_DOC_ITEMS = 0x7FFFFFF0
+
+
+cdef inline Py_hash_t _hash_utf8(const char* p, Py_ssize_t n) noexcept:
+    return _Py_HashBytes(p, n)
+
+
+cdef inline Py_hash_t _str_hash(object s, const char* p, Py_ssize_t n) except? -1:
+    # the table's hash of a str whose UTF-8 is p[:n]: an ASCII str's own (cached) hash is the
+    # hash of those very bytes
+    if PyUnicode_IS_COMPACT_ASCII(s):
+        return hash(s)
+    return _Py_HashBytes(p, n)
+
+
+@cython.final
+@cython.no_gc
 cdef class Doc:
-    """A document: field name -> the head of its chain of live entries."""
+    """A document: an insertion-ordered hash table of fields, each a chain of entries.
+
+    Like a dict (the reference's ``fields``) it keeps insertion order, a removed field that
+    comes back goes last, and a field whose chain changes keeps its place; iteration order
+    is observable (change reports, a removal's kill list), so it must match the dict's. The
+    table is CPython's dict layout in C: ``slots`` in insertion order (removed ones marked
+    ``head == -1`` until the next rebuild), an open-addressing ``index`` of slot numbers,
+    names as UTF-8 bytes in ``arena``. Entries sit in the ``ents`` pool with a free list.
+    Not tracked by the garbage collector: it refers only to strs and stored values.
+    """
     cdef public str coll
     cdef public str id
-    cdef public dict fields
+    cdef FSlot* slots
+    cdef Py_ssize_t nslots   # used slots, removed ones included
+    cdef Py_ssize_t slots_cap
+    cdef Py_ssize_t nlive    # fields with a chain
+    cdef int32_t* index
+    cdef Py_ssize_t icap     # a power of two, kept at most two thirds full (dummies count)
+    cdef Py_ssize_t ifill    # index cells in use, dummies included
+    cdef ERec* ents
+    cdef Py_ssize_t nents
+    cdef Py_ssize_t ents_cap
+    cdef int32_t free_ent
+    cdef unsigned char* arena
+    cdef Py_ssize_t arena_n
+    cdef Py_ssize_t arena_cap
 
     def __cinit__(self, str coll, str doc_id):
         self.coll = coll
         self.id = doc_id
-        self.fields = {}
+        self.slots = NULL
+        self.nslots = self.slots_cap = self.nlive = 0
+        self.index = NULL
+        self.icap = self.ifill = 0
+        self.ents = NULL
+        self.nents = self.ents_cap = 0
+        self.free_ent = -1
+        self.arena = NULL
+        self.arena_n = self.arena_cap = 0
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        cdef int32_t e
+        for i in range(self.nslots):
+            Py_XDECREF(self.slots[i].name)
+            e = self.slots[i].head
+            while e >= 0:
+                Py_XDECREF(self.ents[e].value)
+                e = self.ents[e].next
+        free(self.slots)
+        free(self.index)
+        free(self.ents)
+        free(self.arena)
+
+    @property
+    def fields(self):
+        """The live fields as ``{name: None}`` in table order (for tests and debugging)."""
+        return {self.slot_name(i): None for i in range(self.nslots) if self.slots[i].head >= 0}
+
+    # -- entries ------------------------------------------------------------------------
+
+    cdef int32_t new_ent(self, int kind, int rep, uint64_t ctr, uint64_t hlc,
+                         object value) except -1:
+        cdef int32_t i
+        cdef Py_ssize_t cap
+        cdef ERec* e
+        if self.free_ent >= 0:
+            i = self.free_ent
+            self.free_ent = self.ents[i].next
+        else:
+            if self.nents >= self.ents_cap:
+                cap = 16 if self.ents_cap == 0 else self.ents_cap * 2
+                if cap > MAX_DOC_ITEMS:
+                    cap = MAX_DOC_ITEMS
+                    if self.nents >= cap:
+                        raise MemoryError("too many entries in one document")
+                self.ents = <ERec*>_grow(self.ents, cap * sizeof(ERec))
+                self.ents_cap = cap
+            i = <int32_t>self.nents
+            self.nents += 1
+        e = &self.ents[i]
+        e.kind = kind
+        e.rep = rep
+        e.ctr = ctr
+        e.hlc = hlc
+        e.gen = 0
+        e.next = -1
+        Py_INCREF(value)
+        e.value = <PyObject*>value
+        return i
+
+    cdef void free_one(self, int32_t i) noexcept:
+        cdef PyObject* v = self.ents[i].value
+        self.ents[i].value = NULL
+        self.ents[i].next = self.free_ent
+        self.free_ent = i
+        Py_XDECREF(v)
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        # room for n more fields with one entry each: no regrowth during a bulk insert
+        cdef Py_ssize_t cap, need = self.nslots + n
+        if need > MAX_DOC_ITEMS:
+            raise MemoryError("too many fields in one document")
+        if need > self.slots_cap:
+            self.slots = <FSlot*>_grow(self.slots, need * sizeof(FSlot))
+            self.slots_cap = need
+        if self.nents + n > self.ents_cap:
+            self.ents = <ERec*>_grow(self.ents, (self.nents + n) * sizeof(ERec))
+            self.ents_cap = self.nents + n
+        if (self.ifill + n) * 3 >= self.icap * 2:
+            self.rebuild(self.nlive + n)
+        return 0
+
+    # -- the field table ----------------------------------------------------------------
+
+    cdef Py_ssize_t find(self, const char* p, Py_ssize_t n, Py_hash_t h) noexcept:
+        """The live slot of the name p[:n] (hash h), or -1."""
+        cdef size_t mask, j, perturb
+        cdef int32_t s
+        cdef FSlot* f
+        if self.icap == 0:
+            return -1
+        mask = <size_t>(self.icap - 1)
+        perturb = <size_t>h
+        j = <size_t>h & mask
+        while True:
+            s = self.index[j]
+            if s == IX_EMPTY:
+                return -1
+            if s >= 0:
+                f = &self.slots[s]
+                if f.hash == h and f.len == n and memcmp(self.arena + f.off, p, n) == 0:
+                    return s
+            perturb >>= 5
+            j = (j * 5 + perturb + 1) & mask
+
+    cdef Py_ssize_t find_str(self, object name) except -2:
+        """The live slot of a field named by a str (-1: none, or not a valid name)."""
+        cdef Py_ssize_t n
+        cdef const char* p
+        if not isinstance(name, str):
+            hash(name)  # an unhashable key fails as a dict lookup would
+            return -1
+        try:
+            p = PyUnicode_AsUTF8AndSize(name, &n)
+        except UnicodeEncodeError:
+            return -1
+        return self.find(p, n, _str_hash(name, p, n))
+
+    cdef int rebuild(self, Py_ssize_t want) except -1:
+        # drop removed slots (keeping the order of the others), compact the arena, and make
+        # an index with room for ``want`` fields
+        cdef Py_ssize_t i, k = 0, cap = 8, total = 0
+        cdef size_t mask, j, perturb
+        cdef unsigned char* na
+        cdef int32_t* ni
+        if want < self.nlive:
+            want = self.nlive
+        while cap * 2 <= want * 3:
+            cap *= 2
+        if self.nlive != self.nslots:
+            for i in range(self.nslots):
+                if self.slots[i].head >= 0:
+                    total += self.slots[i].len
+            na = <unsigned char*>malloc(total if total else 1)
+            if na == NULL:
+                raise MemoryError()
+            for i in range(self.nslots):
+                if self.slots[i].head >= 0:
+                    self.slots[k] = self.slots[i]
+                    k += 1
+            # copy the names in slot order into the new arena
+            total = 0
+            for i in range(k):
+                memcpy(na + total, self.arena + self.slots[i].off, self.slots[i].len)
+                self.slots[i].off = total
+                total += self.slots[i].len
+            free(self.arena)
+            self.arena = na
+            self.arena_n = self.arena_cap = total
+            self.nslots = k
+        ni = <int32_t*>malloc(cap * sizeof(int32_t))
+        if ni == NULL:
+            raise MemoryError()
+        for i in range(cap):
+            ni[i] = IX_EMPTY
+        mask = <size_t>(cap - 1)
+        for i in range(self.nslots):
+            perturb = <size_t>self.slots[i].hash
+            j = perturb & mask
+            while ni[j] != IX_EMPTY:
+                perturb >>= 5
+                j = (j * 5 + perturb + 1) & mask
+            ni[j] = <int32_t>i
+        free(self.index)
+        self.index = ni
+        self.icap = cap
+        self.ifill = self.nslots
+        return 0
+
+    cdef Py_ssize_t add(self, const char* p, Py_ssize_t n, Py_hash_t h, object name,
+                        int32_t head) except -1:
+        """Append a slot for a field that is not in the table; ``name`` is its str or None."""
+        cdef Py_ssize_t s, cap
+        cdef size_t mask, j, perturb
+        cdef FSlot* f
+        # rebuild when the index fills up, and when removed slots (fields removed and
+        # written again) outnumber the live ones, so neither grows without bound
+        if (self.ifill + 1) * 3 >= self.icap * 2 or self.nslots - self.nlive > self.nlive + 8:
+            self.rebuild(2 * self.nlive + 8)
+        if self.nslots >= self.slots_cap:
+            cap = 8 if self.slots_cap == 0 else self.slots_cap * 2
+            if cap > MAX_DOC_ITEMS:
+                cap = MAX_DOC_ITEMS
+                if self.nslots >= cap:
+                    raise MemoryError("too many fields in one document")
+            self.slots = <FSlot*>_grow(self.slots, cap * sizeof(FSlot))
+            self.slots_cap = cap
+        if self.arena_n + n > self.arena_cap:
+            cap = 64 if self.arena_cap == 0 else self.arena_cap * 2
+            while cap < self.arena_n + n:
+                cap *= 2
+            self.arena = <unsigned char*>_grow(self.arena, cap)
+            self.arena_cap = cap
+        memcpy(self.arena + self.arena_n, p, n)
+        s = self.nslots
+        f = &self.slots[s]
+        f.hash = h
+        f.off = self.arena_n
+        f.len = <int32_t>n
+        f.head = head
+        if name is None:
+            f.name = NULL
+        else:
+            Py_INCREF(name)
+            f.name = <PyObject*>name
+        self.arena_n += n
+        self.nslots = s + 1
+        self.nlive += 1
+        mask = <size_t>(self.icap - 1)
+        perturb = <size_t>h
+        j = perturb & mask
+        while self.index[j] >= 0:
+            perturb >>= 5
+            j = (j * 5 + perturb + 1) & mask
+        if self.index[j] == IX_EMPTY:
+            self.ifill += 1
+        self.index[j] = <int32_t>s
+        return s
+
+    cdef int remove_slot(self, Py_ssize_t s) except -1:
+        """Remove a field whose chain is already empty or freed (its place goes)."""
+        cdef size_t mask = <size_t>(self.icap - 1), j, perturb
+        cdef FSlot* f = &self.slots[s]
+        perturb = <size_t>f.hash
+        j = perturb & mask
+        while self.index[j] != <int32_t>s:
+            perturb >>= 5
+            j = (j * 5 + perturb + 1) & mask
+        self.index[j] = IX_DUMMY
+        f.head = -1
+        Py_XDECREF(f.name)
+        f.name = NULL
+        self.nlive -= 1
+        return 0
+
+    cdef str slot_name(self, Py_ssize_t s):
+        cdef FSlot* f = &self.slots[s]
+        if f.name == NULL:
+            # names are validated UTF-8 (local writes encode a str, decoding checks them)
+            out = PyUnicode_DecodeUTF8(<const char*>(self.arena + f.off), f.len, NULL)
+            Py_INCREF(out)
+            f.name = <PyObject*>out
+        return <str>f.name
+
+    cdef list chain(self, Py_ssize_t s):
+        """The entry numbers of a field's chain, head first."""
+        cdef list out = []
+        cdef int32_t e = self.slots[s].head
+        while e >= 0:
+            out.append(e)
+            e = self.ents[e].next
+        return out
+
+    cdef int relink(self, Py_ssize_t s, list keep) except -1:
+        """Make ``keep`` (entry numbers, in order) the field's chain, freeing the others; an
+        empty ``keep`` removes the field."""
+        cdef int32_t e = self.slots[s].head, nx
+        cdef Py_ssize_t i
+        cdef set kept = set(keep)
+        while e >= 0:
+            nx = self.ents[e].next
+            if e not in kept:
+                self.free_one(e)
+            e = nx
+        if not keep:
+            self.remove_slot(s)
+            return 0
+        for i in range(len(keep) - 1):
+            self.ents[<int32_t>keep[i]].next = <int32_t>keep[i + 1]
+        self.ents[<int32_t>keep[len(keep) - 1]].next = -1
+        self.slots[s].head = <int32_t>keep[0]
+        return 0
+
+    cdef int free_chain(self, int32_t e) except -1:
+        cdef int32_t nx
+        while e >= 0:
+            nx = self.ents[e].next
+            self.free_one(e)
+            e = nx
+        return 0
+
+    cdef int32_t winner(self, list reps, int32_t head) except -2:
+        cdef int32_t best = head
+        cdef int32_t e = self.ents[head].next
+        cdef ERec* b
+        cdef ERec* x
+        while e >= 0:
+            b = &self.ents[best]
+            x = &self.ents[e]
+            if x.hlc > b.hlc or (x.hlc == b.hlc and (
+                    reps[x.rep] > reps[b.rep] or (reps[x.rep] == reps[b.rep]
+                                                  and x.ctr > b.ctr))):
+                best = e
+            e = self.ents[e].next
+        return best
 
 
-cdef inline void _swap_into_head(Entry head, Entry e) noexcept:
-    # put ``e`` in front of the chain starting at ``head`` without changing which object is
-    # the head: the two exchange contents and ``e`` (now the old head) follows ``head``
-    cdef int kind = head.kind, rep = head.rep
-    cdef uint64_t ctr = head.ctr, hlc = head.hlc, gen = head.gen
-    value = head.value
-    head.kind = e.kind
-    head.rep = e.rep
-    head.ctr = e.ctr
-    head.hlc = e.hlc
-    head.gen = e.gen
-    head.value = e.value
-    e.kind = kind
-    e.rep = rep
-    e.ctr = ctr
-    e.hlc = hlc
-    e.gen = gen
-    e.value = value
-    e.next = head.next
-    head.next = e
-
-
-cdef list _chain_list(Entry head):
+cdef list _dots_of(Doc d, list ents):
+    # the dots (replica index, counter) of entries of ``d``
+    cdef ERec* e
     cdef list out = []
-    while head is not None:
-        out.append(head)
-        head = head.next
+    for k in ents:
+        e = &d.ents[<int32_t>k]
+        out.append((e.rep, e.ctr))
     return out
 
 
-cdef _relink(Doc d, str field, list keep):
-    cdef Py_ssize_t i
-    if not keep:
-        del d.fields[field]
-        return
-    for i in range(len(keep) - 1):
-        (<Entry>keep[i]).next = keep[i + 1]
-    (<Entry>keep[len(keep) - 1]).next = None
-    d.fields[field] = keep[0]
+cdef list _chain_from(Doc d, int32_t e):
+    # the entry numbers of the chain starting at ``e`` (-1: none)
+    cdef list out = []
+    while e >= 0:
+        out.append(e)
+        e = d.ents[e].next
+    return out
 
-
-cdef Entry _winner(list reps, Entry head):
-    cdef Entry best = head
-    cdef Entry e = head.next
-    while e is not None:
-        if e.hlc > best.hlc or (e.hlc == best.hlc and (
-                reps[e.rep] > reps[best.rep] or (reps[e.rep] == reps[best.rep]
-                                                 and e.ctr > best.ctr))):
-            best = e
-        e = e.next
-    return best
 
 
 _Text = None
@@ -851,134 +1182,143 @@ cdef uint64_t NIDX_FLAG = (<uint64_t>1) << 63
 cdef class _Names:
     """The names of one delta being written (the reference's _NameTable, same rules).
 
-    The index from name to number is an open-addressing table in C (linear probing, the
-    str's cached hash stored beside it) holding a reference to each name: a snapshot puts
-    every field name once, and a Python dict would cost a probe of its entries plus an int
-    object per name.
+    Names are UTF-8 bytes. Every name introduced is copied into ``store`` (so callers may
+    pass bytes that move or die later); the index from name to number (for ``put``) is an
+    open-addressing table in C of store offsets with the name's hash beside each, and the
+    last FIELD_CACHE field names introduced (for ``put_field``) sit in a ring.
     """
     cdef Py_hash_t* ihash
-    cdef PyObject** ikey
-    cdef Py_ssize_t* iidx
+    cdef Py_ssize_t* ioff
+    cdef Py_ssize_t* ilen
+    cdef Py_ssize_t* iidx  # -1: an empty cell
     cdef Py_ssize_t icap  # a power of two, kept at most three quarters full
-    cdef _Buf last
+    cdef Py_ssize_t iused
+    cdef _Buf store
+    cdef Py_ssize_t last_off
+    cdef Py_ssize_t last_len
     cdef Py_ssize_t count
     # the last FIELD_CACHE field names introduced, in a ring (they are distinct, so the
-    # order of the search does not matter): the str objects (kept alive by the list), their
-    # UTF-8 bytes and their numbers
-    cdef list recent_names
-    cdef const char* recent_ptr[FIELD_CACHE]
+    # order of the search does not matter): store offsets, lengths, hashes, numbers
+    cdef Py_ssize_t recent_off[FIELD_CACHE]
     cdef Py_ssize_t recent_len[FIELD_CACHE]
     cdef Py_ssize_t recent_idx[FIELD_CACHE]
-    cdef Py_hash_t recent_hash[FIELD_CACHE]  # str hashes are cached: a cheap first test
+    cdef Py_hash_t recent_hash[FIELD_CACHE]
     cdef Py_ssize_t nrecent
     cdef Py_ssize_t ring
 
     def __cinit__(self):
         self.ihash = NULL
-        self.ikey = NULL
+        self.ioff = NULL
+        self.ilen = NULL
         self.iidx = NULL
-        self.icap = 0
-        self.last = _Buf()
+        self.icap = self.iused = 0
+        self.store = _Buf()
+        self.last_off = self.last_len = 0
         self.count = 0
-        self.recent_names = [None] * FIELD_CACHE
         self.nrecent = 0
         self.ring = 0
 
-    cdef Py_ssize_t new(self, _Buf buf, str name) except -1:
-        cdef Py_ssize_t n, p, limit
-        cdef const unsigned char* raw = <const unsigned char*>PyUnicode_AsUTF8AndSize(name, &n)
-        limit = n if n < self.last.n else self.last.n
-        p = 0
-        while p < limit and raw[p] == self.last.data[p]:
+    def __dealloc__(self):
+        free(self.ihash)
+        free(self.ioff)
+        free(self.ilen)
+        free(self.iidx)
+
+    cdef inline Py_ssize_t new(self, _Buf buf, const unsigned char* raw, Py_ssize_t n) except -1:
+        cdef Py_ssize_t p = 0, limit
+        cdef const unsigned char* last = self.store.data + self.last_off
+        limit = n if n < self.last_len else self.last_len
+        while p < limit and raw[p] == last[p]:
             p += 1
         buf.varint(((<uint64_t>p) << 1) | 1)
         buf.varint(<uint64_t>(n - p))
         buf.raw(raw + p, n - p)
-        self.last.n = p
-        self.last.raw(raw + p, n - p)
+        self.last_off = self.store.n
+        self.last_len = n
+        self.store.raw(raw, n)
         self.count += 1
         return self.count - 1
 
-    def __dealloc__(self):
-        cdef Py_ssize_t i
-        if self.ikey != NULL:
-            for i in range(self.icap):
-                Py_XDECREF(self.ikey[i])
-        free(self.ihash)
-        free(self.ikey)
-        free(self.iidx)
-
     cdef int _rehash(self, Py_ssize_t cap) except -1:
         cdef Py_hash_t* oh = self.ihash
-        cdef PyObject** ok = self.ikey
+        cdef Py_ssize_t* oo = self.ioff
+        cdef Py_ssize_t* ol = self.ilen
         cdef Py_ssize_t* oi = self.iidx
         cdef Py_ssize_t ocap = self.icap, i, j
         self.ihash = <Py_hash_t*>malloc(cap * sizeof(Py_hash_t))
-        self.ikey = <PyObject**>malloc(cap * sizeof(PyObject*))
+        self.ioff = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
+        self.ilen = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
         self.iidx = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
-        if self.ihash == NULL or self.ikey == NULL or self.iidx == NULL:
+        if self.ihash == NULL or self.ioff == NULL or self.ilen == NULL or self.iidx == NULL:
             free(self.ihash)
-            free(self.ikey)
+            free(self.ioff)
+            free(self.ilen)
             free(self.iidx)
-            self.ihash, self.ikey, self.iidx, self.icap = oh, ok, oi, ocap
+            self.ihash, self.ioff, self.ilen, self.iidx, self.icap = oh, oo, ol, oi, ocap
             raise MemoryError()
         for i in range(cap):
-            self.ikey[i] = NULL
+            self.iidx[i] = -1
         self.icap = cap
         for i in range(ocap):
-            if ok[i] != NULL:
+            if oi[i] >= 0:
                 j = <Py_ssize_t>(<size_t>oh[i] & <size_t>(cap - 1))
-                while self.ikey[j] != NULL:
+                while self.iidx[j] >= 0:
                     j = (j + 1) & (cap - 1)
                 self.ihash[j] = oh[i]
-                self.ikey[j] = ok[i]
+                self.ioff[j] = oo[i]
+                self.ilen[j] = ol[i]
                 self.iidx[j] = oi[i]
         free(oh)
-        free(ok)
+        free(oo)
+        free(ol)
         free(oi)
         return 0
 
-    cdef Py_ssize_t put(self, _Buf buf, str name) except -1:
-        cdef Py_hash_t hv = hash(name)
+    cdef Py_ssize_t put(self, _Buf buf, const unsigned char* p, Py_ssize_t n,
+                        Py_hash_t hv) except -1:
+        """Refer to a name already in the table, or introduce it and index it."""
         cdef Py_ssize_t j, found
-        cdef PyObject* k
-        if (self.count + 1) * 4 > self.icap * 3:
+        if (self.iused + 1) * 4 > self.icap * 3:
             self._rehash(64 if self.icap == 0 else self.icap * 2)
         j = <Py_ssize_t>(<size_t>hv & <size_t>(self.icap - 1))
         while True:
-            k = self.ikey[j]
-            if k == NULL:
+            found = self.iidx[j]
+            if found < 0:
                 break
-            if self.ihash[j] == hv and (k == <PyObject*>name or <str>k == name):
-                found = self.iidx[j]
+            if self.ihash[j] == hv and self.ilen[j] == n and \
+                    memcmp(self.store.data + self.ioff[j], p, n) == 0:
                 buf.varint((<uint64_t>found) << 1)
                 return found
             j = (j + 1) & (self.icap - 1)
-        found = self.new(buf, name)
-        Py_INCREF(name)
-        self.ikey[j] = <PyObject*>name
+        found = self.new(buf, p, n)
         self.ihash[j] = hv
+        self.ioff[j] = self.last_off
+        self.ilen[j] = n
         self.iidx[j] = found
+        self.iused += 1
         return found
 
-    cdef Py_ssize_t put_field(self, _Buf buf, str name, Py_ssize_t known) except -1:
-        cdef Py_ssize_t i, k, idx, n
-        cdef list recent = self.recent_names
+    cdef Py_ssize_t put_str(self, _Buf buf, str name) except -1:
+        cdef Py_ssize_t n
         cdef const char* p = PyUnicode_AsUTF8AndSize(name, &n)
-        cdef Py_hash_t hv = hash(name)
+        return self.put(buf, <const unsigned char*>p, n, _str_hash(name, p, n))
+
+    cdef Py_ssize_t put_field(self, _Buf buf, const unsigned char* p, Py_ssize_t n,
+                              Py_hash_t hv, Py_ssize_t known) except -1:
+        """A transaction's field name: refer to it if ``known`` (>= 0) or in the ring."""
+        cdef Py_ssize_t i, k, idx
         if known < 0:
             for i in range(self.nrecent):
                 if self.recent_hash[i] == hv and self.recent_len[i] == n and \
-                        memcmp(self.recent_ptr[i], p, n) == 0:
+                        memcmp(self.store.data + self.recent_off[i], p, n) == 0:
                     known = self.recent_idx[i]
                     break
         if known >= 0:
             buf.varint((<uint64_t>known) << 1)
             return known
-        idx = self.new(buf, name)
+        idx = self.new(buf, p, n)
         k = self.ring
-        recent[k] = name  # replaces the oldest once the ring is full
-        self.recent_ptr[k] = p
+        self.recent_off[k] = self.last_off  # replaces the oldest once the ring is full
         self.recent_len[k] = n
         self.recent_idx[k] = idx
         self.recent_hash[k] = hv
@@ -988,10 +1328,14 @@ cdef class _Names:
         return idx
 
 
-cdef inline Py_ssize_t _known_name(Entry head, uint64_t txn_start):
+cdef inline Py_ssize_t _known_name(Doc d, int32_t head, uint64_t txn_start) noexcept:
     # the name number of a field whose head entry this transaction wrote, else -1
-    if head is not None and head.rep == 0 and head.ctr >= txn_start and (head.gen & NIDX_FLAG):
-        return <Py_ssize_t>(head.gen & ~NIDX_FLAG)
+    cdef ERec* e
+    if head < 0:
+        return -1
+    e = &d.ents[head]
+    if e.rep == 0 and e.ctr >= txn_start and (e.gen & NIDX_FLAG):
+        return <Py_ssize_t>(e.gen & ~NIDX_FLAG)
     return -1
 
 
@@ -1059,6 +1403,7 @@ cdef class _Decoded:
     cdef Py_ssize_t* noff
     cdef Py_ssize_t* nlen
     cdef PyObject** nobj
+    cdef Py_hash_t* nhash  # -1: not computed yet
     cdef Py_ssize_t nnames
     cdef Py_ssize_t ncap
     cdef bint last_ascii  # whether the last name is ASCII (so is every prefix of it)
@@ -1080,6 +1425,7 @@ cdef class _Decoded:
         self.noff = NULL
         self.nlen = NULL
         self.nobj = NULL
+        self.nhash = NULL
         self.nnames = self.ncap = 0
         self.last_ascii = True
         self.nascii = 0
@@ -1103,6 +1449,7 @@ cdef class _Decoded:
         free(self.noff)
         free(self.nlen)
         free(self.nobj)
+        free(self.nhash)
 
     cdef int add_name(self, Py_ssize_t pre, const unsigned char* p, Py_ssize_t k) except -1:
         # a new name: the first ``pre`` bytes of the previous name, then ``p[:k]``, built in
@@ -1134,11 +1481,13 @@ cdef class _Decoded:
             self.noff = <Py_ssize_t*>_grow(self.noff, cap * sizeof(Py_ssize_t))
             self.nlen = <Py_ssize_t*>_grow(self.nlen, cap * sizeof(Py_ssize_t))
             self.nobj = <PyObject**>_grow(self.nobj, cap * sizeof(PyObject*))
+            self.nhash = <Py_hash_t*>_grow(self.nhash, cap * sizeof(Py_hash_t))
             self.ncap = cap
         i = self.nnames
         self.noff[i] = start
         self.nlen[i] = n
         self.nobj[i] = NULL
+        self.nhash[i] = -1
         if not ascii:
             self.nnames = i + 1
             self.name(i)  # validates the UTF-8 now, before anything changes
@@ -1165,6 +1514,13 @@ cdef class _Decoded:
         self.nobj[i] = <PyObject*>out
         return out
 
+    cdef inline Py_hash_t name_hash(self, Py_ssize_t i) noexcept:
+        cdef Py_hash_t h = self.nhash[i]
+        if h == -1:
+            h = _Py_HashBytes(self.arena.data + self.noff[i], self.nlen[i])
+            self.nhash[i] = h
+        return h
+
     cdef inline bint name_is(self, Py_ssize_t i, object s) except -1:
         # whether name ``i`` equals the str ``s`` (compared as UTF-8 when ``s`` is ASCII)
         cdef PyObject* o = self.nobj[i]
@@ -1186,6 +1542,7 @@ cdef class _Decoded:
             self.noff = <Py_ssize_t*>_grow(self.noff, cap * sizeof(Py_ssize_t))
             self.nlen = <Py_ssize_t*>_grow(self.nlen, cap * sizeof(Py_ssize_t))
             self.nobj = <PyObject**>_grow(self.nobj, cap * sizeof(PyObject*))
+            self.nhash = <Py_hash_t*>_grow(self.nhash, cap * sizeof(Py_hash_t))
             self.ncap = cap
         if n > self.ops_cap:
             cap = n if n > 2 * self.ops_cap else 2 * self.ops_cap
@@ -1252,10 +1609,12 @@ cdef int32_t _read_name(_Reader r, _Decoded names) except -2:
 ctypedef struct LiveRec:
     uint64_t ctr
     Py_ssize_t rank
-    PyObject* entry
-    PyObject* coll
-    PyObject* doc
-    PyObject* field
+    uint64_t hlc
+    PyObject* value     # borrowed: the entry's value
+    PyObject* doc       # the Doc of a document entry (NULL for a log record)
+    PyObject* coll      # a log record's log name
+    int32_t slot        # the document entry's field slot
+    int32_t kind
 
 
 cdef int _cmp_live(const void* a, const void* b) noexcept nogil:
@@ -1326,7 +1685,7 @@ cdef class _LiveArray:
     def __dealloc__(self):
         free(self.recs)
 
-    cdef int push(self, Entry e, Py_ssize_t rank, object coll, object doc, object field) except -1:
+    cdef inline LiveRec* slot_for(self) except NULL:
         cdef Py_ssize_t cap
         cdef LiveRec* p
         if self.n >= self.cap:
@@ -1336,14 +1695,45 @@ cdef class _LiveArray:
                 raise MemoryError()
             self.recs = p
             self.cap = cap
-        p = &self.recs[self.n]
+        self.n += 1
+        return &self.recs[self.n - 1]
+
+    cdef int push_log(self, Entry e, Py_ssize_t rank, object name) except -1:
+        cdef LiveRec* p = self.slot_for()
         p.ctr = e.ctr
         p.rank = rank
-        p.entry = <PyObject*>e
-        p.coll = <PyObject*>coll
-        p.doc = NULL if doc is None else <PyObject*>doc
-        p.field = NULL if field is None else <PyObject*>field
-        self.n += 1
+        p.hlc = e.hlc
+        p.value = <PyObject*>e.value
+        p.doc = NULL
+        p.coll = <PyObject*>name
+        p.slot = -1
+        p.kind = e.kind
+        return 0
+
+    cdef int push_doc(self, Doc d, Py_ssize_t* rank) except -1:
+        # every entry of a document, field by field
+        cdef Py_ssize_t s, cap
+        cdef int32_t k
+        cdef ERec* e
+        cdef LiveRec* p
+        for s in range(d.nslots):
+            k = d.slots[s].head
+            while k >= 0:
+                if self.n >= self.cap:
+                    self.slot_for()
+                    self.n -= 1
+                e = &d.ents[k]
+                p = &self.recs[self.n]
+                self.n += 1
+                p.ctr = e.ctr
+                p.rank = rank[e.rep]
+                p.hlc = e.hlc
+                p.value = e.value
+                p.doc = <PyObject*>d
+                p.coll = NULL
+                p.slot = <int32_t>s
+                p.kind = e.kind
+                k = e.next
         return 0
 
 
@@ -1471,29 +1861,29 @@ cdef class Replica:
             h |= FLAG_NEW_DOC
         t.buf.byte(h)
         if new_coll:
-            t.names.put(t.buf, coll)
+            t.names.put_str(t.buf, coll)
             t.coll = coll
             t.doc = None
         if new_doc:
-            t.names.put(t.buf, doc)
+            t.names.put_str(t.buf, doc)
             t.doc = doc
         t.nops += 1
         return 0
 
-    cdef int _put_kills(self, _TxnWriter t, list kills) except -1:
-        cdef Entry e
+    cdef int _put_kills(self, _TxnWriter t, list dots) except -1:
+        # ``dots``: (replica index, counter) pairs (see _dots_of)
         cdef PyObject* pi
-        t.buf.varint(len(kills))
-        for e in kills:
-            pi = PyDict_GetItem(t.rep_map, e.rep)
+        t.buf.varint(len(dots))
+        for rep, ctr in dots:
+            pi = PyDict_GetItem(t.rep_map, rep)
             if pi == NULL:
                 idx = len(t.reps)
-                t.rep_map[e.rep] = idx
-                t.reps.append(self._reps[e.rep])
+                t.rep_map[rep] = idx
+                t.reps.append(self._reps[rep])
             else:
                 idx = <object>pi
             t.buf.varint(idx)
-            t.buf.varint(e.ctr)
+            t.buf.varint(<uint64_t>ctr)
         return 0
 
     cdef uint64_t _new_dot(self) except 0:
@@ -1532,56 +1922,73 @@ cdef class Replica:
         t.cache_d = d
         return d
 
+    cdef int _drop_doc_if_empty(self, Doc d) except -1:
+        cdef dict docs
+        if d.nlive:
+            return 0
+        docs = <dict>self._colls[d.coll]
+        del docs[d.id]
+        if not docs:
+            del self._colls[d.coll]
+        if self._txn is not None:
+            self._txn.cache_d = None
+        return 0
+
     cdef int _set1(self, _TxnWriter t, object coll, object doc, object field, object value,
                    int op) except -1:
         """set / set_mv: write a register value, killing every entry seen at the field."""
         cdef _Buf s = self._scratch
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, slot
+        cdef const char* p
         cdef Doc d
-        cdef PyObject* ph
-        cdef Entry head, e
+        cdef int32_t head, ei
         cdef uint64_t ctr
+        cdef Py_hash_t hv
         cdef int h
         s.n = 0
         put_value(s, value, 0)
         if not (coll is t.cache_coll and doc is t.cache_doc and t.cache_d is not None):
             _name_utf8(coll, &n, "collection name")
             _name_utf8(doc, &n, "document id")
-        _name_utf8(field, &n, "field name")
+        p = _name_utf8(field, &n, "field name")
         d = self._doc_w(t, coll, doc)
         if isinstance(value, (list, tuple, dict)):
             value = decode_value(s.tobytes())
         ctr = self._new_dot()
-        e = new_entry(op, 0, ctr, self._txn_hlc, value)
-        ph = PyDict_SetDefault(d.fields, field, e)
-        head = None
-        if ph != <PyObject*>e:
-            head = <Entry>ph
-            d.fields[field] = e
+        hv = _str_hash(field, p, n)
+        slot = d.find(p, n, hv)
+        ei = d.new_ent(op, 0, ctr, self._txn_hlc, value)
+        if slot < 0:
+            head = -1
+            d.add(p, n, hv, field, ei)
+        else:
+            head = d.slots[slot].head
+            d.slots[slot].head = ei
         # header byte, then the names that changed, the field, the value, the kills
         h = op
-        if head is not None:
+        if head >= 0:
             h |= FLAG_KILLS
         if coll != t.coll:
             h |= FLAG_NEW_COLL | FLAG_NEW_DOC
             t.buf.byte(h)
-            t.names.put(t.buf, coll)
-            t.names.put(t.buf, doc)
+            t.names.put_str(t.buf, coll)
+            t.names.put_str(t.buf, doc)
             t.coll = coll
             t.doc = doc
         elif doc != t.doc:
             h |= FLAG_NEW_DOC
             t.buf.byte(h)
-            t.names.put(t.buf, doc)
+            t.names.put_str(t.buf, doc)
             t.doc = doc
         else:
             t.buf.byte(h)
         t.nops += 1
-        e.gen = NIDX_FLAG | <uint64_t>t.names.put_field(t.buf, field,
-                                                         _known_name(head, self._txn_start))
+        d.ents[ei].gen = NIDX_FLAG | <uint64_t>t.names.put_field(
+            t.buf, <const unsigned char*>p, n, hv, _known_name(d, head, self._txn_start))
         t.buf.append_buf(s)
-        if head is not None:
-            self._put_kills(t, _chain_list(head))
+        if head >= 0:
+            self._put_kills(t, _dots_of(d, _chain_from(d, head)))
+            d.free_chain(head)
         return 0
 
     # -- local writes ------------------------------------------------------------------
@@ -1622,16 +2029,10 @@ cdef class Replica:
                 self._set1(t, coll, doc, field, value, OP_LWW)
                 i += 1
                 if i == 1 and n >= PRESIZE_MIN:
-                    # a bulk write into a new document: presize its dict and the name table
+                    # a bulk write into a new document: presize its table
                     d = t.cache_d
-                    if d is not None and len(d.fields) == 1:
-                        fresh = _PyDict_NewPresized(n)
-                        # item by item: dict.update() into an empty dict clones the small
-                        # source's table and so would undo the presizing
-                        for fk, fv in d.fields.items():
-                            fresh[fk] = fv
-                        d.fields = fresh
-
+                    if d is not None and d.nlive == 1:
+                        d.reserve(n - 1)
         else:
             from collections.abc import Mapping
             pairs = items.items() if isinstance(items, Mapping) else items
@@ -1649,45 +2050,59 @@ cdef class Replica:
         self._set1(t, coll, doc, field, value, OP_MV)
 
     cdef _check_kind(self, coll, doc, field, int kind):
-        head = self._field_head(coll, doc, field)
-        if head is not None and _winner(self._reps, head).kind != kind:
+        cdef Doc d = self._doc_of(coll, doc)
+        cdef Py_ssize_t s
+        if d is None:
+            return
+        s = d.find_str(field)
+        if s >= 0 and d.ents[d.winner(self._reps, d.slots[s].head)].kind != kind:
             raise CoreUsageError(f"field {field!r} holds another type")
 
-    cdef Entry _write(self, int op, coll, doc, field, value, bytes payload, int filt,
-                      bytes enc):
+    cdef _write(self, int op, coll, doc, field, value, bytes payload, int filt, bytes enc):
         """Shared body of the entry-creating writes other than set/set_mv."""
         cdef _TxnWriter t = self._writer()
-        cdef Py_ssize_t n
-        cdef Entry e, entry, prev
+        cdef Py_ssize_t n, slot
+        cdef const char* p
+        cdef Doc d
+        cdef int32_t head, ei, prev
+        cdef ERec* e
+        cdef Py_hash_t hv
         _name_utf8(coll, &n, "collection name")
         _name_utf8(doc, &n, "document id")
-        _name_utf8(field, &n, "field name")
+        p = _name_utf8(field, &n, "field name")
         d = self._doc_for_write(coll, doc)
-        head = d.fields.get(field)
+        hv = _str_hash(field, p, n)
+        slot = d.find(p, n, hv)
+        head = -1 if slot < 0 else d.slots[slot].head
         kills = []
         keep = []
-        for e in _chain_list(head):
+        for k in _chain_from(d, head):
+            e = &d.ents[<int32_t>k]
             if (filt == 1 and e.kind == OP_COUNTER and e.rep == 0) or \
                (filt == 2 and e.kind == OP_TEXT and e.rep == 0) or \
-               (filt == 3 and e.kind == OP_SET_ADD and encode_value(e.value) == enc):
-                kills.append(e)
+               (filt == 3 and e.kind == OP_SET_ADD and encode_value(<object>e.value) == enc):
+                kills.append(k)
             else:
-                keep.append(e)
+                keep.append(k)
         ctr = self._new_dot()
-        entry = new_entry(op, 0, ctr, self._txn_hlc, value)
-        prev = entry
-        for e in keep:
-            prev.next = e
-            prev = e
-        prev.next = None
-        d.fields[field] = entry
+        ei = d.new_ent(op, 0, ctr, self._txn_hlc, value)
+        prev = ei
+        for k in keep:
+            d.ents[prev].next = <int32_t>k
+            prev = <int32_t>k
+        d.ents[prev].next = -1
+        if slot < 0:
+            d.add(p, n, hv, field, ei)
+        else:
+            d.slots[slot].head = ei
         self._op_header(t, op, coll, doc, bool(kills))
-        entry.gen = NIDX_FLAG | <uint64_t>t.names.put_field(t.buf, field,
-                                                             _known_name(head, self._txn_start))
+        d.ents[ei].gen = NIDX_FLAG | <uint64_t>t.names.put_field(
+            t.buf, <const unsigned char*>p, n, hv, _known_name(d, head, self._txn_start))
         t.buf.raw(<const unsigned char*>PyBytes_AS_STRING(payload), len(payload))
         if kills:
-            self._put_kills(t, kills)
-        return entry
+            self._put_kills(t, _dots_of(d, kills))
+            for k in kills:
+                d.free_one(<int32_t>k)
 
     def increment(self, coll, doc, field, amount=1):
         """Add ``amount`` (negative to decrement) to a counter field.
@@ -1695,17 +2110,22 @@ cdef class Replica:
         Raises:
             CoreUsageError: the field holds a non-counter value, or bad arguments.
         """
-        cdef Entry e
+        cdef Doc d
+        cdef Py_ssize_t s
+        cdef ERec* e
         self._writer()
         if not isinstance(amount, int) or isinstance(amount, bool):
             raise CoreUsageError("counter amounts are ints")
         self._check_kind(coll, doc, field, OP_COUNTER)
-        head = self._field_head(coll, doc, field)
         p = n = 0
-        for e in _chain_list(head):
-            if e.kind == OP_COUNTER and e.rep == 0:
-                p += e.value[0]
-                n += e.value[1]
+        d = self._doc_of(coll, doc)
+        s = -1 if d is None else d.find_str(field)
+        if s >= 0:
+            for k in d.chain(s):
+                e = &d.ents[<int32_t>k]
+                if e.kind == OP_COUNTER and e.rep == 0:
+                    p += (<object>e.value)[0]
+                    n += (<object>e.value)[1]
         if amount >= 0:
             p += amount
         else:
@@ -1734,20 +2154,35 @@ cdef class Replica:
         Raises:
             CoreUsageError: no open transaction or the element is not a scalar.
         """
-        cdef Entry e
         cdef _TxnWriter t = self._writer()
+        cdef Doc d
+        cdef Py_ssize_t s, n
+        cdef const char* p
+        cdef int32_t head
+        cdef ERec* e
         enc = _element(element)
-        head = self._field_head(coll, doc, field)
-        kills = [e for e in _chain_list(head)
-                 if e.kind == OP_SET_ADD and encode_value(e.value) == enc]
+        d = self._doc_of(coll, doc)
+        s = -1 if d is None else d.find_str(field)
+        if s < 0:
+            return
+        head = d.slots[s].head
+        kills = []
+        for k in d.chain(s):
+            e = &d.ents[<int32_t>k]
+            if e.kind == OP_SET_ADD and encode_value(<object>e.value) == enc:
+                kills.append(k)
         if not kills:
             return
-        self._kill_in_field(coll, doc, field, kills)
+        p = PyUnicode_AsUTF8AndSize(field, &n)
+        hv = d.slots[s].hash
+        known = _known_name(d, head, self._txn_start)
+        dots = _dots_of(d, kills)
+        self._kill_in_field(d, s, kills)
         self._new_dot()
         self._op_header(t, OP_SET_REMOVE, coll, doc, True)
-        t.names.put_field(t.buf, field, _known_name(head, self._txn_start))
+        t.names.put_field(t.buf, <const unsigned char*>p, n, hv, known)
         t.buf.raw(<const unsigned char*>PyBytes_AS_STRING(enc), len(enc))
-        self._put_kills(t, kills)
+        self._put_kills(t, dots)
 
     def remove_field(self, coll, doc, field):
         """Remove a field (a concurrent write to it survives).
@@ -1756,15 +2191,23 @@ cdef class Replica:
             CoreUsageError: no open transaction.
         """
         cdef _TxnWriter t = self._writer()
-        head = self._field_head(coll, doc, field)
-        kills = _chain_list(head)
-        if not kills:
+        cdef Doc d
+        cdef Py_ssize_t s, n
+        cdef const char* p
+        d = self._doc_of(coll, doc)
+        s = -1 if d is None else d.find_str(field)
+        if s < 0:
             return
-        self._kill_in_field(coll, doc, field, kills)
+        kills = d.chain(s)
+        p = PyUnicode_AsUTF8AndSize(field, &n)
+        hv = d.slots[s].hash
+        known = _known_name(d, d.slots[s].head, self._txn_start)
+        dots = _dots_of(d, kills)
+        self._kill_in_field(d, s, kills)
         self._new_dot()
         self._op_header(t, OP_REMOVE_FIELD, coll, doc, True)
-        t.names.put_field(t.buf, field, _known_name(head, self._txn_start))
-        self._put_kills(t, kills)
+        t.names.put_field(t.buf, <const unsigned char*>p, n, hv, known)
+        self._put_kills(t, dots)
 
     def remove(self, coll, doc):
         """Remove a document (fields written concurrently survive).
@@ -1773,19 +2216,21 @@ cdef class Replica:
             CoreUsageError: no open transaction.
         """
         cdef _TxnWriter t = self._writer()
-        d = self._colls.get(coll, {}).get(doc)
+        cdef Doc d = self._doc_of(coll, doc)
+        cdef Py_ssize_t s
         if d is None:
             return
         kills = []
-        for head in (<Doc>d).fields.values():
-            kills.extend(_chain_list(head))
+        for s in range(d.nslots):
+            if d.slots[s].head >= 0:
+                kills.extend(d.chain(s))
         del self._colls[coll][doc]
         if not self._colls[coll]:
             del self._colls[coll]
         t.cache_d = None
         self._new_dot()
         self._op_header(t, OP_REMOVE_DOC, coll, doc, True)
-        self._put_kills(t, kills)
+        self._put_kills(t, _dots_of(d, kills))
 
     def append(self, log, value):
         """Append a record to an append-only log (readings, events).
@@ -1845,67 +2290,74 @@ cdef class Replica:
         b.raw(<const unsigned char*>PyBytes_AS_STRING(delta), len(delta))
         self._write(OP_TEXT, coll, doc, field, None, b.tobytes(), 2, None)
 
-    cdef _kill_in_field(self, coll, doc, field, list kills):
-        cdef Doc d = self._colls[coll][doc]
-        dead = {id(e) for e in kills}
-        keep = [e for e in _chain_list(d.fields[field]) if id(e) not in dead]
-        _relink(d, field, keep)
-        if not d.fields:
-            del self._colls[coll][doc]
-            if not self._colls[coll]:
-                del self._colls[coll]
-            if self._txn is not None:
-                self._txn.cache_d = None
+    cdef _kill_in_field(self, Doc d, Py_ssize_t s, list kills):
+        kset = set(kills)
+        keep = [k for k in d.chain(s) if k not in kset]
+        d.relink(s, keep)
+        self._drop_doc_if_empty(d)
 
     # -- reads -------------------------------------------------------------------------
 
-    cdef Entry _field_head(self, coll, doc, field):
+    cdef Doc _doc_of(self, coll, doc):
         docs = self._colls.get(coll)
         if docs is None:
             return None
-        d = docs.get(doc)
-        if d is None:
-            return None
-        return (<Doc>d).fields.get(field)
+        return <Doc>(<dict>docs).get(doc)
 
-    cdef object _read(self, coll, doc, field, Entry head):
-        cdef Entry w = _winner(self._reps, head)
-        cdef Entry e
-        if w.kind == OP_LWW:
-            return _copy_out(w.value)
-        if w.kind == OP_MV:
-            same = sorted((e for e in _chain_list(head) if e.kind == OP_MV),
-                          key=lambda e: (e.hlc, self._reps[e.rep], e.ctr))
-            return tuple(_copy_out(e.value) for e in same)
-        if w.kind == OP_COUNTER:
+    cdef object _read(self, coll, doc, Doc d, Py_ssize_t s):
+        cdef int32_t head = d.slots[s].head
+        cdef int32_t w = d.winner(self._reps, head)
+        cdef int kind = d.ents[w].kind
+        cdef ERec* e
+        if kind == OP_LWW:
+            return _copy_out(<object>d.ents[w].value)
+        if kind == OP_MV:
+            same = sorted([k for k in d.chain(s) if d.ents[<int32_t>k].kind == OP_MV],
+                          key=lambda k: self._ent_key(d, k))
+            return tuple([_copy_out(<object>d.ents[<int32_t>k].value) for k in same])
+        if kind == OP_COUNTER:
             total = 0
-            for e in _chain_list(head):
+            for k in d.chain(s):
+                e = &d.ents[<int32_t>k]
                 if e.kind == OP_COUNTER:
-                    total += e.value[0] - e.value[1]
+                    total += (<object>e.value)[0] - (<object>e.value)[1]
             return total
-        if w.kind == OP_SET_ADD:
-            return frozenset([e.value for e in _chain_list(head) if e.kind == OP_SET_ADD])
-        text = self._texts.get((coll, doc, field))
+        if kind == OP_SET_ADD:
+            return frozenset([<object>d.ents[<int32_t>k].value for k in d.chain(s)
+                              if d.ents[<int32_t>k].kind == OP_SET_ADD])
+        text = self._texts.get((coll, doc, d.slot_name(s)))
         return "" if text is None else text.value()
+
+    cdef tuple _ent_key(self, Doc d, object k):
+        cdef ERec* e = &d.ents[<int32_t>k]
+        return (e.hlc, self._reps[e.rep], e.ctr)
 
     def get(self, coll, doc, field, default=None):
         """Read a field (see the reference for what each type returns)."""
-        head = self._field_head(coll, doc, field)
-        return default if head is None else self._read(coll, doc, field, head)
+        cdef Doc d = self._doc_of(coll, doc)
+        cdef Py_ssize_t s
+        if d is None:
+            return default
+        s = d.find_str(field)
+        return default if s < 0 else self._read(coll, doc, d, s)
 
     def conflicts(self, coll, doc, field):
         """Every live value of a field, oldest first (HLC, replica id, counter)."""
-        es = sorted(_chain_list(self._field_head(coll, doc, field)),
-                    key=lambda e: (e.hlc, self._reps[e.rep], e.ctr))
-        return [_copy_out(e.value) for e in es]
+        cdef Doc d = self._doc_of(coll, doc)
+        cdef Py_ssize_t s = -1 if d is None else d.find_str(field)
+        if s < 0:
+            return []
+        es = sorted(d.chain(s), key=lambda k: self._ent_key(d, k))
+        return [_copy_out(<object>d.ents[<int32_t>k].value) for k in es]
 
     def document(self, coll, doc):
         """Read a whole document as ``{field: value}`` (fields sorted), or None if absent."""
-        d = self._colls.get(coll, {}).get(doc)
+        cdef Doc d = self._doc_of(coll, doc)
+        cdef Py_ssize_t s
         if d is None:
             return None
-        fields = (<Doc>d).fields
-        return {f: self._read(coll, doc, f, fields[f]) for f in sorted(fields)}
+        slots = {d.slot_name(s): s for s in range(d.nslots) if d.slots[s].head >= 0}
+        return {f: self._read(coll, doc, d, slots[f]) for f in sorted(slots)}
 
     def documents(self, coll):
         """The ids of the documents of a collection, sorted."""
@@ -2182,25 +2634,23 @@ cdef class Replica:
         return 0
 
     cdef int _merge_inner(self, _Decoded d, _Changes changes, int* rmap) except -1:
-        cdef Py_ssize_t i, k, oi, upto
+        cdef Py_ssize_t i, k, oi, upto, slot, hp
         cdef RunRec* run
         cdef OpRec* op
         cdef int r, kind
-        cdef uint64_t dot, vv_r, plo, phi
+        cdef uint64_t dot, vv_r, plo, phi, old_gen
         cdef bint cloud_r, fresh, have_piece
         cdef CausalContext ctx = self._ctx
         cdef PyObject* pv
-        cdef PyObject* ph
         cdef dict colls = self._colls
         cdef Doc doc_obj = None
-        cdef int32_t doc_coll = -1, doc_doc = -1
-        cdef Entry e, head
-        cdef uint64_t old_gen
-        cdef PyObject* hint_dict = NULL
+        cdef int32_t doc_coll = -1, doc_doc = -1, ei, head
         cdef bint use_hint = True
-        cdef Py_ssize_t hint_pos = 0, hp
-        cdef PyObject* hk
-        cdef PyObject* hv
+        cdef Py_ssize_t hint_pos = 0
+        cdef const unsigned char* np
+        cdef Py_ssize_t nn
+        cdef Py_hash_t hv
+        cdef FSlot* fs
         # 1. context ranges: drop local entries the sender has seen but does not hold
         hit = set()
         kctx = CausalContext()
@@ -2257,7 +2707,7 @@ cdef class Replica:
                         text = self._texts[key] = _text_class()(self.replica_id)
                     payload = <object>op.payload
                     if payload and _text_apply(text, payload):
-                        changes.touch(key[0], key[1], key[2], self._field_head(key[0], key[1], key[2]))
+                        self._touch_field(changes, key[0], key[1], key[2])
                 if not fresh:
                     continue
                 if kind == OP_APPEND:
@@ -2266,53 +2716,61 @@ cdef class Replica:
                     if es is None:
                         es = self._logs[coll_s] = []
                     es.append(new_entry(kind, r, dot, op.hlc, <object>op.payload))
-                    changes.touch(coll_s, None, None, None)
+                    changes.touch(coll_s, None, None, False, 0)
                     continue
                 if doc_obj is None or op.coll != doc_coll or op.doc != doc_doc:
                     doc_obj = self._doc_for_write(d.name(op.coll), d.name(op.doc))
                     doc_coll = op.coll
                     doc_doc = op.doc
+                    hint_pos = 0
                     # a document that was empty here gets new fields: no order to follow
-                    use_hint = len(doc_obj.fields) != 0
+                    use_hint = doc_obj.nlive != 0
                     if not use_hint:
-                        # a new document: presize its dict for the ops of this run that go to it
+                        # a new document: presize its table for the ops of this run that go to it
                         upto = oi + 1
                         while upto < run.end and d.ops[upto].coll == doc_coll and \
                                 d.ops[upto].doc == doc_doc:
                             upto += 1
                         if upto - oi >= PRESIZE_MIN:
-                            doc_obj.fields = _PyDict_NewPresized(upto - oi)
-                e = new_entry(kind, r, dot, op.hlc, <object>op.payload)
-                e.gen = changes.gen
+                            doc_obj.reserve(upto - oi)
+                np = d.arena.data + d.noff[op.field]
+                nn = d.nlen[op.field]
                 # the order hint: a delta often lists a document's fields in the order the
                 # document got them (a replica writing the same keys, a since-delta): try the
-                # dict's next entry first, verified by comparing the names, before a hash probe
-                # into a big table. A stale position (the dict changed) just misses.
-                ph = NULL
-                if hint_dict is not <PyObject*>doc_obj.fields:
-                    hint_dict = <PyObject*>doc_obj.fields
-                    hint_pos = 0
-                hp = hint_pos
-                if use_hint and PyDict_Next(doc_obj.fields, &hp, &hk, &hv) and \
-                        d.name_is(op.field, <object>hk):
-                    ph = hv
-                    hint_pos = hp
-                    field_s = <object>hk
+                # table's next slot first, verified by comparing the names, before a hash probe.
+                # A stale position (the table changed) just misses.
+                slot = -1
+                hv = 0
+                if use_hint:
+                    hp = hint_pos
+                    while hp < doc_obj.nslots and doc_obj.slots[hp].head < 0:
+                        hp += 1
+                    if hp < doc_obj.nslots:
+                        fs = &doc_obj.slots[hp]
+                        if fs.len == nn and memcmp(doc_obj.arena + fs.off, np, nn) == 0:
+                            slot = hp
+                            hint_pos = hp + 1
+                    if slot < 0:
+                        hint_pos = hp  # the removed slots skipped are not looked at again
+                if slot < 0:
+                    hv = d.name_hash(op.field)
+                    slot = doc_obj.find(<const char*>np, nn, hv)
+                    if slot >= 0:
+                        hint_pos = slot + 1
+                ei = doc_obj.new_ent(kind, r, dot, op.hlc, <object>op.payload)
+                doc_obj.ents[ei].gen = changes.gen
+                if slot < 0:
+                    pv = d.nobj[op.field]
+                    slot = doc_obj.add(<const char*>np, nn, hv,
+                                       None if pv == NULL else <object>pv, ei)
+                    changes.inserted(doc_obj, slot, False, 0)
                 else:
-                    field_s = d.name(op.field)
-                if ph == NULL:
-                    ph = PyDict_SetDefault(doc_obj.fields, field_s, e)
-                if ph != <PyObject*>e:
-                    # the field has a chain: the new entry goes in front. Rather than a second
-                    # dict store, the head object takes the new entry's contents and the new
-                    # object, linked second, takes the old head's (entries have no identity
-                    # anyone keeps: one dict probe per op instead of two)
-                    head = <Entry>ph
-                    old_gen = head.gen
-                    _swap_into_head(head, e)
-                    changes.inserted(doc_obj, field_s, True, old_gen)
-                else:
-                    changes.inserted(doc_obj, field_s, False, 0)
+                    # the field has a chain: the new entry goes in front
+                    head = doc_obj.slots[slot].head
+                    old_gen = doc_obj.ents[head].gen
+                    doc_obj.ents[ei].next = head
+                    doc_obj.slots[slot].head = ei
+                    changes.inserted(doc_obj, slot, True, old_gen)
             if have_piece:
                 ctx.add_range(r, plo, phi)
         # 3. the context ranges join the local context
@@ -2320,6 +2778,19 @@ cdef class Replica:
             for lo, hi in ranges:
                 ctx.add_range(rmap[rep], lo, hi)
         return 0
+
+    cdef int _touch_field(self, _Changes changes, coll, doc, field) except -1:
+        # a kill or text touch of a field: the head's generation says whether an insertion
+        # of this call already reported it
+        cdef Doc d
+        cdef Py_ssize_t s
+        if not changes.on:
+            return 0
+        d = self._doc_of(coll, doc)
+        s = -1 if d is None else d.find_str(field)
+        if s < 0:
+            return changes.touch(coll, doc, field, False, 0)
+        return changes.touch(coll, doc, field, True, d.ents[d.slots[s].head].gen)
 
     cdef Py_ssize_t _op_rep(self, _Decoded d, Py_ssize_t oi):
         cdef Py_ssize_t k
@@ -2329,8 +2800,9 @@ cdef class Replica:
         return 0
 
     cdef int _apply_kills(self, _Decoded d, OpRec* op, int* rmap, _Changes changes) except -1:
-        cdef Py_ssize_t i
-        cdef Entry e
+        cdef Py_ssize_t i, s
+        cdef Doc dd
+        cdef ERec* e
         dots = []
         for i in range(op.kstart, op.kstart + op.kcount):
             dots.append((rmap[d.kills[i].rep], d.kills[i].ctr))
@@ -2339,50 +2811,66 @@ cdef class Replica:
         field = d.name(op.field) if op.field >= 0 else None
         for rep, ctr in dots:
             self._ctx.add_range(rep, ctr, ctr)
-        docs = self._colls.get(coll)
-        dd = docs.get(doc) if docs is not None and doc is not None else None
+        dd = self._doc_of(coll, doc) if doc is not None else None
         if dd is None:
             return 0
         dead = set(dots)
-        fields = (<Doc>dd).fields
-        for f in [field] if field is not None else list(fields):
-            head = fields.get(f)
-            if head is None:
-                continue
-            es = _chain_list(head)
-            keep = [e for e in es if (e.rep, e.ctr) not in dead]
+        if field is not None:
+            s = dd.find_str(field)
+            todo = [s] if s >= 0 else []
+        else:
+            todo = [s for s in range(dd.nslots) if dd.slots[s].head >= 0]
+        for so in todo:
+            s = so
+            es = dd.chain(s)
+            keep = []
+            for k in es:
+                e = &dd.ents[<int32_t>k]
+                if (e.rep, e.ctr) not in dead:
+                    keep.append(k)
             if len(keep) != len(es):
-                changes.touch(coll, doc, f, head)
-                _relink(dd, f, keep)
-        if not fields:
-            del self._colls[coll][(<Doc>dd).id]
+                changes.touch(coll, doc, dd.slot_name(s), True,
+                              dd.ents[dd.slots[s].head].gen)
+                dd.relink(s, keep)
+        if not dd.nlive:
+            del self._colls[coll][dd.id]
             if not self._colls[coll]:
                 del self._colls[coll]
         return 0
 
     cdef _kill_covered(self, CausalContext kctx, set hit, set rundots, _Changes changes):
-        cdef Entry e
+        cdef Doc d
+        cdef Py_ssize_t s
+        cdef ERec* e
         for coll in list(self._colls):
             docs = self._colls[coll]
             for doc_id in list(docs):
                 d = <Doc>docs[doc_id]
-                for f in list(d.fields):
-                    es = _chain_list(d.fields[f])
-                    keep = [e for e in es if not (e.rep in hit and kctx.contains(e.rep, e.ctr)
-                                                  and (e.rep, e.ctr) not in rundots)]
+                for s in range(d.nslots):
+                    if d.slots[s].head < 0:
+                        continue
+                    es = d.chain(s)
+                    keep = []
+                    for k in es:
+                        e = &d.ents[<int32_t>k]
+                        if not (e.rep in hit and kctx.contains(e.rep, e.ctr)
+                                and (e.rep, e.ctr) not in rundots):
+                            keep.append(k)
                     if len(keep) != len(es):
-                        changes.touch(coll, doc_id, f, d.fields[f])
-                        _relink(d, f, keep)
-                if not d.fields:
+                        changes.touch(coll, doc_id, d.slot_name(s), True,
+                                      d.ents[d.slots[s].head].gen)
+                        d.relink(s, keep)
+                if not d.nlive:
                     del docs[doc_id]
             if not docs:
                 del self._colls[coll]
         for name in list(self._logs):
             es = self._logs[name]
-            keep = [e for e in es if not (e.rep in hit and kctx.contains(e.rep, e.ctr)
-                                          and (e.rep, e.ctr) not in rundots)]
+            keep = [le for le in es if not (
+                (<Entry>le).rep in hit and kctx.contains((<Entry>le).rep, (<Entry>le).ctr)
+                and ((<Entry>le).rep, (<Entry>le).ctr) not in rundots)]
             if len(keep) != len(es):
-                changes.touch(name, None, None, None)
+                changes.touch(name, None, None, False, 0)
                 if keep:
                     self._logs[name] = keep
                 else:
@@ -2398,15 +2886,18 @@ cdef class Replica:
         """Extract the delta that the holder of ``version`` lacks (see the reference)."""
         cdef _LiveArray live = _LiveArray()
         cdef Py_ssize_t nrep, i, j, a, b, rk, nops
-        cdef Entry e, head
+        cdef Entry e
         cdef Doc d
         cdef LiveRec* rec
+        cdef FSlot* fs
         cdef uint64_t lo, hi, cur, ctr, hlc, since
         cdef _Buf out, ops
         cdef _Names names
         cdef int kind, h
         cdef PyObject* cur_coll
         cdef PyObject* cur_doc
+        cdef PyObject* rcoll
+        cdef PyObject* rdoc
         cdef Py_ssize_t* rank
         cdef Py_ssize_t* selidx = NULL
         cdef Py_ssize_t nsel
@@ -2423,18 +2914,13 @@ cdef class Replica:
         try:
             for i in range(nrep):
                 rank[<Py_ssize_t>order[i]] = i
-            for coll, docs in self._colls.items():
-                for doc_id, dobj in (<dict>docs).items():
-                    d = <Doc>dobj
-                    for f, hobj in d.fields.items():
-                        e = <Entry>hobj
-                        while e is not None:
-                            live.push(e, rank[e.rep], coll, doc_id, f)
-                            e = e.next
+            for docs in self._colls.values():
+                for dobj in (<dict>docs).values():
+                    live.push_doc(<Doc>dobj, rank)
             for name, es in self._logs.items():
                 for eobj in <list>es:
                     e = <Entry>eobj
-                    live.push(e, rank[e.rep], name, None, None)
+                    live.push_log(e, rank[e.rep], name)
         finally:
             free(rank)
         # sort by (replica id, counter): bucket by replica, then sort a bucket only if its
@@ -2478,7 +2964,7 @@ cdef class Replica:
             # live text entries always go (see the reference); the selection is the list of
             # those below ``since`` plus the slice j..b
             if self._texts:
-                sel = [i for i in range(a, j) if (<Entry>live.recs[i].entry).kind == OP_TEXT]
+                sel = [i for i in range(a, j) if live.recs[i].kind == OP_TEXT]
             else:
                 sel = []
             if sel or j < b:
@@ -2527,54 +3013,62 @@ cdef class Replica:
             for j in range(<Py_ssize_t>sj, <Py_ssize_t>sb):
                 selidx[i] = j
                 i += 1
-            e = <Entry>live.recs[selidx[0]].entry
+            rec = &live.recs[selidx[0]]
             out.varint(table[k])
-            out.varint(e.ctr)
-            out.varint(e.hlc)
+            out.varint(rec.ctr)
+            out.varint(rec.hlc)
             ops.n = 0
             nops = 0
-            ctr = e.ctr
-            hlc = e.hlc
+            ctr = rec.ctr
+            hlc = rec.hlc
             cur_coll = NULL
             cur_doc = NULL
             for i in range(nsel):
                 rec = &live.recs[selidx[i]]
-                e = <Entry>rec.entry
-                h = e.kind
-                if e.ctr == ctr and e.hlc == hlc + 1:
+                h = rec.kind
+                if rec.ctr == ctr and rec.hlc == hlc + 1:
                     h |= FLAG_TICK
                     hlc += 1
-                elif e.ctr != ctr or e.hlc != hlc:
+                elif rec.ctr != ctr or rec.hlc != hlc:
                     ops.byte(OP_ADVANCE)
-                    ops.varint(e.ctr - ctr)
-                    ops.varint(zigzag(<int64_t>(e.hlc - hlc)))
+                    ops.varint(rec.ctr - ctr)
+                    ops.varint(zigzag(<int64_t>(rec.hlc - hlc)))
                     nops += 1
-                    ctr = e.ctr
-                    hlc = e.hlc
+                    ctr = rec.ctr
+                    hlc = rec.hlc
+                if rec.doc != NULL:
+                    d = <Doc>rec.doc
+                    rcoll = <PyObject*>d.coll
+                    rdoc = <PyObject*>d.id
+                else:
+                    d = None
+                    rcoll = rec.coll
+                    rdoc = NULL
                 new_coll = cur_coll == NULL or (
-                    rec.coll != cur_coll and <str>rec.coll != <str>cur_coll)
-                new_doc = rec.doc != NULL and (new_coll or (
-                    rec.doc != cur_doc and (cur_doc == NULL or <str>rec.doc != <str>cur_doc)))
+                    rcoll != cur_coll and <str>rcoll != <str>cur_coll)
+                new_doc = rdoc != NULL and (new_coll or (
+                    rdoc != cur_doc and (cur_doc == NULL or <str>rdoc != <str>cur_doc)))
                 if new_coll:
                     h |= FLAG_NEW_COLL
                 if new_doc:
                     h |= FLAG_NEW_DOC
                 ops.byte(h)
                 if new_coll:
-                    names.put(ops, <str>rec.coll)
-                    cur_coll = rec.coll
+                    names.put_str(ops, <str>rcoll)
+                    cur_coll = rcoll
                     cur_doc = NULL
                 if new_doc:
-                    names.put(ops, <str>rec.doc)
-                    cur_doc = rec.doc
-                if rec.field != NULL:
-                    names.put(ops, <str>rec.field)
-                kind = e.kind
+                    names.put_str(ops, <str>rdoc)
+                    cur_doc = rdoc
+                if d is not None:
+                    fs = &d.slots[rec.slot]
+                    names.put(ops, d.arena + fs.off, fs.len, fs.hash)
+                kind = rec.kind
                 if kind == OP_COUNTER:
-                    ops.varint(PyLong_AsUnsignedLongLong(e.value[0]))
-                    ops.varint(PyLong_AsUnsignedLongLong(e.value[1]))
+                    ops.varint(PyLong_AsUnsignedLongLong((<object>rec.value)[0]))
+                    ops.varint(PyLong_AsUnsignedLongLong((<object>rec.value)[1]))
                 elif kind == OP_TEXT:
-                    key = (<str>rec.coll, <str>rec.doc, <str>rec.field)
+                    key = (d.coll, d.id, d.slot_name(rec.slot))
                     text = self._texts.get(key)
                     state = b""
                     if text is not None and key not in texts_sent:
@@ -2583,7 +3077,7 @@ cdef class Replica:
                     ops.varint(len(state))
                     ops.raw(<const unsigned char*>PyBytes_AS_STRING(state), len(state))
                 else:
-                    put_value(ops, e.value, 0)
+                    put_value(ops, <object>rec.value, 0)
                 nops += 1
                 ctr += 1
             out.varint(<uint64_t>nops)
