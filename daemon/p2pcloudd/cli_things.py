@@ -131,13 +131,16 @@ def cmd_thing_new(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value:
             body[key] = value
-    _, thing = Client(_data_dir(args)).request("POST", "/api/things", body)
+    if args.claim:
+        body["claim"] = True
+    _, thing = Client(_data_dir(args)).request("POST", "/api/things", body,
+                                               timeout=SCAN_REQUEST_TIMEOUT)
     if args.json:
         _emit_json(thing)
     else:
-        print(f"created {thing['name']!r}: {thing['hashname']}")
-        print(f"print its tag: p2pcloud tag print {thing['hashname'][:12]}… or "
-              f"p2pcloud tag print {json.dumps(thing['name'])} --png tag.png")
+        state = "claimed" if thing.get("claimed") else "unclaimed: scan its tag to claim it"
+        print(f"created {thing['name']!r} ({state}): {thing['hashname']}")
+        print(f"print its tag: p2pcloud tag print {thing['hashname'][:12]} --png tag.png")
     return EXIT_OK
 
 
@@ -154,7 +157,10 @@ def cmd_thing_ls(args: argparse.Namespace) -> int:
     for t in things:
         extra = " ".join(x for x in (t.get("make", ""), t.get("model", "")) if x)
         flag = " (archived)" if t.get("archived") else ""
-        print(f"{t['hashname']}  {t['name']}{flag}" + (f"  {extra}" if extra else ""))
+        if not t.get("claimed"):
+            flag += " (unclaimed: scan its tag)"
+        print(f"{t['hashname']}  {t['name'] or '(unnamed)'}{flag}"
+              + (f"  {extra}" if extra else ""))
     return EXIT_OK
 
 
@@ -246,6 +252,59 @@ def cmd_thing_rule_rm(args: argparse.Namespace) -> int:
         _emit_json({"removed": True, "rule": args.rule})
     else:
         print(f"rule {args.rule} removed")
+    return EXIT_OK
+
+
+def cmd_thing_log(args: argparse.Namespace) -> int:
+    """Show the records of one of a thing's logs (readings, events, inbox, notices...)."""
+    page = Client(_data_dir(args)).get(
+        _thing_path(args.thing, f"/logs/{_q(args.log)}?offset={args.offset}&limit={args.limit}"))
+    if args.json:
+        _emit_json(page)
+        return EXIT_OK
+    for record in page["records"]:
+        print(json.dumps(record, sort_keys=True))
+    shown = len(page["records"])
+    print(f"({shown} of {page['total']} from {page['offset']})", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_thing_rule_ls(args: argparse.Namespace) -> int:
+    """List a thing's rules."""
+    rules = Client(_data_dir(args)).get(_thing_path(args.thing, "/rules"))
+    if args.json:
+        _emit_json(rules)
+        return EXIT_OK
+    if not rules["rules"]:
+        print("no rules")
+    for r in rules["rules"]:
+        problem = f"  (does not parse: {r['error']})" if r.get("error") else ""
+        print(f"{r['id']}  {r['text']}{problem}")
+    return EXIT_OK
+
+
+def cmd_thing_receive(args: argparse.Namespace) -> int:
+    """Make a transfer target: give it to someone handing a thing to your cloud."""
+    _, made = Client(_data_dir(args)).request("POST", "/api/transfer-targets")
+    if args.json:
+        _emit_json(made)
+    else:
+        print(made["target"])
+        print(f"(works once, for {made['expires_in'] / 60:.0f} min; the current owner runs "
+              "`p2pcloud thing transfer THING '<the target>'`)", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_thing_invite(args: argparse.Namespace) -> int:
+    """Invite a smart thing into your cloud (it runs `p2pcloud thing run --pair INVITE`)."""
+    _, made = Client(_data_dir(args)).request("POST", "/api/thing-invites",
+                                              {"expires_in": args.expires})
+    if args.json:
+        _emit_json(made)
+    else:
+        print(made["uri"])
+        print("(works once; on the thing: `p2pcloud thing run --pair '<the invite>' --name "
+              "NAME`; it can write only its own sub-cloud)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -358,9 +417,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
         result = json.loads(raw)
     sent = None
     if args.message is not None:
-        if result.get("action") != "card":
+        if result.get("action") != "finder":
             raise CliError("--message is for a thing someone else owns; this scan "
-                           f"{result.get('action')}ed it",
+                           f"{result.get('action')} it",
                            "add notes to your own things with `p2pcloud thing note`")
         _, sent = client.request("POST", "/api/messages", {
             "tag": result["tag"], "text": args.message, "contact": args.contact or ""},
@@ -375,10 +434,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def _print_scan(result: dict[str, Any], sent: bool) -> None:
     action = result.get("action")
     thing = result.get("thing") or {}
-    if action == "claim":
+    if action == "claimed":
         print(f"claimed {thing.get('name') or thing.get('hashname', '')!r} into your cloud")
-        print("its tag now works for finders; rename it: p2pcloud thing rename THING NAME")
-    elif action == "open":
+        print("name it: p2pcloud thing rename THING NAME; print the claimed tag finders use: "
+              "p2pcloud tag print THING")
+    elif action == "opened":
         print(f"your thing {thing.get('name', '')!r} ({thing.get('hashname', '')})")
         _print_thing(thing)
     else:
@@ -423,6 +483,8 @@ def register(sub: Any, common: argparse.ArgumentParser, shows: argparse.Argument
     for key in ("make", "model", "serial"):
         new.add_argument(f"--{key}", default="", help=f"its {key}")
     new.add_argument("--card", default="", help="what a finder who scans it sees")
+    new.add_argument("--claim", action="store_true",
+                     help="claim it at once (else scanning its fresh tag claims it)")
     ls = leaf(ts, "ls", cmd_thing_ls, "list things")
     ls.add_argument("--all", action="store_true", help="archived and handed-on ones too")
     show = leaf(ts, "show", cmd_thing_show, "show a thing")
@@ -432,6 +494,15 @@ def register(sub: Any, common: argparse.ArgumentParser, shows: argparse.Argument
     card = leaf(ts, "card", cmd_thing_card, "set what a finder sees")
     reading = leaf(ts, "reading", cmd_thing_reading, "append a reading")
     inbox = leaf(ts, "inbox", cmd_thing_inbox, "messages finders left")
+    logp = leaf(ts, "log", cmd_thing_log, "records of a thing's log (readings, events...)")
+    logp.add_argument("thing", help="the thing (hashname or name)")
+    logp.add_argument("log", help="readings, events, inbox, notices, or a rule's log")
+    logp.add_argument("--offset", type=int, default=0, help="skip this many records")
+    logp.add_argument("--limit", type=int, default=1000, help="show at most this many")
+    leaf(ts, "receive", cmd_thing_receive, "make a transfer target (someone hands you a thing)")
+    inv = leaf(ts, "invite", cmd_thing_invite, "invite a smart thing into your cloud")
+    inv.add_argument("--expires", type=float, default=3600.0, metavar="SECONDS",
+                     help="how long it stays valid (default 3600)")
     transfer = leaf(ts, "transfer", cmd_thing_transfer, "hand a thing on to another cloud")
     for p in (show, note, rename, archive, card, reading, inbox, transfer):
         p.add_argument("thing", help="the thing (hashname or name)")
@@ -441,8 +512,8 @@ def register(sub: Any, common: argparse.ArgumentParser, shows: argparse.Argument
     card.add_argument("text", help='e.g. "If found, please call +41 ..." ("" for nothing)')
     reading.add_argument("fields", nargs="+", metavar="FIELD=VALUE",
                          help="e.g. value=71.5 unit=kg")
-    transfer.add_argument("to", help="the new owner's cloud: an invite or a device's "
-                          "hashname/link URI of that cloud")
+    transfer.add_argument("to", help="the new owner's transfer target (`p2pcloud thing "
+                          "receive` on one of their devices)")
     transfer.add_argument("--history", default="all",
                           help="all (default), or a comma list of the parts to hand on")
     rule = ts.add_parser("rule", parents=[common], help="add or remove a thing's rules",
@@ -451,6 +522,8 @@ def register(sub: Any, common: argparse.ArgumentParser, shows: argparse.Argument
     radd = leaf(rs, "add", cmd_thing_rule_add, "add a rule")
     radd.add_argument("thing", help="the thing (hashname or name)")
     radd.add_argument("text", help="e.g. 'on reading_added if value > 80 do notify_owner'")
+    rls = leaf(rs, "ls", cmd_thing_rule_ls, "list a thing's rules")
+    rls.add_argument("thing", help="the thing (hashname or name)")
     rrm = leaf(rs, "rm", cmd_thing_rule_rm, "remove a rule")
     rrm.add_argument("thing", help="the thing (hashname or name)")
     rrm.add_argument("rule", help="the rule id (`p2pcloud thing show THING`)")
@@ -483,18 +556,143 @@ def _register_run(ts: Any, common: argparse.ArgumentParser,
                         description=cmd_thing_run.__doc__)
     run.set_defaults(func=cmd_thing_run)
     run.add_argument("--pair", default=None, metavar="INVITE",
-                     help="the owner's invite (p2pcloud: URI) to join with, on first start")
+                     help="join the owner's cloud with this invite (`p2pcloud thing invite` "
+                     "on an owner device), on first start")
     run.add_argument("--name", default="", help="the thing's name, on first start")
+    run.add_argument("--make", default="", help="its make, on first start")
+    run.add_argument("--model", default="", help="its model, on first start")
     run.add_argument("--port", type=int, default=0, help="UDP port (0: any)")
     run.add_argument("--bind", default="127.0.0.1", help="mesh address")
-    run.add_argument("--readings", type=Path, default=None, metavar="FILE",
-                     help="append one reading per JSON line of FILE (- for stdin), then exit")
+    run.add_argument("--readings", default=None, metavar="FILE",
+                     help="append one reading per JSON line of FILE (- for stdin), e.g. "
+                     '{"value": 71.5, "unit": "kg"}; lines an earlier run wrote are '
+                     "skipped; then keep running")
+    run.add_argument("--exit-after-readings", action="store_true",
+                     help="exit once the readings are written (they sync when it runs again)")
 
 
 def cmd_thing_run(args: argparse.Namespace) -> int:
-    """Run a smart thing: a small node in DATA_DIR that pairs with its owner's cloud (shows
-    its pairing QR, or joins with --pair INVITE) and appends readings that sync to the
-    owner's devices."""
-    raise CliError("`p2pcloud thing run` is not available in this build",
-                   "the node's smart-thing entry point is missing; see docs/howto-things.md",
-                   EXIT_FAILED)
+    """Run a smart thing: a small node of its own in DATA_DIR (not a daemon) that pairs with
+    its owner's cloud (first start: --pair INVITE), owns and writes its own sub-cloud, and
+    appends readings that sync to the owner's devices. Runs until Ctrl-C / SIGTERM. With
+    --json it prints one JSON object a line: ready, written, stopped."""
+    import trio
+
+    try:
+        return int(trio.run(_run_thing, args, _data_dir(args)))
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], CliError):
+            raise group.exceptions[0] from None
+        raise
+
+
+def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None:
+    if args.json:
+        print(json.dumps({"event": event, **fields}), flush=True)
+    else:
+        print(text, flush=True)
+
+
+async def _run_thing(args: argparse.Namespace, data_dir: Path) -> int:
+    import signal
+
+    import trio
+
+    from p2pcloud._node.smartthing import run_thing
+    from p2pcloud._node.transport import TransportError
+    from p2pcloud.errors import JoinFailed, KeyFileError, ThingError
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            async with run_thing(data_dir, invite=args.pair, name=args.name, make=args.make,
+                                 model=args.model, port=args.port, bind=args.bind) as thing:
+                return await _thing_main(args, thing, signals)
+        except (KeyFileError, TransportError) as exc:
+            raise CliError(str(exc), "check --data-dir and --port") from exc
+        except JoinFailed as exc:
+            raise CliError(f"pairing failed: {exc}", "ask the owner for a new invite: "
+                           "`p2pcloud thing invite` on one of their devices") from exc
+        except ThingError as exc:
+            raise CliError(str(exc), "pair it: `p2pcloud thing run --pair INVITE` with an "
+                           "invite from `p2pcloud thing invite`", EXIT_USAGE) from exc
+
+
+async def _thing_main(args: argparse.Namespace, thing: Any, signals: Any) -> int:
+    import trio
+
+    view = thing.view
+    _say(args, "ready", f"smart thing {view.name!r} ({thing.hashname}) runs in cloud "
+         f"{view.owner_cloud}", hashname=str(thing.hashname), subcloud=view.subcloud,
+         cloud=view.owner_cloud)
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal() -> None:
+            async for _ in signals:
+                done.set()
+                return
+
+        nursery.start_soon(stop_on_signal)
+        if args.readings is not None:
+            written = await _append_readings(args, thing)
+            _say(args, "written", f"{written} reading(s) written", count=written,
+                 total=len(thing.readings()))
+            if args.exit_after_readings:
+                done.set()
+        await done.wait()
+        nursery.cancel_scope.cancel()
+    _say(args, "stopped", "stopped")
+    return EXIT_OK
+
+
+def _reading_fields(line_no: int, line: str) -> dict[str, Any]:
+    try:
+        fields = json.loads(line)
+    except ValueError as exc:
+        raise CliError(f"line {line_no} of the readings is not JSON: {exc}", "",
+                       EXIT_USAGE) from exc
+    value = fields.get("value") if isinstance(fields, dict) else None
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise CliError(f"line {line_no} of the readings is not an object with a numeric "
+                       "value", 'write lines like {"value": 71.5, "unit": "kg"}', EXIT_USAGE)
+    return fields
+
+
+async def _append_readings(args: argparse.Namespace, thing: Any) -> int:
+    """Append the readings of --readings not yet in the thing's log; return how many."""
+    import trio
+
+    from p2pcloud.errors import ThingError
+
+    already = len(thing.readings())
+    if args.readings == "-":
+        stream = sys.stdin
+    else:
+        try:
+            stream = await trio.to_thread.run_sync(
+                lambda: open(args.readings, encoding="utf-8"))  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            raise CliError(f"cannot read {args.readings}: {exc.strerror}", "", EXIT_USAGE
+                           ) from exc
+    written = 0
+    try:
+        line_no = 0
+        while True:
+            line = await trio.to_thread.run_sync(stream.readline)
+            if not line:
+                break
+            if not line.strip():
+                continue
+            line_no += 1
+            if line_no <= already:
+                continue  # written by an earlier run
+            fields = _reading_fields(line_no, line)
+            try:
+                await thing.add_reading(fields["value"], unit=str(fields.get("unit", "")),
+                                        kind=str(fields.get("kind", "")))
+            except ThingError as exc:
+                raise CliError(f"line {line_no}: {exc}", "", EXIT_USAGE) from exc
+            written += 1
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+    return written

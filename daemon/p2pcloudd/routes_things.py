@@ -39,7 +39,9 @@ from p2pcloud.errors import (
     RuleError,
     TagImageError,
     ThingError,
+    ThingMoved,
     TransferError,
+    UnknownThing,
 )
 from p2pcloudd.api import ApiError, json_body, route
 from p2pcloudd.runtime import Daemon
@@ -56,6 +58,8 @@ MAX_TAG_TEXT = 512  # characters of a tag URI (p2pcloud.things.tags.MAX_TAG_TEXT
 MAX_SHEET = 100  # fresh tags per sheet: 25 pages of four columns; more is a typo
 MAX_IMAGE_UPLOAD = 16 * 1024 * 1024  # bytes of a scanned photo; a phone JPEG is 2-6 MB
 MAX_KEY = 256  # characters of a {thing}/{rule} path parameter; real ones are far shorter
+DEFAULT_LOG_PAGE = 1000  # records per page of a log by default
+MAX_LOG_PAGE = 20_000  # records per page at most: about 2 MB of JSON
 SCAN_TIMEOUT = 40.0  # s a scan may take: it may link the owner's cloud (mesh gives up at 30)
 
 THING_SCHEMA: dict[str, Any] = {
@@ -78,6 +82,8 @@ CREATE_REQUEST: dict[str, Any] = {
         "serial": {"type": "string", "maxLength": MAX_FIELD},
         "card": {"type": "string", "maxLength": MAX_CARD,
                  "description": "what a finder who scans the tag sees (empty: nothing)"},
+        "claim": {"type": "boolean", "description": "claim it at once (as scanning its fresh "
+                  "tag would): its tag is then the claimed one, ready for finders"},
     },
 }
 RENAME_REQUEST: dict[str, Any] = {
@@ -147,13 +153,23 @@ TAG_SCHEMA: dict[str, Any] = {
 SCAN_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["action", "tag"],
     "properties": {
-        "action": {"type": "string", "description": "claim (claimed into this cloud), open "
-                   "(the owner opened it) or card (a finder: the thing's public card)"},
+        "action": {"type": "string", "enum": ["claimed", "opened", "finder"],
+                   "description": "claimed (a fresh tag: the thing is now this cloud's), "
+                   "opened (the owner scanned a claimed tag) or finder (someone else's "
+                   "thing: only its card)"},
         "tag": {"type": "string", "description": "the tag scanned (for a claim: the claimed "
                 "tag to print)"},
         "thing": {"type": ["object", "null"], "description": "the thing (claim, open)"},
-        "card": {"type": ["object", "string", "null"], "description": "what a finder sees"},
+        "card": {"type": ["object", "null"], "description": "what a finder sees (label -> "
+                 "text)"},
+        "new_tag": {"type": ["string", "null"], "description": "after a claim: the claimed "
+                    "tag to print (finders reach the thing with it)"},
     },
+}
+THING_INVITE_REQUEST: dict[str, Any] = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"expires_in": {"type": "number", "minimum": 60, "maximum": 30 * 86400,
+                                  "description": "seconds it stays valid (default 3600)"}},
 }
 SIMPLE_THING_ERRORS = (400, 404, 409, 413, 415)
 NODE_ERRORS = (400, 404, 409, 413, 415, 422, 502, 503, 504)
@@ -201,9 +217,10 @@ def _find(daemon: Daemon, request: Request) -> Any:
     key = _key(request, "thing")
     try:
         return _things(daemon).get(key)
-    except (ThingError, LookupError, p2pcloud.SubCloudError) as exc:
-        raise ApiError(404, "unknown_thing", f"no thing {key!r} here ({exc})",
-                       "list them with `p2pcloud thing ls`") from exc
+    except UnknownThing as exc:
+        raise ApiError(404, "unknown_thing", str(exc),
+                       "list them with `p2pcloud thing ls` (a hashname prefix of 8+ "
+                       "characters works too)") from exc
 
 
 def _hashname(view: Any) -> str:
@@ -249,6 +266,12 @@ async def call(what: str, fn: Callable[[], Awaitable[Any]], *,
     except AccessDenied as exc:
         raise ApiError(403, "access_denied", f"{what}: {exc}",
                        "only the thing's owner devices may do this") from exc
+    except UnknownThing as exc:
+        raise ApiError(404, "unknown_thing", f"{what}: {exc}",
+                       "list them with `p2pcloud thing ls`") from exc
+    except ThingMoved as exc:
+        raise ApiError(409, "thing_moved", f"{what}: {exc}",
+                       "the thing has a new owner; ask them for its new tag") from exc
     except ThingError as exc:
         raise ApiError(409, "thing_refused", f"{what}: {exc}",
                        "nothing was changed; see the message") from exc
@@ -266,12 +289,8 @@ async def call(what: str, fn: Callable[[], Awaitable[Any]], *,
 
 
 def thing_json(view: Any) -> dict[str, Any]:
-    """A ThingView as JSON."""
-    data = to_json(view)
-    if not isinstance(data, dict):
-        data = {"hashname": _hashname(view)}
-    data["hashname"] = _hashname(view)
-    data.setdefault("name", str(getattr(view, "name", "")))
+    """A ThingView as JSON (its own ``to_json``: the API shape)."""
+    data: dict[str, Any] = to_json(view.to_json())
     return data
 
 
@@ -290,33 +309,61 @@ def _tag_of(things: Any, view: Any) -> Any:
 
 @route("GET", "/api/things", summary="The things of this cloud", tag="things",
        query={"archived": ({"type": "boolean"}, "true: list archived things too")},
-       response={"type": "object", "required": ["things"],
-                 "properties": {"things": {"type": "array", "items": THING_SCHEMA}}},
+       response={"type": "object", "required": ["things", "rules_pending"],
+                 "properties": {
+                     "things": {"type": "array", "items": THING_SCHEMA},
+                     "rules_pending": {"type": "integer", "description": "rule firings this "
+                                       "device still waits on (0: every known event handled "
+                                       "here or marked done by another device)"}}},
        errors=(503,))
 async def _list_things(daemon: Daemon, request: Request) -> Any:
-    """Sorted by name; archived and handed-on things are left out unless ``archived=true``."""
+    """Sorted by name; archived things are left out unless ``archived=true``; handed-on
+    things are never listed."""
     include = request.query_params.get("archived", "").lower() in ("1", "true", "yes")
-    views = _things(daemon).list(include_archived=include)
-    return {"things": [thing_json(v) for v in views]}
+    things = _things(daemon)
+    views = things.list(include_archived=include)
+    return {"things": [thing_json(v) for v in views], "rules_pending": things.rules_pending()}
 
 
 @route("POST", "/api/things", summary="Create a thing (a sub-cloud and a tag)", tag="things",
        status=201, request=CREATE_REQUEST, response=THING_SCHEMA, errors=NODE_ERRORS)
 async def _create_thing(daemon: Daemon, request: Request) -> Any:
-    """The thing gets its own keypair, sub-cloud and tag; durable when it answers."""
+    """The thing gets its own keypair, sub-cloud and tag; durable when it answers. It is
+    unclaimed (its tag is fresh) unless ``claim`` is true: then this device claims it at once,
+    as scanning its fresh tag would."""
     body = await json_body(request, CREATE_REQUEST)
     things = _things(daemon)
     view = await call("create", lambda: things.create(
         body["name"], make=body.get("make", ""), model=body.get("model", ""),
         serial=body.get("serial", ""), card=body.get("card", "")))
+    if body.get("claim"):
+        tag = things.tag(view.hashname)
+        result = await call("claim", lambda: things.scan(tag.uri()))
+        view = result.thing if result.thing is not None else things.get(view.hashname)
     return thing_json(view)
 
 
 @route("GET", "/api/things/{thing}", params=THING_PARAMS, summary="One thing", tag="things",
-       response=THING_SCHEMA, errors=(400, 404, 503))
+       response={**THING_SCHEMA, "properties": {
+           **THING_SCHEMA["properties"], "notes": {"type": "string"},
+           "rules": {"type": "array", "items": {"type": "object"}},
+           "counts": {"type": "object", "description": "records per log (readings, events, "
+                      "inbox, notices)"},
+           "last_reading": {"type": ["object", "null"]}}},
+       errors=(400, 404, 503))
 async def _show_thing(daemon: Daemon, request: Request) -> Any:
-    """Its profile, card, notes, recent readings and counts, as the node shows it."""
-    return thing_json(_find(daemon, request))
+    """Its profile and card, notes, rules, the number of records in each log and the last
+    reading."""
+    view = _find(daemon, request)
+    things = _things(daemon)
+    data = thing_json(view)
+    readings = things.readings(view)
+    data["notes"] = things.notes(view)
+    data["rules"] = to_json(things.rules(view))
+    data["counts"] = {"readings": len(readings), "events": len(things.events(view)),
+                      "inbox": len(things.inbox(view)), "notices": len(things.notices(view))}
+    data["last_reading"] = to_json(readings[-1]) if readings else None
+    return data
 
 
 @route("POST", "/api/things/{thing}/rename", params=THING_PARAMS, summary="Rename a thing",
@@ -485,20 +532,14 @@ async def _sheet_svg(daemon: Daemon, request: Request) -> Any:
 
 
 def scan_json(result: Any) -> dict[str, Any]:
-    """A ScanResult as JSON: ``action``, ``tag``, ``thing``, ``card`` and any other fields."""
-    data = to_json(result)
-    if not isinstance(data, dict):
-        data = {}
-    thing = getattr(result, "thing", None)
-    if thing is not None and not isinstance(thing, str):
-        data["thing"] = thing_json(thing)
-    data.setdefault("action", str(getattr(result, "action", "")))
-    data.setdefault("thing", None)
-    data.setdefault("card", None)
-    if not isinstance(data.get("tag"), str):
-        tag = getattr(result, "tag", None)
-        data["tag"] = tag.uri() if tag is not None and hasattr(tag, "uri") else ""
-    return data
+    """A ScanResult as JSON: ``action``, ``tag``, ``thing``, ``card``, ``new_tag``."""
+    return {
+        "action": result.action,
+        "tag": result.tag.uri(),
+        "thing": thing_json(result.thing) if result.thing is not None else None,
+        "card": dict(result.card) if result.card is not None else None,
+        "new_tag": result.new_tag.uri() if result.new_tag is not None else None,
+    }
 
 
 async def _scan(daemon: Daemon, source: str | bytes) -> dict[str, Any]:
@@ -507,8 +548,7 @@ async def _scan(daemon: Daemon, source: str | bytes) -> dict[str, Any]:
     data = scan_json(result)
     daemon.events.publish("thing.scanned", {
         "action": data["action"],
-        "thing": (data["thing"] or {}).get("hashname") if isinstance(data["thing"], dict)
-        else None})
+        "thing": data["thing"]["hashname"] if data["thing"] else str(result.tag.hashname)})
     return data
 
 
@@ -578,7 +618,45 @@ async def _inbox(daemon: Daemon, request: Request) -> Any:
     return {"thing": _hashname(view), "messages": to_json(_things(daemon).inbox(view))}
 
 
+@route("GET", "/api/things/{thing}/logs/{log}", params={
+           **THING_PARAMS, "log": "readings, events, inbox, notices, or a log a rule appends "
+           "to"}, summary="Records of one of a thing's logs", tag="things",
+       query={"offset": ({"type": "integer", "minimum": 0}, "skip this many (default 0)"),
+              "limit": ({"type": "integer", "minimum": 1, "maximum": MAX_LOG_PAGE},
+                        f"at most this many (default {DEFAULT_LOG_PAGE})")},
+       response={"type": "object", "required": ["thing", "log", "total", "records"],
+                 "properties": {"thing": {"type": "string"}, "log": {"type": "string"},
+                                "total": {"type": "integer"}, "offset": {"type": "integer"},
+                                "records": {"type": "array"}}},
+       errors=(400, 404, 503))
+async def _log(daemon: Daemon, request: Request) -> Any:
+    """Oldest first. ``total`` counts every record, so a reader pages with ``offset``."""
+    view = _find(daemon, request)
+    name = _key(request, "log")
+    offset = _int_query(request, "offset", 0, 0, 10**9)
+    limit = _int_query(request, "limit", DEFAULT_LOG_PAGE, 1, MAX_LOG_PAGE)
+    try:
+        records = daemon.node.subcloud(view.subcloud).log(name)
+    except p2pcloud.SubCloudError as exc:
+        raise ApiError(404, "unknown_thing", f"the thing's sub-cloud is gone: {exc}",
+                       "list them with `p2pcloud thing ls`") from exc
+    return {"thing": _hashname(view), "log": name, "total": len(records), "offset": offset,
+            "records": to_json(records[offset:offset + limit])}
+
+
 # -- rules --------------------------------------------------------------------------------
+
+
+@route("GET", "/api/things/{thing}/rules", params=THING_PARAMS, summary="A thing's rules",
+       tag="things", errors=(400, 404, 503),
+       response={"type": "object", "required": ["thing", "rules"],
+                 "properties": {"thing": {"type": "string"},
+                                "rules": {"type": "array", "items": {"type": "object"}}}})
+async def _rules(daemon: Daemon, request: Request) -> Any:
+    """``{id, text, created_ms, enabled}`` each, with ``error`` for one that does not parse
+    (written by a newer version)."""
+    view = _find(daemon, request)
+    return {"thing": _hashname(view), "rules": to_json(_things(daemon).rules(view))}
 
 
 @route("POST", "/api/things/{thing}/rules", params=THING_PARAMS, summary="Add a rule",
@@ -634,6 +712,49 @@ async def _transfer(daemon: Daemon, request: Request) -> Any:
     await call("transfer", lambda: things.transfer(view, body["to"],
                                                    history=body.get("history", "all")))
     return {"thing": _hashname(view), "transferred": True, "to": body["to"]}
+
+
+@route("POST", "/api/transfer-targets", summary="A transfer target: how someone hands a "
+       "thing to this cloud", tag="things", status=201,
+       response={"type": "object", "required": ["target", "expires_in"],
+                 "properties": {"target": {"type": "string"},
+                                "expires_in": {"type": "number"}}},
+       errors=(409, 503))
+async def _transfer_target(daemon: Daemon, request: Request) -> Any:
+    """Give the text to the thing's current owner (`p2pcloud thing transfer THING TARGET`).
+    It names this cloud, its members' keys, this device and a one-time secret; it works once,
+    for an hour, while this daemon runs."""
+    from p2pcloud._node.things import TARGET_TTL
+
+    things = _things(daemon)
+    try:
+        target = things.transfer_target()
+    except ThingError as exc:
+        raise ApiError(409, "no_cloud", str(exc),
+                       "found or join a cloud first (`p2pcloud cloud new`)") from exc
+    return {"target": target, "expires_in": TARGET_TTL}
+
+
+@route("POST", "/api/thing-invites", summary="Invite a smart thing to pair with the cloud",
+       tag="things", status=201, request=THING_INVITE_REQUEST,
+       response={"type": "object", "required": ["uri", "expires_in"],
+                 "properties": {"uri": {"type": "string"}, "expires_in": {"type": "number"}}},
+       errors=(400, 403, 409, 413, 415, 503))
+async def _thing_invite(daemon: Daemon, request: Request) -> Any:
+    """The smart thing runs `p2pcloud thing run --pair INVITE`: it joins with the role
+    ``thing`` and a grant that names none of the cloud's sub-clouds (it reads nothing of the
+    owner's); it writes only its own sub-cloud, as its owner. Admins only; works once."""
+    body = await json_body(request, THING_INVITE_REQUEST)
+    things = _things(daemon)
+    expires_in = float(body.get("expires_in", 3600.0))
+    try:
+        uri = await things.invite_smart(expires_in=expires_in)
+    except ThingError as exc:
+        raise ApiError(409, "no_cloud", str(exc), "found one first: `p2pcloud cloud new`"
+                       ) from exc
+    except p2pcloud.LocalProtocolError as exc:
+        raise ApiError(403, "not_admin", str(exc), "invite from an admin device") from exc
+    return {"uri": uri, "expires_in": expires_in}
 
 
 # -- thing events -------------------------------------------------------------------------
