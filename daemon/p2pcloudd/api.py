@@ -184,7 +184,7 @@ REGISTRY = Registry()
 route = REGISTRY.route
 
 CAPABILITIES = ("p2pcloudd.routes_node", "p2pcloudd.routes_subclouds",
-                "p2pcloudd.routes_things")
+                "p2pcloudd.routes_things", "p2pcloudd.routes_cloud")
 """Route modules, one per capability. A module may also define ``async def
 background(daemon)``: it runs for the API app's lifetime (started at startup, cancelled at
 shutdown), e.g. to publish the capability's events."""

@@ -243,7 +243,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _daemon_flags(args: argparse.Namespace) -> list[str]:
     flags: list[str] = []
-    for flag in ("port", "tcp_port", "bind", "api_port", "api_bind", "log_level", "log_format"):
+    for flag in ("port", "tcp_port", "bind", "api_port", "api_bind", "log_level", "log_format",
+                 "discovery"):
         value = getattr(args, flag)
         if value is not None:
             flags += [f"--{flag.replace('_', '-')}", str(value)]
@@ -825,6 +826,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-bind", default=None, help="API address (default 127.0.0.1)")
     up.add_argument("--log-level", default=None, help="debug, info, warning, error")
     up.add_argument("--log-format", default=None, help="text or json")
+    up.add_argument("--discovery", default=None, choices=["auto", "on", "off"],
+                    help="LAN discovery by mDNS (default auto: on when --bind is not loopback)")
     up.add_argument("--link", action="append", default=[], metavar="URI",
                     help="link to this peer at start")
     add("down", cmd_down, "stop the daemon")
@@ -877,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     from p2pcloudd import demo as _demo
 
     _demo.register(sub, common, shows)
+    from p2pcloudd import cli_cloud
+
+    cli_cloud.register(sub, common, shows)
     return parser
 
 

@@ -198,6 +198,21 @@ def _choose(flag: int | None, remembered: int | None, default: int) -> tuple[int
     return default, True
 
 
+def discovery_settings(settings: Settings) -> dict[str, Any]:
+    """``open_node``'s LAN discovery arguments from the ``discovery`` option.
+
+    ``auto`` runs mDNS when the mesh listens beyond loopback. mDNS uses the interface of the
+    bound address only (every interface for a wildcard bind), also when a pairing code
+    starts it on demand, so a daemon bound to 127.0.0.1 never sends multicast elsewhere.
+    """
+    bind = settings.bind
+    wildcard = bind in ("0.0.0.0", "")  # noqa: S104
+    enabled = (settings.discovery == "on"
+               or (settings.discovery == "auto" and not is_loopback(bind)))
+    address = "127.0.0.1" if bind == "localhost" else bind
+    return {"discovery": enabled, "discovery_interfaces": None if wildcard else [address]}
+
+
 async def _open_node(
     stack: contextlib.AsyncExitStack, settings: Settings, state: datadir.State, data_dir: Path
 ) -> p2pcloud.Node:
@@ -205,10 +220,12 @@ async def _open_node(
     udp, udp_soft = _choose(settings.port, state.udp_port, DEFAULT_PORT)
     tcp_default = udp if settings.port is None or settings.port != 0 else 0
     tcp, tcp_soft = _choose(settings.tcp_port, state.tcp_port, tcp_default)
+    lan = discovery_settings(settings)
     try:
         try:
             return await stack.enter_async_context(p2pcloud.open_node(
-                data_dir, port=udp, tcp_port=tcp, bind=settings.bind, passphrase=passphrase))
+                data_dir, port=udp, tcp_port=tcp, bind=settings.bind, passphrase=passphrase,
+                **lan))
         except TransportError as exc:
             if not (udp_soft or tcp_soft):
                 raise
@@ -216,7 +233,7 @@ async def _open_node(
                         udp, tcp, exc.strerror or str(exc))
             return await stack.enter_async_context(p2pcloud.open_node(
                 data_dir, port=0 if udp_soft else udp, tcp_port=0 if tcp_soft else tcp,
-                bind=settings.bind, passphrase=passphrase))
+                bind=settings.bind, passphrase=passphrase, **lan))
     except WrongPassphrase as exc:
         raise UserError(f"{exc} (set {PASSPHRASE_ENV})") from exc
     except TransportError as exc:
