@@ -105,6 +105,7 @@ __all__ = [
     "ThingView",
     "Things",
     "claim_secret_for",
+    "smart_subcloud_id",
 ]
 
 log = logging.getLogger("p2pcloud.things")
@@ -338,6 +339,7 @@ class Things:
         bind = next((p.ip for p in node.paths if p.type == "udp4" and p.ip), "127.0.0.1")
         self.host = ThingHost(bind, self._serve_thing)
         self.stats: Counter[str] = Counter()
+        self._serving_self = False
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -353,6 +355,8 @@ class Things:
         self.node.serve_channel(HOST_CHANNEL, self._serve_wake)
         self.node.serve_channel(TRANSFER_CHANNEL, self._serve_transfer)
         self._repl.change_listeners.append(self._on_change)
+        if self._held(self.node.hashname) is not None:
+            self._serve_self()
         cloud = self._cloud()
         if cloud is not None and hasattr(cloud, "add_listener"):
             cloud.add_listener(self._on_membership)
@@ -944,7 +948,10 @@ class Things:
             else:
                 try:
                     identity = self._thing_key(sc)
-                    paths = await self.host.wake(identity)
+                    if identity.hashname == self.node.hashname:  # a smart thing answers itself
+                        paths = [p.to_json() for p in self.node.paths]
+                    else:
+                        paths = await self.host.wake(identity)
                     answer = {"v": 1, "ok": True, "paths": paths}
                     self.stats["woken"] += 1
                 except ThingError as exc:
@@ -1282,15 +1289,19 @@ class Things:
         thing = Hashname(str(hn))
         touched = {c.collection for c in changes}
         remote = any(c.origin != "local" for c in changes)
-        if remote and (_t.PROFILE in touched and (sc.id, "__seen") not in self._seen_logs):
-            self._seen_logs[(sc.id, "__seen")] = 1
-            self._notify("created", thing, {})
+        if (sc.id, "__seen") not in self._seen_logs:
+            # first seen here after start (synced from another device, or made here): what
+            # its logs held before is history, not news for this device
+            self._seen_logs[(sc.id, "__seen")] = _now_ms()
+            if remote:
+                self._notify("created", thing, {})
+        appeared = self._seen_logs[(sc.id, "__seen")]
         for log_name, kind in ((_t.INBOX, "message"), (NOTICES, "notification")):
             if log_name in touched:
                 records = sc.log(log_name)
                 start = self._seen_logs.get((sc.id, log_name), 0)
                 for record in records[start:]:
-                    if isinstance(record, dict):
+                    if isinstance(record, dict) and _at(record) >= appeared:
                         self._notify(kind, thing, dict(record))
                 self._seen_logs[(sc.id, log_name)] = len(records)
         self._notify("changed", thing, {"collections": sorted(touched)})
@@ -1301,7 +1312,7 @@ class Things:
 
     def _note_logs(self, sc: SubCloud) -> None:
         # at start, inbox and notices already held are old news: notify only what arrives
-        self._seen_logs[(sc.id, "__seen")] = 1
+        self._seen_logs[(sc.id, "__seen")] = 0
         for log_name in (_t.INBOX, NOTICES):
             n = len(sc.replica.log(log_name))
             if n:
@@ -1417,7 +1428,11 @@ class Things:
             if _ended(sc.replica):
                 continue
             members = self._members(sc.id)
-            if min(members) != self.node.hashname:
+            sealed = set(sc.replica.documents(_t.KEYS))
+            # who updates: a smart thing itself, else the lowest device that can open the key
+            able = sorted(h for h in members if h in sealed)
+            me = self.node.hashname
+            if sc.owner != me and (not able or able[0] != me):
                 continue
             try:
                 identity = self._thing_key(sc)
@@ -1438,6 +1453,22 @@ class Things:
         return done
 
     # -- smart things ------------------------------------------------------------------------------
+
+    async def invite_smart(self, *, expires_in: float = 3600.0) -> str:
+        """An invite for a smart thing to pair with this cloud (``run_thing(invite=...)``).
+
+        The thing joins with role ``thing`` and a grant that names no sub-cloud of the cloud
+        (only an unused placeholder id: a grant needs one entry), so it reads nothing of the
+        owner's; it writes its own sub-cloud as its owner. Revoke it like a device.
+
+        Raises:
+            LocalProtocolError: not in a cloud, or not an admin.
+        """
+        cloud = self._cloud()
+        if cloud is None:
+            raise ThingError("this node has no cloud")
+        return str(await cloud.invite(role=ROLE_THING, expires_in=expires_in,
+                                      rights={b32encode(NO_SUBCLOUD): ["read"]}))
 
     async def become_thing(self, name: str, *, make: str = "", model: str = "",
                            serial: str = "") -> ThingView:
@@ -1471,7 +1502,20 @@ class Things:
                                                       now_ms=_now_ms()),
                           [(_t.ACCESS, _t.ACCESS_DOC, None)])
         del view
+        self._serve_self()
         return self._view(sc)
+
+    def _serve_self(self) -> None:
+        """A smart thing serves the ``thing`` channel on its own node (its own hashname)."""
+        if not self._serving_self:
+            self._serving_self = True
+            me = self.node.hashname
+            self.node.serve_channel(_s.CHANNEL_TYPE, lambda stream: self._serve_thing(me, stream))
+
+
+NO_SUBCLOUD: Final = SubCloudId(hashlib.sha256(b"p2pcloud no sub-cloud v1").digest()[:16])
+"""The placeholder a smart thing's grant names: no sub-cloud has this id (a grant must name
+one scope; ``"*"`` would give the thing everything)."""
 
 
 def smart_subcloud_id(hashname: Hashname) -> SubCloudId:
@@ -1486,6 +1530,11 @@ def smart_subcloud_id(hashname: Hashname) -> SubCloudId:
     """
     return SubCloudId(hashlib.sha256(b"p2pcloud smart thing v1" + hashname.encode()).digest()[
         :_t.SUBCLOUD_ID_SIZE])
+
+
+def _at(record: Mapping[str, Any]) -> int:
+    at = record.get("at_ms")
+    return at if isinstance(at, int) and not isinstance(at, bool) else 0
 
 
 def _ended(replica: Replica) -> bool:
