@@ -137,7 +137,9 @@ def bench_p2pcloudd(work: Path) -> dict[str, list[float]]:
 # -- Syncthing ----------------------------------------------------------------------------
 
 
-def syncthing_generate(home: Path) -> float:
+def syncthing_generate(home: Path, *, gui: tuple[str, int] = ST_GUI, listen: str = ST_LISTEN,
+                       key: str = ST_KEY) -> float:
+    """``syncthing generate`` into ``home``, then a loopback-only config; returns its ms."""
     t0 = time.perf_counter()
     subprocess.run(["syncthing", "generate", f"--home={home}", "--no-default-folder",
                     "--skip-port-probing"], check=True, stdout=subprocess.DEVNULL,
@@ -146,17 +148,17 @@ def syncthing_generate(home: Path) -> float:
     path = home / "config.xml"
     tree = ET.parse(path)  # noqa: S314  (the file syncthing generate just wrote)
     root = tree.getroot()
-    gui = root.find("gui")
-    assert gui is not None
-    gui.find("address").text = f"{ST_GUI[0]}:{ST_GUI[1]}"  # type: ignore[union-attr]
-    gui.find("apikey").text = ST_KEY  # type: ignore[union-attr]
+    gui_e = root.find("gui")
+    assert gui_e is not None
+    gui_e.find("address").text = f"{gui[0]}:{gui[1]}"  # type: ignore[union-attr]
+    gui_e.find("apikey").text = key  # type: ignore[union-attr]
     options = root.find("options")
     assert options is not None
     for tag in ("listenAddress", "stunServer", "globalAnnounceServer"):
         for e in options.findall(tag):
             options.remove(e)
     settings = {
-        "listenAddress": ST_LISTEN, "globalAnnounceEnabled": "false",
+        "listenAddress": listen, "globalAnnounceEnabled": "false",
         "localAnnounceEnabled": "false", "relaysEnabled": "false", "natEnabled": "false",
         "urAccepted": "-1", "urSeen": "3", "autoUpgradeIntervalH": "0",
         "crashReportingEnabled": "false", "startBrowser": "false",
@@ -171,7 +173,9 @@ def syncthing_generate(home: Path) -> float:
     return ms
 
 
-def syncthing_start(home: Path) -> tuple[float, subprocess.Popen[bytes]]:
+def syncthing_start(home: Path, *, gui: tuple[str, int] = ST_GUI, key: str = ST_KEY,
+                    ) -> tuple[float, subprocess.Popen[bytes]]:
+    """Start ``syncthing serve`` on ``home``; return (ms until it pongs, the process)."""
     env = {**os.environ, "STNOUPGRADE": "1", "STNORESTART": "1", "STNODEFAULTFOLDER": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -181,7 +185,7 @@ def syncthing_start(home: Path) -> tuple[float, subprocess.Popen[bytes]]:
     deadline = t0 + READY_TIMEOUT
     while time.perf_counter() < deadline:
         try:
-            status, body = http_get(*ST_GUI, "/rest/system/ping", {"X-API-Key": ST_KEY})
+            status, body = http_get(*gui, "/rest/system/ping", {"X-API-Key": key})
         except OSError:
             status, body = 0, b""
         if status == 200 and b"pong" in body:
