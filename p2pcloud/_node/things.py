@@ -117,6 +117,9 @@ MAX_SHEET: Final = 200  # fresh tags made in one call: a few printed pages
 MAX_KEY_CACHE: Final = 256  # opened thing keys kept in memory (an LRU): busy things only
 REACH_TIMEOUT: Final = 15.0  # seconds to link a router or a thing before trying the next path
 REQUEST_TIMEOUT: Final = 30.0  # seconds for one request/response on a thing channel
+REUSED_LINK_TIMEOUT: Final = 3.0
+"""Seconds for a request over a link that was already up before the tag was scanned: a
+live endpoint answers at once, a stale one is dropped and the tag's paths tried."""
 TARGET_TTL: Final = 3600.0  # seconds a transfer target stays valid
 MAX_TARGETS: Final = 64  # open transfer targets of one device
 MAX_TARGET_TEXT: Final = 8192  # a target lists up to 64 member keys and 4 paths
@@ -899,10 +902,26 @@ class Things:
         return [dict(x) for x in paths[:8]]
 
     async def _request(self, tag: Tag, data: bytes) -> dict[str, Any]:
-        """Send one request on a ``thing`` channel to the thing and return the response."""
+        """Send one request on a ``thing`` channel to the thing and return the response.
+
+        A link to the thing's hashname that is already up may lead to an endpoint that no
+        longer answers for it (its old owner's, or one stopped for idleness): then the link
+        is dropped and the thing is reached again through the tag's paths.
+        """
+        if tag.hashname in self.node.links:
+            try:
+                answer = await self._request_once(tag, data, REUSED_LINK_TIMEOUT)
+            except ThingError:
+                answer = None
+            if answer is not None and (answer["ok"] or answer.get("err") != _s.REFUSE_MOVED):
+                return answer
+            self.node.unlink(tag.hashname)
+        return await self._request_once(tag, data, REQUEST_TIMEOUT)
+
+    async def _request_once(self, tag: Tag, data: bytes, seconds: float) -> dict[str, Any]:
         hn = await self._reach(tag)
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
+            with trio.fail_after(seconds):
                 stream = await self.node.open_channel(hn, _s.CHANNEL_TYPE)
                 try:
                     await write_frame(stream, data)
@@ -1287,6 +1306,9 @@ class Things:
         if not is_hashname(hn):
             return
         thing = Hashname(str(hn))
+        if _ended(sc.replica):  # handed on (here or by another device): stop answering
+            self.host.stop(thing)
+            self._runners.pop(sc.id, None)
         touched = {c.collection for c in changes}
         remote = any(c.origin != "local" for c in changes)
         if (sc.id, "__seen") not in self._seen_logs:
