@@ -41,7 +41,7 @@ from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLon
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy
 
@@ -763,9 +763,33 @@ ctypedef struct FSlot:
 
 DEF IX_EMPTY = -1
 DEF IX_DUMMY = -2
+# an index cell holds the slot number in its low 32 bits and the high 32 bits of the name's
+# hash above them, so a probe that meets another name rarely has to read its slot
+cdef extern from *:
+    """
+    #define P2PCLOUD_CELL_EMPTY 0xFFFFFFFFFFFFFFFFULL
+    #define P2PCLOUD_CELL_DUMMY 0xFFFFFFFFFFFFFFFEULL
+    #define P2PCLOUD_TAG_MASK 0xFFFFFFFF00000000ULL
+    """
+    const uint64_t CELL_EMPTY "P2PCLOUD_CELL_EMPTY"
+    const uint64_t CELL_DUMMY "P2PCLOUD_CELL_DUMMY"
+    const uint64_t TAG_MASK "P2PCLOUD_TAG_MASK"
+
+
+cdef inline int32_t _cell_slot(uint64_t c) noexcept:
+    return <int32_t>(<uint32_t>c)
+
+
+cdef inline uint64_t _cell(Py_hash_t h, Py_ssize_t s) noexcept:
+    return ((<uint64_t>h) & TAG_MASK) | <uint64_t>(<uint32_t>s)
 # a document's slot and entry numbers are int32: 2^31 - 1 of each (far beyond any memory
 # this process could hold: an entry is 40 bytes) keeps the tables half the size of 64-bit ones
 DEF MAX_DOC_ITEMS = 0x7FFFFFF0
+DEF PREFETCH_AHEAD = 8  # slots; about the cache misses a core keeps in flight
+
+
+cdef extern from *:
+    void __builtin_prefetch(const void* p) noexcept nogil
 
 
 cdef inline Py_hash_t _hash_utf8(const char* p, Py_ssize_t n) noexcept:
@@ -799,9 +823,10 @@ cdef class Doc:
     cdef Py_ssize_t nslots   # used slots, removed ones included
     cdef Py_ssize_t slots_cap
     cdef Py_ssize_t nlive    # fields with a chain
-    cdef int32_t* index
+    cdef uint64_t* index     # cells: the hash's high 32 bits << 32 | slot (see _cell)
     cdef Py_ssize_t icap     # a power of two, kept at most two thirds full (dummies count)
     cdef Py_ssize_t ifill    # index cells in use, dummies included
+    cdef Py_ssize_t nindexed  # slots below this are in the index; the rest wait (all live)
     cdef ERec* ents
     cdef Py_ssize_t nents
     cdef Py_ssize_t ents_cap
@@ -816,7 +841,7 @@ cdef class Doc:
         self.slots = NULL
         self.nslots = self.slots_cap = self.nlive = 0
         self.index = NULL
-        self.icap = self.ifill = 0
+        self.icap = self.ifill = self.nindexed = 0
         self.ents = NULL
         self.nents = self.ents_cap = 0
         self.free_ent = -1
@@ -892,27 +917,59 @@ cdef class Doc:
         if self.nents + n > self.ents_cap:
             self.ents = <ERec*>_grow(self.ents, (self.nents + n) * sizeof(ERec))
             self.ents_cap = self.nents + n
-        if (self.ifill + n) * 3 >= self.icap * 2:
+        if (self.ifill + self.nslots - self.nindexed + n) * 3 >= self.icap * 2:
             self.rebuild(self.nlive + n)
         return 0
 
     # -- the field table ----------------------------------------------------------------
 
-    cdef Py_ssize_t find(self, const char* p, Py_ssize_t n, Py_hash_t h) noexcept:
+    cdef int index_pending(self) except -1:
+        # index the slots a bulk insert appended. One tight loop that prefetches the cell of
+        # the slot PREFETCH_AHEAD places on: the index is bigger than the caches, and a probe
+        # per write stalls on one cache miss at a time, where this overlaps them
+        cdef Py_ssize_t i, k, pend = self.nslots - self.nindexed
+        cdef size_t mask, j, perturb
+        cdef Py_hash_t h
+        if pend == 0:
+            return 0
+        if (self.ifill + pend) * 3 >= self.icap * 2:
+            return self.rebuild(self.nlive + self.nlive // 2 + 8)
+        mask = <size_t>(self.icap - 1)
+        for i in range(self.nindexed, self.nslots):
+            k = i + PREFETCH_AHEAD
+            if k < self.nslots:
+                __builtin_prefetch(&self.index[<size_t>self.slots[k].hash & mask])
+            h = self.slots[i].hash
+            perturb = <size_t>h
+            j = perturb & mask
+            while _cell_slot(self.index[j]) >= 0:
+                perturb >>= 5
+                j = (j * 5 + perturb + 1) & mask
+            if self.index[j] == CELL_EMPTY:
+                self.ifill += 1
+            self.index[j] = _cell(h, i)
+        self.nindexed = self.nslots
+        return 0
+
+    cdef Py_ssize_t find(self, const char* p, Py_ssize_t n, Py_hash_t h) except -2:
         """The live slot of the name p[:n] (hash h), or -1."""
         cdef size_t mask, j, perturb
         cdef int32_t s
+        cdef uint64_t c, tag = (<uint64_t>h) & TAG_MASK
         cdef FSlot* f
+        if self.nindexed != self.nslots:
+            self.index_pending()
         if self.icap == 0:
             return -1
         mask = <size_t>(self.icap - 1)
         perturb = <size_t>h
         j = <size_t>h & mask
         while True:
-            s = self.index[j]
+            c = self.index[j]
+            s = _cell_slot(c)
             if s == IX_EMPTY:
                 return -1
-            if s >= 0:
+            if s >= 0 and (c & TAG_MASK) == tag:
                 f = &self.slots[s]
                 if f.hash == h and f.len == n and memcmp(self.arena + f.off, p, n) == 0:
                     return s
@@ -938,7 +995,7 @@ cdef class Doc:
         cdef Py_ssize_t i, k = 0, cap = 8, total = 0
         cdef size_t mask, j, perturb
         cdef unsigned char* na
-        cdef int32_t* ni
+        cdef uint64_t* ni
         if want < self.nlive:
             want = self.nlive
         while cap * 2 <= want * 3:
@@ -964,35 +1021,42 @@ cdef class Doc:
             self.arena = na
             self.arena_n = self.arena_cap = total
             self.nslots = k
-        ni = <int32_t*>malloc(cap * sizeof(int32_t))
+        ni = <uint64_t*>malloc(cap * sizeof(uint64_t))
         if ni == NULL:
             raise MemoryError()
         for i in range(cap):
-            ni[i] = IX_EMPTY
+            ni[i] = CELL_EMPTY
         mask = <size_t>(cap - 1)
         for i in range(self.nslots):
             perturb = <size_t>self.slots[i].hash
             j = perturb & mask
-            while ni[j] != IX_EMPTY:
+            while ni[j] != CELL_EMPTY:
                 perturb >>= 5
                 j = (j * 5 + perturb + 1) & mask
-            ni[j] = <int32_t>i
+            ni[j] = _cell(self.slots[i].hash, i)
         free(self.index)
         self.index = ni
         self.icap = cap
         self.ifill = self.nslots
+        self.nindexed = self.nslots
         return 0
 
     cdef Py_ssize_t add(self, const char* p, Py_ssize_t n, Py_hash_t h, object name,
-                        int32_t head) except -1:
-        """Append a slot for a field that is not in the table; ``name`` is its str or None."""
+                        int32_t head, bint defer=False) except -1:
+        """Append a slot for a field that is not in the table; ``name`` is its str or None.
+
+        ``defer``: leave it out of the index until the next lookup (see index_pending).
+        """
         cdef Py_ssize_t s, cap
         cdef size_t mask, j, perturb
         cdef FSlot* f
         # rebuild when the index fills up, and when removed slots (fields removed and
         # written again) outnumber the live ones, so neither grows without bound
-        if (self.ifill + 1) * 3 >= self.icap * 2 or self.nslots - self.nlive > self.nlive + 8:
+        if (self.ifill + self.nslots - self.nindexed + 1) * 3 >= self.icap * 2 or \
+                self.nslots - self.nlive > self.nlive + 8:
             self.rebuild(2 * self.nlive + 8)
+        elif not defer and self.nindexed != self.nslots:
+            self.index_pending()
         if self.nslots >= self.slots_cap:
             cap = 8 if self.slots_cap == 0 else self.slots_cap * 2
             if cap > MAX_DOC_ITEMS:
@@ -1022,27 +1086,33 @@ cdef class Doc:
         self.arena_n += n
         self.nslots = s + 1
         self.nlive += 1
+        if defer:
+            return s
+        self.nindexed = s + 1
         mask = <size_t>(self.icap - 1)
         perturb = <size_t>h
         j = perturb & mask
-        while self.index[j] >= 0:
+        while _cell_slot(self.index[j]) >= 0:
             perturb >>= 5
             j = (j * 5 + perturb + 1) & mask
-        if self.index[j] == IX_EMPTY:
+        if self.index[j] == CELL_EMPTY:
             self.ifill += 1
-        self.index[j] = <int32_t>s
+        self.index[j] = _cell(h, s)
         return s
 
     cdef int remove_slot(self, Py_ssize_t s) except -1:
         """Remove a field whose chain is already empty or freed (its place goes)."""
-        cdef size_t mask = <size_t>(self.icap - 1), j, perturb
+        cdef size_t mask, j, perturb
         cdef FSlot* f = &self.slots[s]
+        if self.nindexed != self.nslots:
+            self.index_pending()
+        mask = <size_t>(self.icap - 1)
         perturb = <size_t>f.hash
         j = perturb & mask
-        while self.index[j] != <int32_t>s:
+        while _cell_slot(self.index[j]) != <int32_t>s:
             perturb >>= 5
             j = (j * 5 + perturb + 1) & mask
-        self.index[j] = IX_DUMMY
+        self.index[j] = CELL_DUMMY
         f.head = -1
         Py_XDECREF(f.name)
         f.name = NULL
@@ -1935,8 +2005,12 @@ cdef class Replica:
         return 0
 
     cdef int _set1(self, _TxnWriter t, object coll, object doc, object field, object value,
-                   int op) except -1:
-        """set / set_mv: write a register value, killing every entry seen at the field."""
+                   int op, Doc fresh=None) except -1:
+        """set / set_mv: write a register value, killing every entry seen at the field.
+
+        ``fresh``: the caller knows the field is not in this document (set_many into a
+        document that was empty: a dict's keys are distinct), so no lookup is needed.
+        """
         cdef _Buf s = self._scratch
         cdef Py_ssize_t n, slot
         cdef const char* p
@@ -1956,11 +2030,11 @@ cdef class Replica:
             value = decode_value(s.tobytes())
         ctr = self._new_dot()
         hv = _str_hash(field, p, n)
-        slot = d.find(p, n, hv)
+        slot = -1 if fresh is d else d.find(p, n, hv)
         ei = d.new_ent(op, 0, ctr, self._txn_hlc, value)
         if slot < 0:
             head = -1
-            d.add(p, n, hv, field, ei)
+            d.add(p, n, hv, field, ei, fresh is d)
         else:
             head = d.slots[slot].head
             d.slots[slot].head = ei
@@ -2022,17 +2096,21 @@ cdef class Replica:
 
     cdef int _set_many(self, _TxnWriter t, coll, doc, items) except -1:
         cdef Py_ssize_t n, i = 0
-        cdef Doc d
+        cdef Doc d, fresh = None
         if isinstance(items, dict):
             n = len(<dict>items)
             for field, value in (<dict>items).items():
-                self._set1(t, coll, doc, field, value, OP_LWW)
+                if fresh is not None and fresh.nlive != i:
+                    fresh = None  # the document changed under us (a value's code wrote to it)
+                self._set1(t, coll, doc, field, value, OP_LWW, fresh)
                 i += 1
-                if i == 1 and n >= PRESIZE_MIN:
-                    # a bulk write into a new document: presize its table
+                if i == 1:
                     d = t.cache_d
                     if d is not None and d.nlive == 1:
-                        d.reserve(n - 1)
+                        # the document held at most this field: the other keys are new to it
+                        fresh = d
+                        if n >= PRESIZE_MIN:
+                            d.reserve(n - 1)  # a bulk write into a new document: presize
         else:
             from collections.abc import Mapping
             pairs = items.items() if isinstance(items, Mapping) else items
