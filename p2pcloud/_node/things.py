@@ -40,10 +40,12 @@ demand and bounded (thinghost.py).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import inspect
 import logging
+import math
 import os
 import time
 from collections import Counter, OrderedDict
@@ -124,6 +126,9 @@ TARGET_TTL: Final = 3600.0  # seconds a transfer target stays valid
 MAX_TARGETS: Final = 64  # open transfer targets of one device
 MAX_TARGET_TEXT: Final = 8192  # a target lists up to 64 member keys and 4 paths
 MAX_TARGET_MEMBERS: Final = 64  # as a claim (scan.MAX_CLAIM_MEMBERS)
+SCHEDULE_TICK: Final = 30.0
+"""Seconds between looks at things with schedule rules: a daily rule fires within this of
+its minute; frequent enough for "at 09:00", rare enough to cost nothing."""
 SAME_CLOUD_WAIT: Final = 30.0  # seconds a claim by a fellow device waits for the sync
 READING_FIELDS: Final = frozenset({"value", "unit", "kind"})
 CARD_LABEL: Final = "text"  # the card field ``set_card(text)`` writes
@@ -329,7 +334,7 @@ class Things:
         self.takeover_ms = takeover_ms
         self._index: dict[Hashname, SubCloudId] = {}
         self._keys: OrderedDict[SubCloudId, LocalIdentity] = OrderedDict()
-        self._listeners: list[Listener] = []
+        self._listeners: builtins.list[Listener] = []
         self._registry = _Registry()
         self._py_handlers: dict[str, list[tuple[Handler, bool]]] = {}
         self._runners: dict[SubCloudId, _r.RuleRunner] = {}
@@ -343,6 +348,10 @@ class Things:
         self.host = ThingHost(bind, self._serve_thing)
         self.stats: Counter[str] = Counter()
         self._serving_self = False
+        self._scheduled: set[SubCloudId] = set()  # things with schedule rules
+        self._next_schedule_ms = 0
+        self._rules_deadline = math.inf
+        self._rules_timer_scope: trio.CancelScope | None = None
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -364,6 +373,7 @@ class Things:
         if cloud is not None and hasattr(cloud, "add_listener"):
             cloud.add_listener(self._on_membership)
         nursery.start_soon(self._rules_loop)
+        nursery.start_soon(self._rules_timer)
         self._rules_wake.set()
 
     # -- cloud ---------------------------------------------------------------------------------
@@ -410,12 +420,12 @@ class Things:
         acl.pop(owner, None)
         return acl
 
-    def _hosts(self, sc_id: SubCloudId) -> list[str]:
+    def _hosts(self, sc_id: SubCloudId) -> builtins.list[str]:
         return sorted(self._members(sc_id))
 
     # -- index and lookups ---------------------------------------------------------------------
 
-    def _thing_subclouds(self) -> list[SubCloud]:
+    def _thing_subclouds(self) -> builtins.list[SubCloud]:
         return [sc for sc in self._repl.subclouds.values() if sc.kind == "thing"]
 
     def _index_one(self, sc: SubCloud) -> None:
@@ -438,10 +448,10 @@ class Things:
             for sc in self._thing_subclouds():  # a sub-cloud that arrived since: index it
                 self._index_one(sc)
             sc_id = self._index.get(hashname)
-        sc = self._repl.subclouds.get(sc_id) if sc_id is not None else None
-        if sc is None or _ended(sc.replica):
+        held = self._repl.subclouds.get(sc_id) if sc_id is not None else None
+        if held is None or _ended(held.replica):
             return None
-        return sc
+        return held
 
     def _find(self, thing: str | ThingView, *, live: bool = True) -> SubCloud:
         if not isinstance(thing, str):
@@ -480,7 +490,7 @@ class Things:
             smart=sc.owner == info.hashname and sc.replica.get(
                 _t.PROFILE, _t.PROFILE_DOC, "smart", False) is True)
 
-    def list(self, *, include_archived: bool = False) -> list[ThingView]:
+    def list(self, *, include_archived: bool = False) -> builtins.list[ThingView]:
         """The things this node holds, sorted by name (handed-on things are not listed).
 
         Args:
@@ -528,7 +538,7 @@ class Things:
     # -- writes --------------------------------------------------------------------------------
 
     async def _write(self, sc: SubCloud, fn: Callable[[Replica], Any],
-                     places: list[tuple[str, str | None, str | None]]) -> Any:
+                     places: builtins.list[tuple[str, str | None, str | None]]) -> Any:
         """Run a pure helper on our replica and commit its delta through the engine.
 
         ``fn`` returns a delta, or a tuple whose last item is the delta; its result is
@@ -617,7 +627,7 @@ class Things:
         return await self._create(self._new_thing(), name=name, make=make, model=model,
                                   serial=serial, card=card)
 
-    async def fresh_tags(self, count: int) -> list[Tag]:
+    async def fresh_tags(self, count: int) -> builtins.list[Tag]:
         """Make ``count`` unclaimed things and return their fresh tags (a sheet to print).
 
         Raises:
@@ -675,15 +685,15 @@ class Things:
             kind=str(fields.get("kind", "")), by=me, entropy=os.urandom, now_ms=_now_ms()),
             [(_t.READINGS, None, None), (_t.EVENTS, None, None)])
 
-    def readings(self, thing: str | ThingView) -> list[dict[str, Any]]:
+    def readings(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
         """A thing's readings, oldest first."""
         return [v for v in self._find(thing, live=False).log(_t.READINGS) if isinstance(v, dict)]
 
-    def events(self, thing: str | ThingView) -> list[dict[str, Any]]:
+    def events(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
         """A thing's events (scanned, claimed, reading_added, message_received), oldest first."""
         return [v for v in self._find(thing, live=False).log(_t.EVENTS) if isinstance(v, dict)]
 
-    def notices(self, thing: str | ThingView) -> list[dict[str, Any]]:
+    def notices(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
         """The notifications rules wrote for a thing, oldest first."""
         return [v for v in self._find(thing, live=False).log(NOTICES) if isinstance(v, dict)]
 
@@ -694,15 +704,15 @@ class Things:
         await self._write(sc, lambda r: _t.set_card(r, fields, now_ms=_now_ms()),
                           [(_t.CARD, _t.CARD_DOC, "fields")])
 
-    def inbox(self, thing: str | ThingView) -> list[dict[str, Any]]:
+    def inbox(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
         """Finder messages, oldest first: ``{id, from, text, contact, at_ms}``."""
         return [v for v in self._find(thing, live=False).log(_t.INBOX) if isinstance(v, dict)]
 
     # -- tags ----------------------------------------------------------------------------------
 
-    def _tag_paths(self) -> list[TagPath]:
+    def _tag_paths(self) -> builtins.list[TagPath]:
         """Router paths of this cloud: this device first, then members we see directly."""
-        out: list[TagPath] = []
+        out: builtins.list[TagPath] = []
         seen: set[tuple[str, int]] = set()
 
         def add(key: bytes, ip: str | None, port: int | None) -> None:
@@ -853,7 +863,7 @@ class Things:
         node = self.node
         if tag.hashname in node.links:
             return tag.hashname
-        problems: list[str] = []
+        problems: builtins.list[str] = []
         moved = False
         for p in tag.paths:
             try:
@@ -878,7 +888,7 @@ class Things:
         raise ThingError("cannot reach the thing's owner: "
                          + ("; ".join(problems) if problems else "the tag lists no path"))
 
-    async def _wake(self, router: Hashname, thing: Hashname) -> list[dict[str, Any]]:
+    async def _wake(self, router: Hashname, thing: Hashname) -> builtins.list[dict[str, Any]]:
         stream = await self.node.open_channel(router, HOST_CHANNEL)
         try:
             await write_frame(stream, cbor2.dumps({"v": 1, "t": thing}))
@@ -1167,7 +1177,9 @@ class Things:
                 if not isinstance(m, dict) or m.get("v") != 1:
                     raise TransferError("not a transfer message")
                 secret, pkg = m.get("s"), m.get("pkg")
-                entry = self._targets.get(secret) if isinstance(secret, bytes) else None
+                if not isinstance(secret, bytes):
+                    raise TransferError("no transfer target secret")
+                entry = self._targets.get(secret)
                 if entry is None or entry[0] < trio.current_time():
                     raise TransferError("unknown or expired transfer target")
                 if not isinstance(pkg, bytes):
@@ -1226,7 +1238,7 @@ class Things:
         sc = self._live(thing)
         rule, _delta = await self._write(sc, lambda r: _r.add_rule(
             r, text, entropy=os.urandom, now_ms=_now_ms()), [(_t.RULES, None, None)])
-        return rule.id
+        return str(rule.id)
 
     async def remove_rule(self, thing: str | ThingView, rule_id: str) -> None:
         """Delete a rule. Raises UnknownThing, ThingError (no such rule)."""
@@ -1236,7 +1248,7 @@ class Things:
         await self._write(sc, lambda r: _r.remove_rule(r, rule_id, now_ms=_now_ms()),
                           [(_t.RULES, rule_id, None)])
 
-    def rules(self, thing: str | ThingView) -> list[dict[str, Any]]:
+    def rules(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
         """A thing's rules: ``{id, text, created_ms, enabled}`` (``error`` if it does not parse)."""
         sc = self._find(thing)
         _parsed, errors = _r.load_rules(sc.replica)
@@ -1297,7 +1309,7 @@ class Things:
             self._runners[sc.id] = runner
         return runner
 
-    def _on_change(self, sc: SubCloud, changes: list[Change]) -> None:
+    def _on_change(self, sc: SubCloud, changes: builtins.list[Change]) -> None:
         """The engine's change hook (local writes and merges of any sub-cloud)."""
         if sc.kind != "thing":
             return
@@ -1341,35 +1353,54 @@ class Things:
                 self._seen_logs[(sc.id, log_name)] = n
 
     async def _rules_loop(self) -> None:
+        """Run the rules of dirty things, of things whose timer is due, and (every
+        SCHEDULE_TICK seconds) of things with schedule rules; one task for all things."""
         while True:
             await self._rules_wake.wait()
             self._rules_wake = trio.Event()
-            dirty, self._dirty = self._dirty, set()
-            for sc_id in sorted(dirty | set(self._runners)):
+            now = _now_ms()
+            todo = set(self._dirty)
+            self._dirty.clear()
+            for sc_id, runner in self._runners.items():
+                wake = runner.get_timer()
+                if wake is not None and wake <= now:
+                    todo.add(sc_id)
+            if now >= self._next_schedule_ms:
+                todo |= self._scheduled
+                self._next_schedule_ms = now + int(SCHEDULE_TICK * 1000)
+            for sc_id in sorted(todo):
                 sc = self._repl.subclouds.get(sc_id)
                 if sc is None or _ended(sc.replica):
                     self._runners.pop(sc_id, None)
+                    self._scheduled.discard(sc_id)
                     continue
                 try:
                     await self._run_rules(sc)
                 except (ThingError, AccessDenied) as exc:
                     log.warning("rules of %s: %s", sc.name, exc)
-            wake = min((w for r in self._runners.values() if (w := r.get_timer()) is not None),
-                       default=None)
-            if wake is not None:
-                delay = max(0.0, (wake - _now_ms()) / 1000)
-                self._nursery_sleep(delay)
+            wakes = [w for r in self._runners.values() if (w := r.get_timer()) is not None]
+            if self._scheduled:
+                wakes.append(self._next_schedule_ms)
+            self._set_rules_timer(min(wakes) if wakes else None)
 
-    def _nursery_sleep(self, delay: float) -> None:
-        """Set the rules wake-up after ``delay`` seconds (a timer task, one at a time)."""
-        if self._nursery is None:
-            return
+    def _set_rules_timer(self, wake_ms: int | None) -> None:
+        """Wake the rules loop at ``wake_ms`` (wall-clock ms; None: only when dirtied)."""
+        deadline = math.inf if wake_ms is None else (
+            trio.current_time() + max(0.0, (wake_ms - _now_ms()) / 1000))
+        self._rules_deadline = deadline
+        if self._rules_timer_scope is not None:
+            self._rules_timer_scope.deadline = deadline
 
-        async def later(event: trio.Event) -> None:
-            await trio.sleep(delay)
-            event.set()
-
-        self._nursery.start_soon(later, self._rules_wake)
+    async def _rules_timer(self) -> None:
+        """One timer task for every thing's rules (see ``_set_rules_timer``)."""
+        while True:
+            with trio.CancelScope(deadline=self._rules_deadline) as scope:
+                self._rules_timer_scope = scope
+                await trio.sleep_forever()
+            self._rules_timer_scope = None
+            if trio.current_time() >= self._rules_deadline:
+                self._rules_deadline = math.inf
+                self._rules_wake.set()
 
     async def _run_rules(self, sc: SubCloud) -> None:
         runner = self._runner(sc)
@@ -1378,6 +1409,11 @@ class Things:
         runner.hosts = self._hosts(sc.id)
         now = _now_ms()
         runner.observe(sc.replica, now)
+        rules, _errors = _r.load_rules(sc.replica, runner._rule_cache)
+        if any(rule.event == "schedule" for rule in rules):
+            self._scheduled.add(sc.id)
+        else:
+            self._scheduled.discard(sc.id)
         thing = Hashname(str(sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")))
         for due in runner.due(sc.replica, now):
             if not self._repl.can_write(sc.id, self.node.hashname):
@@ -1409,7 +1445,7 @@ class Things:
                     log.info("rule %s would forward to %s (no doors yet)", due.firing.rule_id,
                              str(target)[:8])
             if notices:
-                def write(r: Replica, items: list[dict[str, Any]] = notices) -> bytes:
+                def write(r: Replica, items: builtins.list[dict[str, Any]] = notices) -> bytes:
                     r.begin(_now_ms())
                     for item in items:
                         r.append(NOTICES, item)
@@ -1466,8 +1502,11 @@ class Things:
                 await self._put_record(identity, sc.id, acl, sc.record)
                 changed = True
             if set(sc.replica.documents(_t.KEYS)) != set(members):
-                await self._write(sc, lambda r, i=identity, m=members: _t.reseal_thing_key(
-                    r, i, m, entropy=os.urandom, now_ms=_now_ms()), [(_t.KEYS, None, None)])
+                def reseal(r: Replica, i: LocalIdentity = identity,
+                           m: dict[Hashname, bytes] = members) -> bytes:
+                    return _t.reseal_thing_key(r, i, m, entropy=os.urandom, now_ms=_now_ms())
+
+                await self._write(sc, reseal, [(_t.KEYS, None, None)])
                 changed = True
             done += changed
             for runner in self._runners.values():
