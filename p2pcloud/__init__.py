@@ -32,7 +32,9 @@ from p2pcloud.errors import (
 
 if TYPE_CHECKING:
     from p2pcloud._node.node import Node, open_node
+    from p2pcloud._node.smartthing import ThingNode, run_thing
     from p2pcloud._node.subcloud import SubCloud
+    from p2pcloud._node.things import Things
 
 __version__ = "0.1.0"
 
@@ -53,9 +55,12 @@ __all__ = [
     "RemoteProtocolError",
     "StoreError",
     "SubCloud",
+    "ThingNode",
+    "Things",
     "WrongPassphrase",
     "core_implementation",
     "open_node",
+    "run_thing",
 ]
 
 
@@ -77,4 +82,12 @@ def __getattr__(name: str) -> Any:
         from p2pcloud._node.subcloud import SubCloud
 
         return SubCloud
+    if name in ("run_thing", "ThingNode"):  # smart things (docs/things.md)
+        from p2pcloud._node import smartthing
+
+        return getattr(smartthing, name)
+    if name == "Things":
+        from p2pcloud._node.things import Things
+
+        return Things
     raise AttributeError(f"module 'p2pcloud' has no attribute {name!r}")

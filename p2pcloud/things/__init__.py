@@ -106,3 +106,13 @@ __all__ = [
     "serve_request",
     "thing_info",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Smart things run a node (trio, sockets): import it only when asked for, so that this
+    # package stays pure on import (p2pcloud/_node/smartthing.py).
+    if name in ("run_thing", "ThingNode"):
+        from p2pcloud._node import smartthing
+
+        return getattr(smartthing, name)
+    raise AttributeError(f"module 'p2pcloud.things' has no attribute {name!r}")
