@@ -81,8 +81,6 @@ from p2pcloud.errors import (
     StoreError,
     UnknownSubCloud,
 )
-from p2pcloud.files import Folder, paths_from_changes
-from p2pcloud.files.watch import FolderWatcher
 from p2pcloud.sync import (
     Catalog,
     EnvelopesReceived,
@@ -101,8 +99,11 @@ from p2pcloud.sync import (
 from p2pcloud.sync.envelope import Envelope
 
 if TYPE_CHECKING:
+    # p2pcloud.files (and watchfiles, anyio) load with the first synced folder: a node
+    # without folders never needs them, and they cost the idle daemon ~2 MiB (docs/daemon.md)
     from p2pcloud._node.node import Node
     from p2pcloud._node.stream import ChannelStream
+    from p2pcloud.files import Folder
 
 __all__ = [
     "CHECKPOINT_EVERY",
@@ -494,6 +495,8 @@ class Replication:
     async def _after_local_writes(self, sc: SubCloud,
                                   places: Iterable[tuple[str, str | None, str | None]]) -> None:
         if sc.folders:
+            from p2pcloud.files import paths_from_changes
+
             paths = paths_from_changes(places)
             if paths:
                 self._wake_folders(sc, paths)
@@ -926,6 +929,8 @@ class Replication:
         await trio.to_thread.run_sync(lambda: index_dir.mkdir(mode=0o700, exist_ok=True))
         import hashlib
 
+        from p2pcloud.files import Folder
+
         tag = hashlib.sha256(sc.id + str(root).encode()).hexdigest()[:16]
         folder = Folder(root, sc.replica, device=self.hashname[:8],
                         index_path=index_dir / f"{tag}.index",
@@ -947,6 +952,8 @@ class Replication:
 
     async def _folder_loop(self, sc: SubCloud, folder: Folder, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        from p2pcloud.files.watch import FolderWatcher
+
         watcher = FolderWatcher(folder.root)
         async with trio.open_nursery() as nursery:
             await nursery.start(watcher.run)
