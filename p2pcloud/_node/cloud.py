@@ -50,9 +50,10 @@ from typing import TYPE_CHECKING, Any, Final
 import cbor2
 import trio
 
+from p2pcloud._core import BlobRef
 from p2pcloud._ids import CloudId, Hashname, ReplicaId, SubCloudId
 from p2pcloud._node.discovery import Discovery, PeerDiscovered, open_discovery
-from p2pcloud._node.subcloud import RegistryRecord, SubCloud, sign_record
+from p2pcloud._node.subcloud import Change, RegistryRecord, SubCloud, sign_record
 from p2pcloud._wire import b32decode, b32encode
 from p2pcloud.cloud._join import CHANNEL_TYPE, FrameReader, frame, message_type, refusal
 from p2pcloud.cloud.grants import ALL, ALL_SUBCLOUDS, RIGHT_READ, RIGHT_WRITE, Grant, Revocation
@@ -74,6 +75,7 @@ from p2pcloud.cloud.membership import (
 from p2pcloud.cloud.pairing import PairingHost, PairingJoiner, parse_code
 from p2pcloud.cloud.policy import COLL_POLICY, MODES, ReplicationPolicy, read_policy, set_policy
 from p2pcloud.errors import (
+    BlobError,
     JoinFailed,
     LinkError,
     LocalProtocolError,
@@ -111,6 +113,7 @@ LINK_ATTEMPT: Final = 20.0  # seconds one re-link attempt waits (the mesh retrie
 RECHECK_INTERVAL: Final = 60.0  # seconds: membership is re-evaluated as grants expire
 MAX_REMEMBERED_PATHS: Final = 4  # per member: the last few addresses it was reached on
 MAX_STATE_BYTES: Final = 16 * 1024 * 1024  # a cloud.cbor larger than this is damaged
+MAX_PREFETCH: Final = 64  # blobs a full member fetches at once (each holds one task)
 DEVICE_RIGHTS: Final = {ALL_SUBCLOUDS: [RIGHT_READ, RIGHT_WRITE]}  # a paired device's default
 ADMIN_RIGHTS: Final = {ALL_SUBCLOUDS: [ALL]}  # the only rights an admin grant may carry
 NO_CLOUD: Final = CloudId(bytes(16))  # the membership of a node in no cloud names this id
@@ -201,6 +204,7 @@ class Cloud:
         self._interfaces = discovery_interfaces
         self._discovery: Discovery | None = None
         self._discovery_starting: trio.Event | None = None
+        self._prefetching: set[bytes] = set()  # blobs a full-policy member is fetching
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -607,6 +611,7 @@ class Cloud:
 
     def _remember(self, hashname: Hashname, paths: Iterable[Mapping[str, Any]]) -> None:
         known = self._paths.setdefault(hashname, [])
+        before = list(known)
         for raw in paths:
             p = dict(raw)
             if p.get("type") not in ("udp4", "tcp4"):
@@ -615,7 +620,19 @@ class Cloud:
                 known.remove(p)
             known.insert(0, p)
         del known[MAX_REMEMBERED_PATHS:]
-        self._paths_dirty = True
+        if known != before:
+            self._paths_dirty = True
+
+    def remembered_paths(self, hashname: Hashname) -> list[dict[str, Any]]:
+        """The direct paths ``hashname`` was last reached on (newest first).
+
+        Args:
+            hashname: a member.
+
+        Returns:
+            v3 path objects (copies).
+        """
+        return [dict(p) for p in self._paths.get(hashname, [])]
 
     async def _exchange(self, info: LinkInfo, first: list[bytes], seconds: float,
                         who: str) -> tuple[bytes, Hashname]:
@@ -780,6 +797,7 @@ class Cloud:
             self.membership = Membership(self.id, self._bootstrap, now=time.time())
         self.replication.rules = self
         self.replication.subcloud_listeners.append(self._on_subcloud)
+        self.replication.change_listeners.append(self._on_changes)
         self.node.accept_filters.append(self._accept_link)
         self.node._link_listeners.append(self._on_link)
         self.node.serve_channel(CHANNEL_TYPE, self._serve_pair)
@@ -811,6 +829,33 @@ class Cloud:
                 continue
             return
 
+    def _on_changes(self, sc: SubCloud, changes: list[Change]) -> None:
+        """A ``full`` member keeps every blob: fetch the ones remote writes refer to."""
+        if self._nursery is None or not self._in_cloud(sc.record):
+            return
+        if not self.policy.keeps_full(sc.id, self.hashname):
+            return
+        places: list[tuple[str, str, str]] = [
+            (c.collection, c.document, c.field) for c in changes
+            if c.origin != "local" and c.document is not None and c.field is not None]
+        if places and len(self._prefetching) < MAX_PREFETCH:
+            self._nursery.start_soon(self._prefetch, sc, places)
+
+    async def _prefetch(self, sc: SubCloud, places: list[tuple[str, str, str]]) -> None:
+        async with sc.lock:  # a merge may be running in a worker thread
+            refs = [v for c, d, f in places
+                    if isinstance(v := sc.replica.get(c, d, f, None), BlobRef)]
+        for ref in refs:
+            if ref.hash in self._prefetching or len(self._prefetching) >= MAX_PREFETCH:
+                continue
+            self._prefetching.add(ref.hash)
+            try:
+                await self.replication.ensure_blob(ref.hash)
+            except BlobError as exc:
+                log.info("prefetch of blob %s failed: %s", ref.hash.hex()[:16], exc)
+            finally:
+                self._prefetching.discard(ref.hash)
+
     async def _membership_loop(self) -> None:
         while True:
             with trio.move_on_after(RECHECK_INTERVAL):
@@ -837,6 +882,10 @@ class Cloud:
             with trio.move_on_after(KEEP_INTERVAL):
                 await self._keeper_wake.wait()
             self._keeper_wake = trio.Event()
+            for h in self.node.links:  # a link through a router moves to a direct path
+                path = self.node.link_path(h)
+                if path is not None and path.is_direct and self.membership.is_member(h):
+                    self._remember(h, [path.to_json()])
             if self._paths_dirty and self.id is not None:
                 await self._save_state()
             if self.id is None or self._nursery is None:
