@@ -14,8 +14,11 @@ one thread hop.
   length-prefixed frames (u32 big-endian, at most ``MAX_BLOB_MESSAGE``), one blob message
   each. A reader task feeds frames in; a writer task per peer sends what comes out.
 * **Storing.** ``ChunkReceived`` chunks (already verified by the coordinator) are
-  batched and written by one writer task, one LMDB transaction per batch (one fsync for
-  many chunks). A ``BlobCompleted`` is released only after every chunk received before it
+  batched and written by one writer task. A chunk of a blob that a synced folder waits
+  for goes straight into that folder's part file (``part_writer``,
+  p2pcloud/files/parts.py): the content crosses the disk once, and LMDB's map never holds
+  it. Every other chunk goes to LMDB, one transaction per batch (one fsync for many
+  chunks). A ``BlobCompleted`` is released only after every chunk received before it
   is durable. ``ManifestReceived`` stores the manifest bytes as a chunk keyed by the blob
   hash (the blob hash *is* the manifest's BLAKE3, so it is content-addressed like any
   chunk), one transaction per batch of manifests; the blob record (size, chunk list) and
@@ -32,6 +35,7 @@ import math
 import struct
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -64,7 +68,12 @@ MAX_PENDING_CHUNK_BYTES: Final = 16 * 1024 * 1024
 """Verified chunks held in memory waiting for their LMDB batch: the reader pauses beyond
 this, so a disk slower than the network pushes back instead of filling memory."""
 MAX_WRITE_BATCH_BYTES: Final = 16 * 1024 * 1024  # per put_chunks transaction (dirty pages)
-MAX_WRITE_BATCH_CHUNKS: Final = 4096  # the store's MAX_CHUNK_BATCH
+MAX_WRITE_BATCH_CHUNKS: Final = 256
+"""Chunks per writer batch (the store's MAX_CHUNK_BATCH is 4096): a blob's completion waits
+for its batch, so small batches keep completions (and the files they let a folder write)
+flowing while thousands of small blobs arrive; 256 still amortises an LMDB commit."""
+PART_WRITE_THREADS: Final = 4  # threads writing one batch into part files (file creation waits)
+MAX_MANIFESTS_PER_BATCH: Final = 2048  # with MAX_WRITE_BATCH_CHUNKS, below the store's 4096
 MAX_MANIFEST_CACHE: Final = 4096  # manifests kept decoded in memory (~0.5 MiB per GiB of blob)
 
 
@@ -84,6 +93,7 @@ class BlobEngine:
         extra_chunks: Callable[[bytes], bytes | None] | None = None,
         extra_manifest: Callable[[bytes], Manifest | None] | None = None,
         on_completed: Callable[[bytes], None] | None = None,
+        part_writer: Callable[[Manifest, bytes, bytes], bool] | None = None,
     ) -> None:
         """Create the engine (no tasks yet: :meth:`run` starts them).
 
@@ -93,6 +103,9 @@ class BlobEngine:
             extra_chunks: a second chunk source (synced folders' files).
             extra_manifest: a second manifest source (synced folders' index).
             on_completed: called in the Trio thread when a blob is complete and durable.
+            part_writer: ``(manifest, chunk hash, data) -> bool`` writes a verified chunk
+                where a folder wants that blob (a worker thread calls it); False keeps the
+                chunk in LMDB instead.
         """
         self._store = store
         self._writer = write_limiter
@@ -100,10 +113,18 @@ class BlobEngine:
         self._extra_chunks = extra_chunks
         self._extra_manifest = extra_manifest
         self._on_completed = on_completed
+        self._part_writer = part_writer
+        self._disk = trio.CapacityLimiter(1)  # part file writes: one batch at a time
         self._manifests: dict[bytes, Manifest] = {}
-        self._pending: dict[bytes, bytes] = {}  # verified chunks not yet written
+        # verified chunks not yet written, with the manifests of the blobs that need them
+        self._pending: dict[bytes, tuple[bytes, tuple[Manifest, ...]]] = {}
         self._pending_bytes = 0
-        self._flushing: dict[bytes, bytes] = {}  # the batch being written now
+        # received manifests not yet in LMDB. One transaction per batch: a folder of 10,000
+        # small files brings 10,000 manifests. The blob records (size, chunk list, manifest
+        # pin) are written when a reader opens the blob (Replication.ensure_blob); until
+        # then these bytes are unreferenced chunks.
+        self._pending_manifests: dict[bytes, Manifest] = {}
+        self._flushing: dict[bytes, tuple[bytes, tuple[Manifest, ...]]] = {}  # being written
         self._received_gen = 0
         self._stored_gen = 0
         self._completions: deque[tuple[int, bytes]] = deque()
@@ -130,16 +151,16 @@ class BlobEngine:
         return self._extra_chunks is not None and self._extra_chunks(digest) is not None
 
     def _get(self, digest: bytes) -> bytes | None:
-        data = self._pending.get(digest) or self._flushing.get(digest)
-        if data is not None:
-            return data
+        held = self._pending.get(digest) or self._flushing.get(digest)
+        if held is not None:
+            return held[0]
         data = self._store.get_chunk(digest)
         if data is None and self._extra_chunks is not None:
             data = self._extra_chunks(digest)
         return data
 
     def _get_manifest(self, blob: bytes) -> Manifest | None:
-        cached = self._manifests.get(blob)
+        cached = self._manifests.get(blob) or self._pending_manifests.get(blob)
         if cached is not None:
             return cached
         raw = self._store.get_chunk(blob)
@@ -180,14 +201,6 @@ class BlobEngine:
 
         def work() -> tuple[list[Any], list[tuple[Hashname, bytes]]]:
             fn(*args)
-            # BlobTransfers acts on what BlobFetch.receive_chunk returns but never drains
-            # the fetch's own event queue, which keeps every verified chunk (up to
-            # blobs.fetch.MAX_EVENTS = 4096 of them, ~330 MiB) until the blob completes.
-            # Drain it here; reported to FILES (BlobTransfers should drain or BlobFetch not
-            # queue what it returns).
-            for fetch in list(self._transfers._fetches.values()):
-                while fetch.next_event() is not None:
-                    pass
             # plan first, then drain: planning itself emits events (BlobStalled when no
             # peer is left to ask), and with nothing in flight there may be no later step
             # to report them
@@ -210,7 +223,7 @@ class BlobEngine:
         for event in events:
             if isinstance(event, ChunkReceived):
                 if event.hash not in self._pending:
-                    self._pending[event.hash] = event.data
+                    self._pending[event.hash] = (event.data, event.manifests)
                     self._pending_bytes += len(event.data)
                 self._received_gen += 1
                 self._stats["chunks received"] += 1
@@ -225,40 +238,43 @@ class BlobEngine:
             elif isinstance(event, MessageDropped):
                 self._stats[f"dropped: {event.reason.split(':')[0]}"] += 1
                 log.warning("blob message from %s refused: %s", event.peer[:8], event.reason)
-        if manifests:
-            for m in manifests:
-                self._cache(m)
-            await trio.to_thread.run_sync(self._store_manifests, manifests, limiter=self._writer)
-        if self._pending or self._completions:
+        for m in manifests:
+            self._cache(m)
+            # stored by the writer task with the next chunk batch, not here: a durable
+            # transaction on the read path stalled the channel for every manifest batch
+            self._pending_manifests[m.blob_hash] = m
+        if self._pending or self._completions or self._pending_manifests:
             self._wake_writer.set()
-
-    def _store_manifests(self, manifests: list[Manifest]) -> None:
-        # one transaction for the whole batch: a folder of 10,000 small files brings
-        # 10,000 manifests, and a record transaction each would cost 10,000 fsyncs. The
-        # blob records (size, chunk list, manifest pin) are written when a reader opens the
-        # blob (Replication.ensure_blob); until then these bytes are unreferenced chunks.
-        self._store.put_chunks({m.blob_hash: m.encoded for m in manifests})
 
     async def _writer_loop(self) -> None:
         while True:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
-            while self._pending:
+            while self._pending or self._pending_manifests:
                 gen = self._received_gen
-                batch: dict[bytes, bytes] = {}
+                batch: dict[bytes, tuple[bytes, tuple[Manifest, ...]]] = {}
                 size = 0
                 for digest in list(self._pending):
                     if batch and (size >= MAX_WRITE_BATCH_BYTES
                                   or len(batch) >= MAX_WRITE_BATCH_CHUNKS):
                         gen = -1  # more remain: completions wait for the next batch
                         break
-                    data = self._pending.pop(digest)
-                    batch[digest] = data
-                    size += len(data)
+                    held = self._pending.pop(digest)
+                    batch[digest] = held
+                    size += len(held[0])
                 self._flushing = batch
+                manifests: list[Manifest] = []
+                for blob in list(self._pending_manifests)[:MAX_MANIFESTS_PER_BATCH]:
+                    manifests.append(self._pending_manifests.pop(blob))
                 try:
-                    await trio.to_thread.run_sync(self._store.put_chunks, batch,
-                                                  limiter=self._writer)
+                    rest = {d: data for d, (data, ms) in batch.items() if not ms}
+                    if len(rest) < len(batch):
+                        rest.update(await trio.to_thread.run_sync(
+                            self._write_parts, batch, limiter=self._disk))
+                    rest.update((m.blob_hash, m.encoded) for m in manifests)
+                    if rest:
+                        await trio.to_thread.run_sync(self._store.put_chunks, rest,
+                                                      limiter=self._writer)
                 except StoreError:
                     log.exception("storing %d received chunks failed; they will be re-fetched",
                                   len(batch))
@@ -279,6 +295,38 @@ class BlobEngine:
                 self._complete(blob)
             if done:
                 await self._feed_backlog()
+
+    def _write_parts(self, batch: dict[bytes, tuple[bytes, tuple[Manifest, ...]]]
+                     ) -> dict[bytes, bytes]:
+        """Write chunks into folders' part files; return those no folder took."""
+        writer = self._part_writer
+        todo = [(d, data, ms) for d, (data, ms) in batch.items() if ms]
+
+        def one(item: tuple[bytes, bytes, tuple[Manifest, ...]]) -> bool:
+            digest, data, manifests = item
+            taken = False
+            if writer is not None:
+                for m in manifests:
+                    try:
+                        taken = writer(m, digest, data) or taken
+                    except OSError:
+                        log.exception("writing a chunk into a part file failed")
+            return taken
+
+        if len(todo) > 1:
+            # creating a file costs ~0.5 ms of file system work here, most of it waiting:
+            # a folder of small files is written by a few threads at once
+            with ThreadPoolExecutor(min(PART_WRITE_THREADS, len(todo))) as pool:
+                taken = list(pool.map(one, todo))
+        else:
+            taken = [one(item) for item in todo]
+        rest: dict[bytes, bytes] = {}
+        for (digest, data, _ms), ok in zip(todo, taken, strict=True):
+            if ok:
+                self._stats["chunks written to part files"] += 1
+            else:
+                rest[digest] = data
+        return rest
 
     def _complete(self, blob: bytes) -> None:
         self._stats["blobs completed"] += 1

@@ -192,6 +192,7 @@ class Replication:
         self.blobs = BlobEngine(
             store, write_limiter=self.writer, extra_chunks=self._folder_chunk,
             extra_manifest=self._folder_manifest, on_completed=self._blob_completed,
+            part_writer=self._folder_part,
         )
         self._sessions: dict[Hashname, _SessionRunner] = {}
         self._registry_out: dict[Hashname, trio.MemorySendChannel[bytes]] = {}
@@ -901,6 +902,14 @@ class Replication:
                 if data is not None:
                     return data
         return None
+
+    def _folder_part(self, manifest: Manifest, digest: bytes, data: bytes) -> bool:
+        # a verified chunk straight into every folder waiting for the blob (files/parts.py)
+        taken = False
+        for sc in list(self.subclouds.values()):
+            for folder in list(sc.folders):
+                taken = folder.write_part(manifest, digest, data) or taken
+        return taken
 
     def _folder_manifest(self, blob: bytes) -> Manifest | None:
         for sc in list(self.subclouds.values()):

@@ -19,7 +19,7 @@ in a CLI's dependencies), so pyfastcdc is the one we use.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, Protocol
 
 import blake3
 import pyfastcdc
@@ -33,6 +33,7 @@ __all__ = [
     "chunk_buffer",
     "chunk_hash",
     "iter_chunks",
+    "iter_stream_chunks",
 ]
 
 CHUNK_MIN: Final = 16 * 1024
@@ -95,6 +96,34 @@ def iter_chunks(data: bytes | bytearray | memoryview) -> Iterator[ChunkSpan]:
         yield ChunkSpan(0, len(data), blake3.blake3(data).digest())
         return
     for piece in _cutter().cut_buf(data):
+        yield ChunkSpan(piece.offset, piece.length, blake3.blake3(piece.data).digest())
+
+
+class Readable(Protocol):
+    """A binary stream read with ``readinto`` (a raw file object, ``io.BytesIO``...)."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None:
+        """Fill ``buffer`` from the stream; 0 at the end."""
+        ...
+
+
+def iter_stream_chunks(stream: Readable) -> Iterator[ChunkSpan]:
+    """Cut a stream into content-defined chunks and hash each one, in bounded memory.
+
+    The cut points and hashes equal :func:`iter_chunks` over the whole content (pyfastcdc's
+    stream cutter keeps at least ``CHUNK_MAX`` bytes ahead of each cut, which is all a cut
+    depends on), but only one buffer of ``2 * CHUNK_MAX`` is held: a 1 GiB file is hashed
+    with ~0.5 MiB instead of a mapping of the whole file, whose pages would count as the
+    process's resident memory.
+
+    Args:
+        stream: the content, read from its current position to its end.
+
+    Yields:
+        The chunks in order (offsets from the position the stream started at).
+    """
+    for piece in _cutter().cut_stream(stream):
+        # piece.data is valid only until the next piece is cut: hash it now
         yield ChunkSpan(piece.offset, piece.length, blake3.blake3(piece.data).digest())
 
 

@@ -257,6 +257,23 @@ class BlobFetch:
         self._queue.extendleft(reversed(skipped))  # keep blob order for the next round
         return sorted(plan.items())
 
+    def expect(self, peer: Hashname, hashes: Iterable[bytes], now: float) -> None:
+        """Mark chunks as requested from ``peer`` without a ``want``: it sends them unasked
+        (the chunks of a small blob that follow its manifest). They time out like requests.
+
+        Args:
+            peer: who will send them.
+            hashes: the chunk hashes.
+            now: the current time in seconds.
+        """
+        if peer in self._banned or peer not in self._peer_chunks:
+            return
+        deadline = now + self._timeout
+        for h in hashes:
+            if h in self._sizes and h not in self._done and h not in self._in_flight:
+                self._in_flight[h] = (peer, deadline)
+                self._peer_load[peer] = self._peer_load.get(peer, 0) + 1
+
     def get_timer(self) -> float | None:
         """The earliest request deadline, or None when nothing is in flight."""
         if not self._in_flight:

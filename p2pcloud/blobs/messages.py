@@ -10,13 +10,16 @@ want       ``h``: list of chunk hashes                     send me these chunks
 have       ``b``: blob hashes, ``h``: chunk hashes         I hold all of these blobs/chunks
 chunk      ``h``: hash, ``d``: bytes                       one chunk (receiver verifies)
 err        ``h``: hash, ``r``: reason text                 I cannot send this one
-mwant      ``b``: blob hash, ``o``: offset                 send the manifest from ``o``
+mwant      ``b``: blob hash, ``o``: offset, ``i``: inline  send the manifest from ``o``
 manifest   ``b``, ``o``, ``n``: total length, ``d``: bytes  a piece of a manifest
 =========  ==============================================  ===============================
 
 ``want``/``have``/``chunk``/``err`` are what the issue names; ``mwant``/``manifest`` are our
 extension for manifests, which can be longer than one message (a 10 GiB blob has a ~4 MiB
 manifest) and are verified as a whole by the blob hash (:class:`ManifestAssembler`).
+``mwant`` with ``i: true`` (optional, absent means false) also asks for the chunks of a
+blob of at most ``MAX_INLINE_BLOB`` bytes right after its manifest, as ordinary ``chunk``
+(or ``err``) messages: a small file costs one request instead of two round trips.
 
 Every decoder raises only :class:`MalformedPacket`, whatever the bytes; every size is bounded
 before anything is allocated for it.
@@ -38,6 +41,7 @@ __all__ = [
     "BLOB_CHANNEL",
     "MAX_BLOB_MESSAGE",
     "MAX_HAVE_HASHES",
+    "MAX_INLINE_BLOB",
     "MAX_WANT_HASHES",
     "BlobMessage",
     "ChunkData",
@@ -63,6 +67,10 @@ MAX_REASON: Final = 200  # an err reason is a short code or sentence for logs, n
 MANIFEST_PIECE: Final = 128 * 1024  # manifest bytes per message: below CHUNK_MAX on any path
 _ENVELOPE: Final = 64  # CBOR map keys, type strings, hash and integers around the data
 MAX_BLOB_MESSAGE: Final = CHUNK_MAX + 1024
+MAX_INLINE_BLOB: Final = 64 * 1024
+"""Blobs up to this size come with their manifest when an ``mwant`` asks (``i``): a folder
+of small files is fetched with one request per file; one chunk at most (< CHUNK_MIN is one
+chunk), so the answer to one request stays bounded."""
 """The largest body of a blob message: one maximal chunk plus its CBOR envelope. A have
 with MAX_HAVE_HASHES is smaller (4096 x 34 bytes)."""
 
@@ -100,10 +108,12 @@ class ChunkError:
 
 @dataclass(frozen=True, slots=True)
 class ManifestWant:
-    """A request for a blob's manifest from byte ``offset`` on."""
+    """A request for a blob's manifest from byte ``offset`` on (``inline``: and the chunks
+    of a blob of at most MAX_INLINE_BLOB bytes after it)."""
 
     blob: bytes
     offset: int
+    inline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +177,8 @@ def encode_blob_message(msg: BlobMessage) -> bytes:
         m["t"] = "mwant"
         m["b"] = msg.blob
         m["o"] = msg.offset
+        if msg.inline:
+            m["i"] = True
     else:
         _check_hashes([msg.blob], 1)
         if not 0 < msg.total <= MAX_MANIFEST_BYTES or not 0 <= msg.offset < msg.total:
@@ -252,7 +264,10 @@ def decode_blob_message(body: bytes) -> BlobMessage:
             raise MalformedPacket("blob message: bad err reason")
         return ChunkError(h, r)
     if t == "mwant":
-        return ManifestWant(_hash(m, "b"), _uint(m, "o", MAX_MANIFEST_BYTES))
+        inline = m.get("i", False)
+        if not isinstance(inline, bool):
+            raise MalformedPacket("blob message: mwant inline flag must be a bool")
+        return ManifestWant(_hash(m, "b"), _uint(m, "o", MAX_MANIFEST_BYTES), inline)
     if t == "manifest":
         b = _hash(m, "b")
         total = _uint(m, "n", MAX_MANIFEST_BYTES)

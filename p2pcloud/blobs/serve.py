@@ -15,6 +15,7 @@ import blake3
 
 from p2pcloud.blobs.manifest import Manifest
 from p2pcloud.blobs.messages import (
+    MAX_INLINE_BLOB,
     BlobMessage,
     ChunkData,
     ChunkError,
@@ -64,17 +65,24 @@ def answer(
     out: list[BlobMessage] = []
     if isinstance(msg, Want):
         for h in msg.hashes:
-            data = get_chunk(h)
-            if data is None:
-                out.append(ChunkError(h, ERR_MISSING))
-            elif blake3.blake3(data).digest() != h:
-                out.append(ChunkError(h, ERR_CORRUPT))
-            else:
-                out.append(ChunkData(h, data))
+            out.append(_chunk_reply(h, get_chunk))
     elif isinstance(msg, ManifestWant):
         manifest = get_manifest(msg.blob)
         if manifest is None or manifest.blob_hash != msg.blob:
             out.append(ChunkError(msg.blob, ERR_MISSING))
         else:
             out.extend(manifest_pieces(manifest, msg.offset))
+            if msg.inline and msg.offset == 0 and manifest.size <= MAX_INLINE_BLOB:
+                # the small blob's chunks follow its manifest (messages.py, mwant ``i``)
+                for h in manifest.unique_chunks():
+                    out.append(_chunk_reply(h, get_chunk))
     return out
+
+
+def _chunk_reply(h: bytes, get_chunk: Callable[[bytes], bytes | None]) -> BlobMessage:
+    data = get_chunk(h)
+    if data is None:
+        return ChunkError(h, ERR_MISSING)
+    if blake3.blake3(data).digest() != h:
+        return ChunkError(h, ERR_CORRUPT)
+    return ChunkData(h, data)

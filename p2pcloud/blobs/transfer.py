@@ -34,6 +34,8 @@ from p2pcloud._ids import Hashname
 from p2pcloud.blobs.fetch import MAX_IN_FLIGHT_PER_PEER, REQUEST_TIMEOUT, BlobFetch, ChunkVerified
 from p2pcloud.blobs.manifest import Manifest
 from p2pcloud.blobs.messages import (
+    MAX_INLINE_BLOB,
+    MAX_WANT_HASHES,
     BlobMessage,
     ChunkData,
     ChunkError,
@@ -76,11 +78,15 @@ class ManifestReceived:
 
 @dataclass(frozen=True, slots=True)
 class ChunkReceived:
-    """A chunk arrived and verified; store it under ``hash``."""
+    """A chunk arrived and verified; store it under ``hash``.
+
+    ``manifests`` are those of the blobs being fetched that contain it, so the shell can
+    write it straight to where those blobs go (a folder's part file) instead of a store."""
 
     peer: Hashname
     hash: bytes
     data: bytes
+    manifests: tuple[Manifest, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +120,11 @@ TransferEvent = ManifestReceived | ChunkReceived | BlobCompleted | BlobStalled |
 class _ManifestQuest:
     """Fetching one manifest: which peer is asked, from which offset, who failed."""
 
-    __slots__ = ("asked", "assembler", "deadline", "failed")
+    __slots__ = ("asked", "assembler", "deadline", "failed", "inline")
 
     def __init__(self, blob: bytes) -> None:
         self.assembler = ManifestAssembler(blob)
+        self.inline = False  # the last mwant asked for a small blob's chunks too
         self.asked: Hashname | None = None
         self.deadline = 0.0
         self.failed: set[Hashname] = set()
@@ -154,6 +161,8 @@ class BlobTransfers:
         self._fetches: dict[bytes, BlobFetch] = {}
         self._by_chunk: dict[bytes, set[bytes]] = {}  # chunk hash -> blobs being fetched
         self._stalled: set[bytes] = set()
+        self._dirty: set[bytes] = set()  # fetches whose plan may have changed since last planned
+        self._ask: set[bytes] = set()  # manifest quests that no peer is asked in right now
         self._out: deque[tuple[Hashname, bytes]] = deque()
         self._events: deque[TransferEvent] = deque(maxlen=MAX_EVENTS)
         self._stats: dict[str, int] = {}
@@ -165,6 +174,7 @@ class BlobTransfers:
         self._peers.add(peer)
         for fetch in self._fetches.values():
             fetch.add_peer(peer)
+        self._dirty.update(self._fetches)
         self._stalled.clear()  # worth another try
 
     def peer_down(self, peer: Hashname) -> None:
@@ -172,9 +182,11 @@ class BlobTransfers:
         self._peers.discard(peer)
         for fetch in self._fetches.values():
             fetch.remove_peer(peer)
-        for quest in self._quests.values():
+        self._dirty.update(self._fetches)
+        for blob, quest in self._quests.items():
             if quest.asked == peer:
                 quest.asked = None
+                self._ask.add(blob)
 
     def want_blob(self, blob: bytes, manifest: Manifest | None = None) -> None:
         """Start (or resume) fetching a blob; chunks already held are not asked for.
@@ -195,6 +207,7 @@ class BlobTransfers:
             self._start_chunks(known)
         else:
             self._quests[blob] = _ManifestQuest(blob)
+            self._ask.add(blob)
         self._stalled.discard(blob)
 
     def progress(self, blob: bytes) -> tuple[int, int] | None:
@@ -238,36 +251,47 @@ class BlobTransfers:
             fetch = self._fetches.get(blob)
             if fetch is not None:
                 fetch.add_peer(peer)
+                self._dirty.add(blob)
         by_blob: dict[bytes, list[bytes]] = {}
         for h in msg.hashes:
             for blob in self._by_chunk.get(h, ()):
                 by_blob.setdefault(blob, []).append(h)
         for blob, hashes in by_blob.items():
             self._fetches[blob].add_peer(peer, hashes)
+            self._dirty.add(blob)
 
     def _on_chunk(self, peer: Hashname, msg: ChunkData) -> None:
         blobs = self._by_chunk.get(msg.hash)
         if not blobs:
             self._count("unsolicited chunk")
             return
-        stored = False
-        for blob in sorted(blobs):
-            event = self._fetches[blob].receive_chunk(peer, msg.hash, msg.data)
-            if isinstance(event, ChunkVerified) and not stored:
-                stored = True
-                self._events.append(ChunkReceived(peer, msg.hash, event.data))
-        if stored:
+        verified: list[Manifest] = []
+        data = msg.data
+        touched = sorted(blobs)
+        for blob in touched:
+            fetch = self._fetches[blob]
+            event = fetch.receive_chunk(peer, msg.hash, msg.data)
+            _drain(fetch)
+            if isinstance(event, ChunkVerified):
+                verified.append(fetch.manifest)
+                data = event.data
+            self._dirty.add(blob)
+        if verified:
             self._count("chunks received")
-        self._settle()
+            self._events.append(ChunkReceived(peer, msg.hash, data, tuple(verified)))
+        self._settle(touched)
 
     def _on_error(self, peer: Hashname, msg: ChunkError) -> None:
         quest = self._quests.get(msg.hash)
         if quest is not None and quest.asked == peer:
             quest.failed.add(peer)
             quest.asked = None  # the next peer is asked at the next messages_to_send
+            self._ask.add(msg.hash)
             return
         for blob in self._by_chunk.get(msg.hash, ()):
             self._fetches[blob].receive_error(peer, msg.hash, msg.reason)
+            _drain(self._fetches[blob])
+            self._dirty.add(blob)
 
     def _on_manifest_piece(self, peer: Hashname, msg: ManifestPiece, now: float) -> None:
         quest = self._quests.get(msg.blob)
@@ -281,6 +305,7 @@ class BlobTransfers:
             fresh = _ManifestQuest(msg.blob)
             fresh.failed = quest.failed | {peer}
             self._quests[msg.blob] = fresh
+            self._ask.add(msg.blob)
             return
         quest.deadline = now + self._timeout  # progress: the peer is alive
         if manifest is None:
@@ -288,6 +313,10 @@ class BlobTransfers:
         del self._quests[msg.blob]
         self._events.append(ManifestReceived(msg.blob, manifest))
         self._start_chunks(manifest, first=peer)
+        fetch = self._fetches.get(msg.blob)
+        if fetch is not None and quest.inline and manifest.size <= MAX_INLINE_BLOB:
+            # asked with ``i``: the chunks follow the manifest on this ordered channel
+            fetch.expect(peer, manifest.unique_chunks(), now)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -297,8 +326,10 @@ class BlobTransfers:
         Args:
             now: the current time in seconds.
         """
-        for blob, quest in list(self._quests.items()):
-            if quest.asked is not None:
+        for blob in sorted(self._ask):
+            quest = self._quests.get(blob)
+            if quest is None or quest.asked is not None:
+                self._ask.discard(blob)
                 continue
             candidates = sorted(self._peers - quest.failed)
             if not candidates:
@@ -306,17 +337,34 @@ class BlobTransfers:
                     self._stalled.add(blob)
                     self._events.append(BlobStalled(blob, False, ()))
                 continue
+            self._ask.discard(blob)
             quest.asked = candidates[0]
             quest.deadline = now + self._timeout
-            self._send(quest.asked, ManifestWant(blob, quest.assembler.offset))
-        for blob, fetch in list(self._fetches.items()):
+            quest.inline = quest.assembler.offset == 0
+            self._send(quest.asked, ManifestWant(blob, quest.assembler.offset, quest.inline))
+        # only fetches whose state changed since they were last planned (a chunk, an err, a
+        # peer, a timeout): with 1,024 blobs in flight, planning all of them per input
+        # would cost more than the inputs themselves
+        dirty, self._dirty = self._dirty, set()
+        wants: dict[Hashname, dict[bytes, None]] = {}  # per peer, in order, without repeats
+        for blob in sorted(dirty):
+            fetch = self._fetches.get(blob)
+            if fetch is None:
+                continue
             plan = fetch.requests(now)
+            _drain(fetch)
             for peer, hashes in plan:
-                self._send(peer, Want(tuple(hashes)))
+                wants.setdefault(peer, {}).update(dict.fromkeys(hashes))
             idle = not plan and fetch.progress().in_flight == 0
             if idle and not fetch.is_complete() and blob not in self._stalled:
                 self._stalled.add(blob)
                 self._events.append(BlobStalled(blob, True, tuple(fetch.missing())))
+        # one want per peer for up to MAX_WANT_HASHES chunks of any blobs: a folder of small
+        # files would otherwise cost one message (and one answer pass) per file
+        for peer, hashes in sorted(wants.items()):
+            todo = list(hashes)
+            for i in range(0, len(todo), MAX_WANT_HASHES):
+                self._send(peer, Want(tuple(todo[i:i + MAX_WANT_HASHES])))
         out = list(self._out)
         self._out.clear()
         return out
@@ -333,13 +381,16 @@ class BlobTransfers:
         Args:
             now: the current time in seconds.
         """
-        for quest in self._quests.values():
+        for blob, quest in self._quests.items():
             if quest.asked is not None and quest.deadline <= now:
                 quest.failed.add(quest.asked)
                 quest.asked = None
+                self._ask.add(blob)
                 self._count("manifest timeout")
         for fetch in self._fetches.values():
             fetch.handle_timer(now)
+            _drain(fetch)
+        self._dirty.update(self._fetches)
 
     def next_event(self) -> TransferEvent | None:
         """The oldest event not yet read, or None."""
@@ -367,11 +418,13 @@ class BlobTransfers:
             fetch.add_peer(peer)
         if first is not None:
             fetch.add_peer(first)
-        self._settle()
+        self._dirty.add(blob)
+        self._settle([blob])
 
-    def _settle(self) -> None:
-        for blob, fetch in list(self._fetches.items()):
-            if fetch.is_complete():
+    def _settle(self, blobs: list[bytes]) -> None:
+        for blob in blobs:
+            fetch = self._fetches.get(blob)
+            if fetch is not None and fetch.is_complete():
                 del self._fetches[blob]
                 for key, n in fetch.statistics().items():  # keep its counters
                     self._count(f"chunk {key}", n)
@@ -396,3 +449,11 @@ class BlobTransfers:
 
     def _count(self, key: str, n: int = 1) -> None:
         self._stats[key] = self._stats.get(key, 0) + n
+
+
+def _drain(fetch: BlobFetch) -> None:
+    # this coordinator acts on what BlobFetch's calls return and on is_complete(); the
+    # fetch's own event queue would otherwise keep every verified chunk's bytes (up to
+    # fetch.MAX_EVENTS of them) until the blob completes
+    while fetch.next_event() is not None:
+        pass

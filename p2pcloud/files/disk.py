@@ -13,14 +13,16 @@ decisions are :mod:`p2pcloud.files.model`'s pure functions.
   path is still the one the decision was made about. A crash at any instant leaves either
   the old file or the new one at the path, never a half-written one; leftover temporary
   files are removed by the next full scan.
-* **Stable reads.** A file is hashed through ``mmap`` and its stat is compared before and
-  after; a file that changed meanwhile is reported as busy and looked at again next scan.
+* **Stable reads.** A file is hashed as a stream (``readinto`` a buffer of twice the largest
+  chunk, so hashing a 1 GiB file holds ~0.5 MiB, not a mapping whose pages would count as
+  resident memory) and its stat is compared before and after; a file that changed
+  meanwhile is reported as busy and looked at again next scan.
 """
 
 from __future__ import annotations
 
 import contextlib
-import mmap
+import io
 import os
 import secrets
 import stat as stat_mod
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from p2pcloud.blobs import Manifest, manifest_of
+from p2pcloud.blobs.chunking import iter_stream_chunks
 from p2pcloud.errors import UnsafePath
 from p2pcloud.files.paths import TEMP_PREFIX, is_internal
 
@@ -40,6 +43,7 @@ __all__ = [
     "NotAFile",
     "PendingWrite",
     "abort_write",
+    "adopt_part",
     "atomic_write",
     "begin_write",
     "delete_file",
@@ -57,7 +61,7 @@ __all__ = [
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)  # POSIX; Windows has no symlink-follow open
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 FSYNC_THREADS: Final = 16  # parallel fsyncs: enough to fill a journal commit (see flush_writes)
-SMALL_FILE: Final = 1 << 20  # read files up to 1 MiB with one read(); mmap costs more below
+SMALL_FILE: Final = 1 << 20  # read files up to 1 MiB with one read(); larger ones are streamed
 _replace = os.replace  # indirection so a test can simulate a crash just before the rename
 
 
@@ -241,12 +245,9 @@ def hash_file(path: Path) -> tuple[Manifest, DiskStat]:
         if before.st_size <= SMALL_FILE:
             manifest = manifest_of(_read_all(fd, before.st_size))
         else:
-            with mmap.mmap(fd, before.st_size, access=mmap.ACCESS_READ) as mm:
-                view = memoryview(mm)
-                try:
-                    manifest = manifest_of(view)
-                finally:
-                    view.release()
+            # bounded memory (see the module docstring); as fast as a mapping here
+            with io.FileIO(fd, "rb", closefd=False) as raw:
+                manifest = Manifest((c.hash, c.size) for c in iter_stream_chunks(raw))
         after = os.fstat(fd)
     finally:
         os.close(fd)
@@ -321,6 +322,7 @@ class PendingWrite:
     target: Path
     tmp: Path
     fd: int | None  # open until flushed
+    keep: bool = False  # an adopted part file: an abort leaves it (its chunks stay usable)
 
 
 def begin_write(root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int, mode: int,
@@ -360,6 +362,48 @@ def begin_write(root: Path, rel: str, chunks: Iterable[bytes], *, mtime_ns: int,
         abort_write(pending)
         raise
     return pending
+
+
+def adopt_part(root: Path, rel: str, part: Path, *, mtime_ns: int, mode: int,
+               checked: set[str] | None = None) -> PendingWrite | None:
+    """Use a complete part file (p2pcloud.files.parts) as the temporary file of a write.
+
+    Step 1 of 3 like :func:`begin_write`, without copying: the content is already in
+    ``part``; it gets its mode and mtime here, its fsync in :func:`flush_writes`, its
+    rename in :func:`finish_write`. An abort leaves the part file where it is.
+
+    Args:
+        root: the folder root.
+        rel: the normalised relative path.
+        part: the part file (in the folder root).
+        mtime_ns: the modification time to set.
+        mode: the permission bits to set.
+        checked: see :func:`resolve`.
+
+    Returns:
+        The pending write, or None if the target's directory is on another file system
+        than the part file (a rename cannot cross it: write a copy instead).
+
+    Raises:
+        UnsafePath: a parent is a symlink or not a directory.
+        OSError: the part file cannot be opened or changed.
+    """
+    target = resolve(root, rel, create_dirs=True, checked=checked)
+    fd = os.open(part, os.O_RDWR | _O_NOFOLLOW | _O_BINARY)
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise OSError(f"{part.name} is not a regular file")
+        if os.stat(target.parent).st_dev != st.st_dev:
+            os.close(fd)
+            return None
+        os.chmod(part, mode & 0o777)
+        os.utime(part, ns=(mtime_ns, mtime_ns))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    return PendingWrite(rel, target, part, fd, keep=True)
 
 
 def _flush_one(p: PendingWrite) -> None:
@@ -422,11 +466,14 @@ def finish_write(p: PendingWrite, expect: DiskStat | None) -> DiskStat:
 
 
 def abort_write(p: PendingWrite) -> None:
-    """Drop a pending write: close and delete its temporary file."""
+    """Drop a pending write: close and delete its temporary file (an adopted part file
+    stays: see :func:`adopt_part`)."""
     if p.fd is not None:
         with contextlib.suppress(OSError):
             os.close(p.fd)
         p.fd = None
+    if p.keep:
+        return
     with contextlib.suppress(OSError):
         os.unlink(p.tmp)
 

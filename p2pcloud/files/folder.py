@@ -25,6 +25,7 @@ at a time per folder, and owns the replica: it applies remote deltas, then calls
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ from p2pcloud.files.model import (
     plan_disk,
     plan_publish,
 )
+from p2pcloud.files.parts import PartFiles
 from p2pcloud.files.paths import normalize_relpath, parse_conflict_name, safe_device_label
 
 __all__ = [
@@ -184,6 +186,14 @@ def paths_from_changes(changes: Iterable[tuple[str, str | None, str | None]]) ->
                               if coll == COLLECTION and doc is not None))
 
 
+def _under(known: list[str], prefix: str) -> Iterator[str]:
+    """The entries of the sorted list ``known`` that start with ``prefix``."""
+    for i in range(bisect.bisect_left(known, prefix), len(known)):
+        if not known[i].startswith(prefix):
+            return
+        yield known[i]
+
+
 def _no_chunk(_h: bytes) -> bytes | None:
     return None
 
@@ -234,6 +244,8 @@ class Folder:
         self._chunks = chunks
         self._manifests = manifests
         self._has_chunk = has_chunk or (lambda h: chunks(h) is not None)
+        self.parts = PartFiles(self.root)
+        """Remote content being written straight into the folder as it arrives (parts.py)."""
         self._checked: set[str] = set()
         self._stats: dict[str, DiskStat] = {}
         self.unsent_deltas: list[bytes] = []
@@ -298,18 +310,34 @@ class Folder:
         return self.index.manifest(blob_hash)
 
     def read_chunk(self, chunk_hash: bytes) -> bytes | None:
-        """A chunk read from the local file that holds it, verified; None if not here."""
+        """A chunk read from the local file (or part file) that holds it, verified; None if
+        not here."""
         where = self.index.locate(chunk_hash)
         if where is None:
-            return None
+            return self.parts.read_chunk(chunk_hash)
         path, offset, size = where
         try:
             data = disk.read_range(disk.resolve(self.root, path), offset, size)
         except (OSError, UnsafePath):
-            return None
+            data = None
         if data is None or blake3.blake3(data).digest() != chunk_hash:
-            return None  # the file changed since it was indexed; the next scan re-indexes it
+            # the file changed since it was indexed (the next scan re-indexes it)
+            return self.parts.read_chunk(chunk_hash)
         return data
+
+    def write_part(self, manifest: Manifest, chunk_hash: bytes, data: bytes) -> bool:
+        """Write a verified chunk straight into the part file of a blob this folder waits
+        for (called by the node's blob engine, from its writer thread).
+
+        Args:
+            manifest: the blob's manifest (the chunk was verified against it).
+            chunk_hash: the chunk's hash.
+            data: its bytes.
+
+        Returns:
+            Whether the chunk is now on disk here; if False, keep it in the chunk store.
+        """
+        return self.parts.write(manifest, chunk_hash, data)
 
     def blobs(self) -> list[bytes]:
         """The blob hashes local files hold (for ``have`` announcements)."""
@@ -409,6 +437,9 @@ class Folder:
         disk.sync_dirs(dirty_dirs)
         if self.index.dirty:
             self.index.save(self.index_path)
+        if paths is None:
+            # a full pass knows every blob still missing: other part files are leftovers
+            self.parts.prune(set(result.missing))
         return result
 
     # -- steps -------------------------------------------------------------------------------
@@ -425,7 +456,7 @@ class Folder:
             for rel in self.replica.documents(COLLECTION):
                 found.setdefault(rel, None)
         else:
-            docs: list[str] | None = None
+            known: list[str] | None = None  # index paths and documents, sorted (prefix lookups)
             for p in paths:
                 if not p:
                     return self._collect(None, result)
@@ -435,22 +466,24 @@ class Folder:
                     result.events.append(PathRefused(p, str(exc)))
                     continue
                 pst = disk.stat_path(self.root, p, self._checked)
+                if known is None:
+                    # one sorted list per call, then a bisection per path: scanning every
+                    # entry per path made an incremental pass over 10,000 paths quadratic
+                    docs = self.replica.documents(COLLECTION)
+                    known = sorted(set(self.index.entries) | set(docs))
+                prefix = p + "/"
                 if isinstance(pst, NotAFile) and pst.kind == "directory":
                     for rel, wst in disk.walk_files(self.root, p):
                         found[rel] = wst
-                    if docs is None:
-                        docs = self.replica.documents(COLLECTION)
-                    prefix = p + "/"
-                    for rel in list(self.index.entries) + docs:
-                        if rel.startswith(prefix) and rel not in found:
+                    for rel in _under(known, prefix):
+                        if rel not in found:
                             # not on disk under p (deleted), or unsafe: refused below,
                             # before any stat
                             found[rel] = None
                 else:
                     found[p] = pst
-                    prefix = p + "/"
-                    for rel in self.index.entries:  # a directory that was deleted
-                        if rel.startswith(prefix):
+                    for rel in _under(known, prefix):  # a directory that was deleted
+                        if rel in self.index.entries:
                             found.setdefault(rel, None)
                 if len(found) > MAX_PATHS_PER_CALL:
                     break
@@ -611,15 +644,31 @@ class Folder:
             if manifest.size != v.size:
                 result.events.append(PathRefused(path, "manifest size differs from the version"))
                 continue
-            absent = tuple(h for h in manifest.unique_chunks()
-                           if self.index.locate(h) is None and not self._has_chunk(h))
+            absent = self._absent(manifest)
+            if absent:
+                try:
+                    self.parts.open(manifest)  # resumes a part file left by an earlier run
+                except OSError as exc:
+                    result.events.append(FileSkipped(path, f"disk refused: {exc}"))
+                    continue
+                absent = self._absent(manifest)
             if absent:
                 self._missing(BlobMissing(path, v.blob, manifest, absent), result)
                 continue
             try:
-                pending = disk.begin_write(self.root, path, self._chunk_stream(manifest),
-                                           mtime_ns=v.mtime_ns, mode=v.mode,
-                                           checked=self._checked)
+                part = self.parts.claim(v.blob)
+                pending = None
+                if part is not None:
+                    try:
+                        pending = disk.adopt_part(self.root, path, part, mtime_ns=v.mtime_ns,
+                                                  mode=v.mode, checked=self._checked)
+                    finally:
+                        if pending is None:
+                            self.parts.finished(v.blob, renamed=False)
+                if pending is None:
+                    pending = disk.begin_write(self.root, path, self._chunk_stream(manifest),
+                                               mtime_ns=v.mtime_ns, mode=v.mode,
+                                               checked=self._checked)
             except FileBusy as exc:
                 result.events.append(FileSkipped(path, str(exc)))
                 continue
@@ -634,20 +683,36 @@ class Folder:
         for (pending, v, manifest, expect), err in zip(started, errors, strict=True):
             if err is not None:
                 disk.abort_write(pending)
+                if pending.keep:
+                    self.parts.finished(v.blob, renamed=False)
                 result.events.append(FileSkipped(pending.rel, f"disk refused: {err}"))
                 continue
             try:
                 st = disk.finish_write(pending, expect)
             except FileBusy as exc:
+                if pending.keep:
+                    self.parts.finished(v.blob, renamed=False)
                 result.events.append(FileSkipped(pending.rel, str(exc)))
                 continue
             except OSError as exc:
+                if pending.keep:
+                    self.parts.finished(v.blob, renamed=False)
                 result.events.append(FileSkipped(pending.rel, f"disk refused: {exc}"))
                 continue
+            if pending.keep:
+                self.parts.finished(v.blob, renamed=True)
+            else:
+                self.parts.drop(v.blob)  # a part file begun for it is of no use now
             dirty_dirs.add(pending.target.parent)
             self.index.put(pending.rel, IndexEntry(v, st, manifest))
             result.events.append(FileWritten(pending.rel, False))
 
+    def _absent(self, manifest: Manifest) -> tuple[bytes, ...]:
+        return tuple(h for h in manifest.unique_chunks()
+                     if self.index.locate(h) is None and not self.parts.has(h)
+                     and not self._has_chunk(h))
+
     def _missing(self, event: BlobMissing, result: ReconcileResult) -> None:
+        self.parts.expect(event.blob)
         result.events.append(event)
         result.missing[event.blob] = event

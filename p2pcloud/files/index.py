@@ -60,8 +60,21 @@ class LocalIndex:
 
     def put(self, path: str, entry: IndexEntry) -> None:
         """Record the base of ``path``."""
+        old = self.entries.get(path)
         self.entries[path] = entry
-        self._invalidate()
+        if old is not None:
+            self._invalidate()  # the old file's chunks may be gone: rebuild the maps
+            return
+        # a new path only adds lookups: extend the maps instead of rebuilding them, so a
+        # reconcile writing 10,000 files does not rebuild a 10,000-entry map per batch
+        self.dirty = True
+        if self._chunk_map is not None:
+            pos = 0
+            for ref in entry.manifest.chunks:
+                self._chunk_map.setdefault(ref.hash, (path, pos, ref.size))
+                pos += ref.size
+        if self._blob_map is not None:
+            self._blob_map.setdefault(entry.manifest.blob_hash, entry.manifest)
 
     def forget(self, path: str) -> None:
         """Drop the base of ``path`` (no-op if absent)."""

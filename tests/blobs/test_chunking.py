@@ -148,3 +148,36 @@ def test_small_blob_fast_path_agrees_with_the_cutter() -> None:
     for n in (1, 100, CHUNK_MIN - 1, CHUNK_MIN, CHUNK_MIN + 1, CHUNK_MIN + 2):
         expected = [(c.offset, c.length) for c in cutter.cut_buf(data[:n])]
         assert [(c.offset, c.size) for c in chunk_buffer(data[:n])] == expected
+
+
+class _Trickle:
+    """A stream that returns at most ``step`` bytes per read (like a pipe or a slow disk)."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+        self._step = step
+
+    def readinto(self, buffer: memoryview) -> int:
+        n = min(len(buffer), self._step, len(self._data) - self._pos)
+        buffer[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK_MIN, CHUNK_MAX + 1, 3 * MIB + 12345])
+@pytest.mark.parametrize("step", [4096, 1 << 20])
+def test_stream_chunking_equals_whole_buffer_chunking(size: int, step: int) -> None:
+    from p2pcloud.blobs.chunking import iter_stream_chunks
+
+    data = _random_bytes(size, size)
+    assert list(iter_stream_chunks(_Trickle(data, step))) == chunk_buffer(data)
+
+
+def test_stream_chunking_of_zeros_cuts_at_the_maximum() -> None:
+    from p2pcloud.blobs.chunking import iter_stream_chunks
+
+    data = bytes(2 * MIB + 5)
+    spans = list(iter_stream_chunks(_Trickle(data, 65536)))
+    assert spans == chunk_buffer(data)
+    assert all(s.size == CHUNK_MAX for s in spans[:-1])

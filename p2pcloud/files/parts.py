@@ -1,0 +1,351 @@
+"""Part files: remote content written straight into the folder as its chunks arrive.
+
+Theory of operation
+-------------------
+A blob that a synced folder needs (a remote version whose chunks are not here) is written
+into a *part file* ``<root>/.p2pcloud-part-<blob hash hex>`` at the offsets its manifest
+gives, chunk by chunk, as the node's blob engine verifies them. When every chunk is in, the
+folder *adopts* the part file as the temporary file of its atomic write (mode, mtime,
+fsync, then ``rename`` over the path after the usual "is the file still as the decision
+saw it" check, :mod:`p2pcloud.files.disk`): the content crosses the disk once, and never
+goes through the node's LMDB chunk store (which would write it a second time and map it
+into the process).
+
+* **Nothing is trusted after a restart.** Part files are not fsynced while they fill; a
+  crash can leave any mixture of written, stale and zero bytes. A part file found on disk
+  is therefore re-verified before use (every chunk at its first offset is read and its
+  BLAKE3 compared): what verifies is held, the rest is fetched again. The part file *is*
+  the resume state; nothing else is saved.
+* **Never a half-written file at a path.** A part file lives under our internal prefix
+  (never synced, never taken for a user file) until its rename, which happens only after
+  the fsync of the complete content.
+* **Only blobs the folder asked for.** The folder registers the blobs it reported missing
+  (:meth:`PartFiles.expect`); a chunk of any other blob is refused here and goes to the
+  node's chunk store as before.
+* **Threads.** The blob engine writes from a few writer threads while a reconcile reads
+  and adopts from another: one lock guards the registry (never held during I/O), one per
+  part file its creation. No file descriptor is kept open between calls (a folder may
+  wait for thousands of blobs at once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat as stat_mod
+import threading
+from pathlib import Path
+from typing import Final
+
+import blake3
+
+from p2pcloud.blobs import Manifest
+
+__all__ = ["MAX_EXPECTED_BLOBS", "PART_PREFIX", "PartFiles", "part_name"]
+
+PART_PREFIX: Final = ".p2pcloud-part-"  # under the internal prefix: never synced (paths.py)
+MAX_EXPECTED_BLOBS: Final = 1_000_000
+"""Blobs one folder may wait for at once (a million new files); beyond it a blob simply goes
+through the chunk store, so the registry cannot grow without bound."""
+
+_O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_O_BINARY: Final = getattr(os, "O_BINARY", 0)
+
+
+def part_name(blob: bytes) -> str:
+    """The file name of a blob's part file (in the folder root)."""
+    return PART_PREFIX + blob.hex()
+
+
+class _Part:
+    """One blob being written: where each chunk goes, which are in."""
+
+    __slots__ = ("claimed", "held", "lock", "manifest", "offsets", "path", "ready", "sizes")
+
+    def __init__(self, manifest: Manifest, path: Path) -> None:
+        self.manifest = manifest
+        self.path = path
+        self.offsets: dict[bytes, list[int]] = {}
+        self.sizes: dict[bytes, int] = {}
+        pos = 0
+        for ref in manifest.chunks:
+            self.offsets.setdefault(ref.hash, []).append(pos)
+            self.sizes[ref.hash] = ref.size
+            pos += ref.size
+        self.held: set[bytes] = set()
+        self.claimed = False
+        self.ready = False  # the file exists (created, or resumed and verified)
+        self.lock = threading.Lock()  # creation and resume of the file
+
+    def complete(self) -> bool:
+        return len(self.held) == len(self.offsets)
+
+
+class PartFiles:
+    """The part files of one folder (see the module docstring)."""
+
+    def __init__(self, root: Path) -> None:
+        """Track part files in ``root`` (nothing is read or written yet).
+
+        Args:
+            root: the folder root.
+        """
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._parts: dict[bytes, _Part] = {}
+        self._by_chunk: dict[bytes, bytes] = {}  # chunk hash -> a blob whose part holds it
+        self._expected: set[bytes] = set()
+
+    # -- registration (reconcile thread) --------------------------------------------------
+
+    def expect(self, blob: bytes) -> None:
+        """The folder needs ``blob``: its chunks may be written here when they arrive."""
+        with self._lock:
+            if len(self._expected) < MAX_EXPECTED_BLOBS:
+                self._expected.add(blob)
+
+    def open(self, manifest: Manifest) -> None:
+        """Start or resume the part file of a blob the folder needs (idempotent).
+
+        A part file already on disk is re-verified chunk by chunk; what verifies is held.
+
+        Raises:
+            OSError: the part file cannot be created or read.
+        """
+        with self._lock:
+            self._expected.add(manifest.blob_hash)
+            part = self._register_locked(manifest)
+        self._prepare(part)
+
+    def _register_locked(self, manifest: Manifest) -> _Part:
+        blob = manifest.blob_hash
+        part = self._parts.get(blob)
+        if part is None:
+            part = self._parts[blob] = _Part(manifest, self.root / part_name(blob))
+        return part
+
+    def _prepare(self, part: _Part) -> None:
+        """Create the part file, or adopt and re-verify one left by an earlier run."""
+        with part.lock:
+            if part.ready:
+                return
+            try:
+                held = self._create_or_resume(part)
+            except OSError:
+                with self._lock:
+                    if self._parts.get(part.manifest.blob_hash) is part:
+                        del self._parts[part.manifest.blob_hash]
+                raise
+            part.ready = True
+        blob = part.manifest.blob_hash
+        with self._lock:
+            part.held |= held
+            for h in held:
+                self._by_chunk.setdefault(h, blob)
+
+    @staticmethod
+    def _create_or_resume(part: _Part) -> set[bytes]:
+        held: set[bytes] = set()
+        size = part.manifest.size
+        try:
+            fd = os.open(part.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_BINARY,
+                         0o600)
+        except FileExistsError:
+            fd = os.open(part.path, os.O_RDWR | _O_NOFOLLOW | _O_BINARY)
+            try:
+                if not stat_mod.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(f"{part.path.name} is not a regular file") from None
+                # a leftover of an earlier run: keep what still verifies (module docstring)
+                for h, offsets in part.offsets.items():
+                    n = part.sizes[h]
+                    data = os.pread(fd, n, offsets[0])
+                    if len(data) == n and blake3.blake3(data).digest() == h:
+                        held.add(h)
+                        for off in offsets[1:]:
+                            os.pwrite(fd, data, off)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)  # sparse: the holes are the chunks still to come
+        finally:
+            os.close(fd)
+        return held
+
+    # -- filling (the blob engine's writer threads) ---------------------------------------
+
+    def write(self, manifest: Manifest, chunk_hash: bytes, data: bytes) -> bool:
+        """Write a verified chunk of ``manifest``'s blob at each of its offsets.
+
+        Several threads may write at once (different chunks, or different blobs).
+
+        Args:
+            manifest: the blob's manifest (the chunk was verified against it).
+            chunk_hash: the chunk's hash.
+            data: its bytes.
+
+        Returns:
+            True if the chunk is now in the blob's part file; False if the folder does not
+            wait for this blob, the part is being adopted, or the disk refused (the caller
+            keeps the chunk elsewhere).
+        """
+        blob = manifest.blob_hash
+        with self._lock:
+            part = self._parts.get(blob)
+            if part is None:
+                if blob not in self._expected:
+                    return False
+                part = self._register_locked(manifest)
+            if part.claimed:
+                return False
+            if chunk_hash in part.held:
+                return True
+            offsets = part.offsets.get(chunk_hash)
+            if offsets is None or len(data) != part.sizes[chunk_hash]:
+                return False
+        try:
+            self._prepare(part)
+            fd = os.open(part.path, os.O_WRONLY | _O_NOFOLLOW | _O_BINARY)
+        except OSError:
+            return False
+        try:
+            for off in offsets:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, off)
+                    view = view[n:]
+                    off += n
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        with self._lock:
+            part.held.add(chunk_hash)
+            self._by_chunk.setdefault(chunk_hash, blob)
+        return True
+
+    # -- reading (serving peers, writing other files) -------------------------------------
+
+    def has(self, chunk_hash: bytes) -> bool:
+        """Whether a part file holds this chunk."""
+        with self._lock:
+            return chunk_hash in self._by_chunk
+
+    def read_chunk(self, chunk_hash: bytes) -> bytes | None:
+        """A chunk read back from a part file, verified; None if not here."""
+        with self._lock:
+            blob = self._by_chunk.get(chunk_hash)
+            part = self._parts.get(blob) if blob is not None else None
+            if part is None:
+                return None
+            path = part.path
+            offset = part.offsets[chunk_hash][0]
+            size = part.sizes[chunk_hash]
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
+        except OSError:
+            return None
+        try:
+            data = os.pread(fd, size, offset)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        if len(data) != size or blake3.blake3(data).digest() != chunk_hash:
+            return None
+        return data
+
+    def complete(self, blob: bytes) -> bool:
+        """Whether the part file of ``blob`` holds every chunk and is not being adopted."""
+        with self._lock:
+            part = self._parts.get(blob)
+            return part is not None and not part.claimed and part.complete()
+
+    # -- adoption (reconcile thread) ------------------------------------------------------
+
+    def claim(self, blob: bytes) -> Path | None:
+        """Take a complete part file for adoption (no more writes go to it).
+
+        Its chunks stay readable through :meth:`read_chunk` until :meth:`finished`, so
+        other paths with the same content can be written from it meanwhile.
+
+        Returns:
+            The part file's path, or None if it is not complete or already claimed.
+        """
+        with self._lock:
+            part = self._parts.get(blob)
+            if part is None or part.claimed or not part.complete():
+                return None
+            part.claimed = True
+            return part.path
+
+    def finished(self, blob: bytes, *, renamed: bool) -> None:
+        """An adoption ended: the part file was renamed into place, or it failed.
+
+        Args:
+            blob: the claimed blob.
+            renamed: True if the file is now at its path (forget the part); False if the
+                adoption failed (the part file stays, verified again when next opened).
+        """
+        with self._lock:
+            part = self._parts.pop(blob, None)
+            if part is None:
+                return
+            if renamed:
+                self._expected.discard(blob)
+            for h in part.offsets:
+                if self._by_chunk.get(h) == blob:
+                    del self._by_chunk[h]
+
+    def drop(self, blob: bytes) -> None:
+        """Forget and delete the part file of a blob that was written another way (its
+        chunks were mostly in other local files)."""
+        with self._lock:
+            self._expected.discard(blob)
+            part = self._parts.get(blob)
+            if part is None or part.claimed:
+                return
+            del self._parts[blob]
+            for h in part.offsets:
+                if self._by_chunk.get(h) == blob:
+                    del self._by_chunk[h]
+        with contextlib.suppress(OSError):
+            os.unlink(part.path)
+
+    def prune(self, keep: set[bytes]) -> int:
+        """Delete the part files of blobs the folder no longer needs.
+
+        Call after a full reconcile with every blob it reported missing.
+
+        Args:
+            keep: blobs still needed.
+
+        Returns:
+            How many part files were deleted.
+        """
+        with self._lock:
+            self._expected &= keep
+            for blob in [b for b, p in self._parts.items() if b not in keep and not p.claimed]:
+                part = self._parts.pop(blob)
+                for h in part.offsets:
+                    if self._by_chunk.get(h) == blob:
+                        del self._by_chunk[h]
+            busy = {p.path.name for p in self._parts.values()}
+            removed = 0
+            try:
+                names = [e.name for e in os.scandir(self.root)
+                         if e.name.startswith(PART_PREFIX) and e.is_file(follow_symlinks=False)]
+            except OSError:
+                return 0
+            for name in names:
+                try:
+                    blob = bytes.fromhex(name[len(PART_PREFIX):])
+                except ValueError:
+                    blob = b""
+                if name in busy or blob in keep:
+                    continue
+                with contextlib.suppress(OSError):
+                    os.unlink(self.root / name)
+                    removed += 1
+            return removed
