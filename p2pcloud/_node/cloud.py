@@ -41,7 +41,7 @@ import contextlib
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path as FsPath
@@ -52,7 +52,7 @@ import trio
 
 from p2pcloud._core import BlobRef
 from p2pcloud._ids import CloudId, Hashname, ReplicaId, SubCloudId
-from p2pcloud._node.discovery import Discovery, PeerDiscovered, open_discovery
+from p2pcloud._node.discovery import DiscoveredPeer, Discovery, PeerDiscovered, open_discovery
 from p2pcloud._node.subcloud import Change, RegistryRecord, SubCloud, sign_record
 from p2pcloud._wire import b32decode, b32encode
 from p2pcloud.cloud._join import CHANNEL_TYPE, FrameReader, frame, message_type, refusal
@@ -205,6 +205,7 @@ class Cloud:
         self._discovery: Discovery | None = None
         self._discovery_starting: trio.Event | None = None
         self._prefetching: set[bytes] = set()  # blobs a full-policy member is fetching
+        self._stats: Counter[str] = Counter()
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -491,8 +492,11 @@ class Cloud:
         return out
 
     def statistics(self) -> dict[str, int]:
-        """Counters of the join protocols (invites and pairing) since start."""
-        out = {f"invite {k}": v for k, v in self._book.statistics().items()}
+        """Counters since start: join protocol outcomes (invites, pairing) and re-link
+        attempts by the way they tried (``relink: lan``, ``relink: remembered``,
+        ``relink: router``) and how they succeeded (``relinked``, ``relinked: router``)."""
+        out = dict(self._stats)
+        out.update({f"invite {k}": v for k, v in self._book.statistics().items()})
         out.update({f"pairing {k}": v for k, v in self._host.statistics().items()})
         return out
 
@@ -902,7 +906,11 @@ class Cloud:
             paths: list[dict[str, Any]] = []
             if self._discovery is not None and hashname in self._discovery.peers:
                 paths += self._discovery.peers[hashname].paths()
-            paths += [p for p in self._paths.get(hashname, []) if p not in paths]
+                self._stats["relink: lan"] += 1
+            remembered = [p for p in self._paths.get(hashname, []) if p not in paths]
+            if remembered:
+                paths += remembered
+                self._stats["relink: remembered"] += 1
             routers = [r for r in self.node.links if r != hashname
                        and self.membership.is_member(r)]
             if not paths and not routers:
@@ -914,18 +922,28 @@ class Cloud:
                     async def attempt(via: Hashname | None) -> None:
                         try:
                             await self.node.link(info, via=via)
-                        except (LinkError, LocalProtocolError):
-                            return
+                        except (LinkError, LocalProtocolError, trio.ClosedResourceError):
+                            return  # this way failed (or the node is closing)
+                        self._stats["relinked" if via is None else "relinked: router"] += 1
                         nursery.cancel_scope.cancel()
 
                     if paths:
                         nursery.start_soon(attempt, None)
                     for router in routers:
+                        self._stats["relink: router"] += 1
                         nursery.start_soon(attempt, router)
-        except trio.ClosedResourceError:
-            return
         finally:
             self._linking.discard(hashname)
+
+    async def _lan_attempt(self, peer: DiscoveredPeer) -> None:
+        self._stats["relink: lan"] += 1
+        info = LinkInfo(peer.hashname, dict(peer.keys), peer.paths())
+        with trio.move_on_after(LINK_ATTEMPT):
+            try:
+                await self.node.link(info)
+            except (LinkError, LocalProtocolError, trio.ClosedResourceError):
+                return
+            self._stats["relinked"] += 1
 
     async def _serve_pair(self, stream: ChannelStream) -> None:
         """The admin side of both join protocols on an incoming ``pair`` channel."""
@@ -1007,8 +1025,11 @@ class Cloud:
                     self._lan_changed = trio.Event()
                     if (isinstance(event, PeerDiscovered)
                             and self.membership.is_member(event.peer.hashname)
-                            and event.peer.hashname not in self.node.links):
-                        self._keeper_wake.set()
+                            and event.peer.hashname not in self.node.links
+                            and self._nursery is not None):
+                        # at once, even while a slower attempt (stale paths) is running:
+                        # the mesh adds these paths to the link's handshake round
+                        self._nursery.start_soon(self._lan_attempt, event.peer)
             finally:
                 self._discovery = None
 
