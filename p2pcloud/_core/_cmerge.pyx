@@ -36,11 +36,14 @@ imported from the reference, so values and errors are the very same objects.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetDefault
+from cpython.bytes cimport PyBytes_CheckExact
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetDefault, PyDict_Size
+from cpython.float cimport PyFloat_CheckExact
+from cpython.long cimport PyLong_CheckExact
 from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
-from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort, realloc
 from libc.string cimport memcmp, memcpy
@@ -798,8 +801,8 @@ cdef inline Py_hash_t _hash_utf8(const char* p, Py_ssize_t n) noexcept:
 
 cdef inline Py_hash_t _str_hash(object s, const char* p, Py_ssize_t n) except? -1:
     # the table's hash of a str whose UTF-8 is p[:n]: an ASCII str's own (cached) hash is the
-    # hash of those very bytes
-    if PyUnicode_IS_COMPACT_ASCII(s):
+    # hash of those very bytes (not a subclass's: it may define its own __hash__)
+    if PyUnicode_CheckExact(s) and PyUnicode_IS_COMPACT_ASCII(s):
         return hash(s)
     return _Py_HashBytes(p, n)
 
@@ -827,6 +830,7 @@ cdef class Doc:
     cdef Py_ssize_t icap     # a power of two, kept at most two thirds full (dummies count)
     cdef Py_ssize_t ifill    # index cells in use, dummies included
     cdef Py_ssize_t nindexed  # slots below this are in the index; the rest wait (all live)
+    cdef uint64_t mods       # counts added and removed fields (bulk writes check it)
     cdef ERec* ents
     cdef Py_ssize_t nents
     cdef Py_ssize_t ents_cap
@@ -842,6 +846,7 @@ cdef class Doc:
         self.nslots = self.slots_cap = self.nlive = 0
         self.index = NULL
         self.icap = self.ifill = self.nindexed = 0
+        self.mods = 0
         self.ents = NULL
         self.nents = self.ents_cap = 0
         self.free_ent = -1
@@ -1086,6 +1091,7 @@ cdef class Doc:
         self.arena_n += n
         self.nslots = s + 1
         self.nlive += 1
+        self.mods += 1
         if defer:
             return s
         self.nindexed = s + 1
@@ -1113,6 +1119,7 @@ cdef class Doc:
             perturb >>= 5
             j = (j * 5 + perturb + 1) & mask
         self.index[j] = CELL_DUMMY
+        self.mods += 1
         f.head = -1
         Py_XDECREF(f.name)
         f.name = NULL
@@ -1419,6 +1426,7 @@ cdef class _TxnWriter:
     cdef object coll
     cdef object doc
     cdef Py_ssize_t nops
+    cdef bint fresh_broken  # set_many's document changed under it (see _bulk_fresh)
     # the document the last write went to, for the common run of writes to one document
     cdef object cache_coll
     cdef object cache_doc
@@ -1432,6 +1440,7 @@ cdef class _TxnWriter:
         self.coll = None
         self.doc = None
         self.nops = 0
+        self.fresh_broken = False
         self.cache_coll = None
         self.cache_doc = None
         self.cache_d = None
@@ -2019,16 +2028,27 @@ cdef class Replica:
         cdef uint64_t ctr
         cdef Py_hash_t hv
         cdef int h
-        s.n = 0
-        put_value(s, value, 0)
-        if not (coll is t.cache_coll and doc is t.cache_doc and t.cache_d is not None):
-            _name_utf8(coll, &n, "collection name")
-            _name_utf8(doc, &n, "document id")
-        p = _name_utf8(field, &n, "field name")
-        d = self._doc_w(t, coll, doc)
-        if isinstance(value, (list, tuple, dict)):
-            value = decode_value(s.tobytes())
-        ctr = self._new_dot()
+        cdef uint64_t mods = 0 if fresh is None else fresh.mods
+        # the value's bytes are s[start:]: encoding a container may run its own code, which
+        # may write to this replica and so use the scratch buffer too (above our bytes)
+        cdef Py_ssize_t start = s.n
+        try:
+            put_value(s, value, 0)
+            if fresh is not None and fresh.mods != mods:
+                fresh = None  # encoding the value ran code that changed the document: look up
+                t.fresh_broken = True
+            if not (coll is t.cache_coll and doc is t.cache_doc and t.cache_d is not None):
+                _name_utf8(coll, &n, "collection name")
+                _name_utf8(doc, &n, "document id")
+            p = _name_utf8(field, &n, "field name")
+            d = self._doc_w(t, coll, doc)
+            if isinstance(value, (list, tuple, dict)):
+                value = decode_value(PyBytes_FromStringAndSize(<char*>s.data + start,
+                                                               s.n - start))
+            ctr = self._new_dot()
+        except BaseException:
+            s.n = start
+            raise
         hv = _str_hash(field, p, n)
         slot = -1 if fresh is d else d.find(p, n, hv)
         ei = d.new_ent(op, 0, ctr, self._txn_hlc, value)
@@ -2059,7 +2079,8 @@ cdef class Replica:
         t.nops += 1
         d.ents[ei].gen = NIDX_FLAG | <uint64_t>t.names.put_field(
             t.buf, <const unsigned char*>p, n, hv, _known_name(d, head, self._txn_start))
-        t.buf.append_buf(s)
+        t.buf.raw(s.data + start, s.n - start)
+        s.n = start
         if head >= 0:
             self._put_kills(t, _dots_of(d, _chain_from(d, head)))
             d.free_chain(head)
@@ -2096,26 +2117,116 @@ cdef class Replica:
 
     cdef int _set_many(self, _TxnWriter t, coll, doc, items) except -1:
         cdef Py_ssize_t n, i = 0
-        cdef Doc d, fresh = None
+        cdef Doc d
         if isinstance(items, dict):
             n = len(<dict>items)
             for field, value in (<dict>items).items():
-                if fresh is not None and fresh.nlive != i:
-                    fresh = None  # the document changed under us (a value's code wrote to it)
-                self._set1(t, coll, doc, field, value, OP_LWW, fresh)
+                self._set1(t, coll, doc, field, value, OP_LWW)
+                break
+            d = t.cache_d
+            if n > 1 and d is not None and d.nlive == 1 and type(items) is dict:
+                # the document held at most the first field: the other keys are new to it
+                if n >= PRESIZE_MIN:
+                    d.reserve(n - 1)  # a bulk write into a new document: presize
+                return self._bulk_fresh(t, d, coll, doc, <dict>items, n)
+            for field, value in (<dict>items).items():
                 i += 1
-                if i == 1:
-                    d = t.cache_d
-                    if d is not None and d.nlive == 1:
-                        # the document held at most this field: the other keys are new to it
-                        fresh = d
-                        if n >= PRESIZE_MIN:
-                            d.reserve(n - 1)  # a bulk write into a new document: presize
+                if i > 1:
+                    self._set1(t, coll, doc, field, value, OP_LWW)
         else:
             from collections.abc import Mapping
             pairs = items.items() if isinstance(items, Mapping) else items
             for field, value in pairs:
                 self._set1(t, coll, doc, field, value, OP_LWW)
+        return 0
+
+    cdef int _bulk_fresh(self, _TxnWriter t, Doc d, object coll, object doc, dict items,
+                         Py_ssize_t n) except -1:
+        """set_many's pairs after the first into ``d``, to which every key is new.
+
+        The same bytes and state as _set1 per pair, without a lookup per key; pairs of an
+        ASCII str key and a value whose encoding cannot fail or run user code (None, bool,
+        int, float, bytes, ASCII str) are written inline, any other pair through _set1. If
+        anything changes the document or the transaction's position meanwhile (a value's
+        own code writing to this replica), the rest goes through _set1 with lookups.
+        """
+        cdef Py_ssize_t pos = 0, i = 0, kn, idx
+        cdef PyObject* kp
+        cdef PyObject* vp
+        cdef _Buf buf = t.buf
+        cdef _Names names = t.names
+        cdef const char* p
+        cdef long long x
+        cdef int overflow
+        cdef uint64_t ctr, hlc = self._txn_hlc
+        cdef Py_hash_t hv
+        cdef int32_t ei
+        cdef bint fast = True
+        cdef uint64_t mods = d.mods
+        t.fresh_broken = False
+        while PyDict_Next(items, &pos, &kp, &vp):
+            i += 1
+            if i == 1:
+                continue
+            if PyDict_Size(items) != n:
+                raise RuntimeError("dictionary changed size during iteration")
+            key = <object>kp
+            value = <object>vp
+            if fast and (d.mods != mods or t.cache_d is not d or t.coll is not coll
+                         or t.doc is not doc):
+                fast = False  # a value's code wrote to this replica: look every key up
+            if not fast:
+                self._set1(t, coll, doc, key, value, OP_LWW)
+                continue
+            overflow = 0
+            x = 0
+            if not (PyUnicode_CheckExact(key) and PyUnicode_IS_COMPACT_ASCII(key)
+                    and PyUnicode_GET_LENGTH(key) <= C_MAX_NAME):
+                self._set1(t, coll, doc, key, value, OP_LWW, d)
+                mods = d.mods
+                fast = not t.fresh_broken
+                continue
+            if PyLong_CheckExact(value):
+                x = PyLong_AsLongLongAndOverflow(value, &overflow)
+                if overflow:
+                    self._set1(t, coll, doc, key, value, OP_LWW, d)
+                    mods = d.mods
+                    fast = not t.fresh_broken
+                    continue
+            elif not (value is None or value is True or value is False
+                      or PyFloat_CheckExact(value) or PyBytes_CheckExact(value)
+                      or (PyUnicode_CheckExact(value) and PyUnicode_IS_COMPACT_ASCII(value))):
+                self._set1(t, coll, doc, key, value, OP_LWW, d)
+                mods = d.mods
+                fast = not t.fresh_broken
+                continue
+            p = <const char*>PyUnicode_DATA(key)
+            kn = PyUnicode_GET_LENGTH(key)
+            ctr = self._new_dot()
+            hv = hash(key)
+            ei = d.new_ent(OP_LWW, 0, ctr, hlc, value)
+            d.add(p, kn, hv, key, ei, True)
+            mods = d.mods
+            buf.byte(OP_LWW)
+            idx = names.put_field(buf, <const unsigned char*>p, kn, hv, -1)
+            d.ents[ei].gen = NIDX_FLAG | <uint64_t>idx
+            if PyLong_CheckExact(value):
+                if buf.n + 11 > buf.cap:
+                    buf.grow(11)
+                if 0 <= x < 0x80:
+                    buf.data[buf.n] = TAG_SMALL | <unsigned char>x
+                    buf.n += 1
+                elif x >= 0:
+                    buf.data[buf.n] = TAG_UINT
+                    buf.n += 1
+                    buf.varint(<uint64_t>x)
+                else:
+                    buf.data[buf.n] = TAG_NEGINT
+                    buf.n += 1
+                    buf.varint(<uint64_t>(-(x + 1)))
+            else:
+                put_value(buf, value, 0)
+            t.nops += 1
         return 0
 
     def set_mv(self, coll, doc, field, value):
@@ -2319,16 +2430,21 @@ cdef class Replica:
         cdef _TxnWriter t = self._writer()
         cdef Py_ssize_t n
         cdef _Buf s = self._scratch
+        cdef Py_ssize_t start = s.n
         _name_utf8(log, &n, "log name")
-        s.n = 0
-        put_value(s, value, 0)
-        ctr = self._new_dot()
+        try:
+            put_value(s, value, 0)
+            ctr = self._new_dot()
+        except BaseException:
+            s.n = start
+            raise
         es = self._logs.get(log)
         if es is None:
             es = self._logs[log] = []
         es.append(new_entry(OP_APPEND, 0, ctr, self._txn_hlc, _stored(value)))
         self._op_header(t, OP_APPEND, log, None, False)
-        t.buf.append_buf(s)
+        t.buf.raw(s.data + start, s.n - start)
+        s.n = start
 
     def text_insert(self, coll, doc, field, pos, text):
         """Insert ``text`` at ``pos`` in a text field.
