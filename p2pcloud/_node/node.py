@@ -289,6 +289,7 @@ class Node:
                     self._tcp = await TcpTransport.bind(
                         bind, tcp_port, on_frames=self._on_frames, **kwargs
                     )
+                    self._tcp.on_peer_closed = self._on_tcp_peer_closed
             except BaseException:
                 if self._udp is not None:
                     self._udp.close()
@@ -468,6 +469,20 @@ class Node:
         # A TCP connection turned on large frames: let the mesh send bigger packets there
         # (0: the connection closed, back to the v3 size until a new one negotiates).
         self._mesh.set_path_mtu(path, min(max(max_frame, MAX_UDP_PACKET), MAX_PACKET))
+
+    def _on_tcp_peer_closed(self, path: Path) -> None:
+        # A peer that closes the TCP connection its link runs on has stopped or dropped us
+        # (our own idle cut comes only after 15 min of silence): end the link now rather
+        # than after the mesh's keepalive timeouts (minutes), so peers and dashboards see
+        # it offline at once. A peer that is still alive links again with its next
+        # handshake; the daemon relinks the peers whose URI it knows.
+        if self._closed:
+            return
+        now = trio.current_time()
+        for hashname in self._mesh.links():
+            if self._mesh.link_path(hashname) == path:
+                self._mesh.unlink(hashname, now)
+        self._pump()
 
     # -- events ------------------------------------------------------------------------
 

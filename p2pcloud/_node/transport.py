@@ -231,6 +231,7 @@ class _Connection:
         self.cancel_scope = trio.CancelScope()
         self.frames_reported = False
         self.broken = False
+        self.peer_closed = False  # the peer ended it (EOF or reset), not us
         self.last_active = trio.current_time()
 
     def kick(self) -> None:
@@ -288,7 +289,9 @@ class TcpTransport:
         path: the listening address as a ``tcp4`` path.
         counts: ``received``, ``sent``, ``connects``, ``accepts``, ``connect_errors``,
             ``dropped_backlog``, ``malformed``, ``closed``, ``closed_idle``,
-            ``refused_too_many``, ``frames`` (large-frame connections).
+            ``closed_by_peer``, ``refused_too_many``, ``frames`` (large-frame connections).
+        on_peer_closed: called with a connection's path when the peer ended it (EOF or
+            reset) while the transport runs; the node ends a link that ran on it.
     """
 
     def __init__(
@@ -312,6 +315,7 @@ class TcpTransport:
         self._pump: Pump | None = None
         self._closed = False
         self.counts: Counter[str] = Counter()
+        self.on_peer_closed: Callable[[Path], None] | None = None
 
     @classmethod
     async def bind(
@@ -524,6 +528,10 @@ class TcpTransport:
                     # The next connection to this path negotiates afresh: until then the
                     # path carries only what v3 chunking carries.
                     self._on_frames(conn.path, 0)
+            if conn.peer_closed and not self._closed:
+                self.counts["closed_by_peer"] += 1
+                if self.on_peer_closed is not None:
+                    self.on_peer_closed(conn.path)
 
     async def _connect(self, path: Path) -> _stdlib_socket.socket | None:
         assert path.ip is not None and path.port is not None
@@ -539,6 +547,10 @@ class TcpTransport:
                     return sock
         except OSError:
             pass
+        except BaseException:  # cancelled mid-connect (the node closing): no socket leaks
+            trio.lowlevel.notify_closing(sock)
+            sock.close()
+            raise
         trio.lowlevel.notify_closing(sock)
         sock.close()
         return None
@@ -571,9 +583,13 @@ class TcpTransport:
                 size = sock.recv_into(framing.receive_buffer(TCP_READ))
             except BlockingIOError:
                 continue
+            except ConnectionResetError:
+                conn.peer_closed = True
+                return
             except (OSError, trio.ClosedResourceError):
                 return
             if not size:
+                conn.peer_closed = True
                 return  # the peer closed the connection
             conn.last_active = trio.current_time()
             framing.data_received(size)
