@@ -45,6 +45,8 @@ MAX_LOGIN_CODES = 32  # unused codes kept; minting more drops the oldest
 SESSION_TTL = 30 * 24 * 3600.0  # s a dashboard session cookie lives (until the daemon restarts)
 MAX_SESSIONS = 256  # dashboard sessions kept; beyond that the oldest is logged out
 LINK_TIMEOUT = 30.0  # s; the mesh's own handshake give-up time (telehash v3 link timers)
+RELINK_FIRST_DELAY = 1.0  # s after a link to a known peer went down before linking again
+RELINK_MAX_DELAY = 60.0  # s between tries to a peer that stays away (Syncthing retries each 60 s)
 
 
 def core_implementation() -> str:
@@ -114,6 +116,8 @@ class Daemon:
         self._login_codes: dict[str, float] = {}
         self._sessions: dict[str, float] = {}
         self._seen_up: dict[str, Any] = {}  # hashname -> path, as of the last poll
+        self._relinking: set[str] = set()  # peers a _relink_after_down task is after
+        self._relink_nursery: trio.Nursery | None = None
         self._state_dirty = False
 
     # -- facts -------------------------------------------------------------------------
@@ -245,17 +249,55 @@ class Daemon:
                 self._state_dirty = True
                 log.info("link down peer=%s", gone[:12])
                 self.events.publish("link.down", {"hashname": gone})
+                self._relink_soon(gone)
+
+    def _relink_soon(self, hashname: str) -> None:
+        """Keep trying to link again with a known peer whose link went down.
+
+        The node ends a link as soon as the peer closes its TCP connection (it stopped or
+        restarted), and forgets links the peer made; so a peer we linked by URI is called
+        back here, first after :data:`RELINK_FIRST_DELAY`, then backing off to
+        :data:`RELINK_MAX_DELAY` while it stays away.
+        """
+        peer = self.state.peers.get(hashname)
+        if (peer is None or not peer.uri or not self.settings.relink
+                or self._relink_nursery is None or hashname in self._relinking):
+            return
+        self._relinking.add(hashname)
+        self._relink_nursery.start_soon(self._relink_after_down, peer)
+
+    async def _relink_after_down(self, peer: datadir.KnownPeer) -> None:
+        delay = RELINK_FIRST_DELAY
+        try:
+            while peer.uri and peer.hashname not in self.node.links:
+                await trio.sleep(delay)
+                if peer.hashname in self.node.links:
+                    return  # it linked to us meanwhile
+                try:
+                    await self.link(peer.uri)
+                except (p2pcloud.LinkError, p2pcloud.BadURI, p2pcloud.LocalProtocolError,
+                        trio.TooSlowError) as exc:
+                    log.debug("relink failed peer=%s reason=%r next_in_s=%s",
+                              peer.hashname[:12], str(exc) or "timeout", delay)
+                    delay = min(delay * 2, RELINK_MAX_DELAY)
+                else:
+                    log.info("relinked peer=%s", peer.hashname[:12])
+        finally:
+            self._relinking.discard(peer.hashname)
 
     async def watch_links(self) -> None:
-        """Publish link events and keep known peers' last_seen, until cancelled."""
+        """Publish link events, keep known peers' last_seen, and link again with known
+        peers whose link went down, until cancelled."""
         last_save = trio.current_time()
-        while True:
-            self._poll_links()
-            if self._state_dirty or trio.current_time() - last_save > STATE_SAVE_INTERVAL:
-                self._state_dirty = True
-                await self.save_state_if_dirty()
-                last_save = trio.current_time()
-            await trio.sleep(LINK_POLL_INTERVAL)
+        async with trio.open_nursery() as nursery:
+            self._relink_nursery = nursery
+            while True:
+                self._poll_links()
+                if self._state_dirty or trio.current_time() - last_save > STATE_SAVE_INTERVAL:
+                    self._state_dirty = True
+                    await self.save_state_if_dirty()
+                    last_save = trio.current_time()
+                await trio.sleep(LINK_POLL_INTERVAL)
 
     async def tick_statistics(self) -> None:
         """Publish a ``statistics`` event every ``statistics_interval`` seconds."""

@@ -1,0 +1,36 @@
+"""Links across a peer's restart, through the CLI and the API of real daemons.
+
+A links B by URI. B stops cleanly and starts again on its data dir (same identity, same
+remembered ports): A must show B online again by itself. When the link ran over TCP, A's
+node ends it the moment B closes the connection (tests/integration/test_tcp_link_close.py),
+and A's daemon links B again from the URI it remembers; over UDP the mesh's own keepalive
+finds B again. Either way nobody runs ``p2pcloud link`` a second time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.e2e.conftest import Daemon, cli, cli_json, wait_for
+
+ZERO_PORTS = ("--port", "0", "--tcp-port", "0", "--api-port", "0")
+
+
+def test_a_restarted_peer_is_linked_again_by_itself(
+    make_daemon: Callable[[str], Daemon],
+) -> None:
+    a, b = make_daemon("a"), make_daemon("b")
+    for d in (a, b):
+        d.up(*ZERO_PORTS)
+    b_hn = b.status()["hashname"]
+    linked = cli_json(a.data_dir, "link", b.status()["link_uri"])
+    assert linked["hashname"] == b_hn
+    wait_for("B sees A", lambda: (b.peer(a.status()["hashname"]) or {}).get("online"))
+
+    assert cli(b.data_dir, "down").returncode == 0
+    b.up()  # the remembered ports: A's copy of B's URI still points at it
+    row = wait_for("A shows B online again", lambda: (a.peer(b_hn) or {}).get("online")
+                   and a.peer(b_hn))
+    assert row["uri"] is not None  # A remembers how it reached B
+    wait_for("B shows A online again",
+             lambda: (b.peer(a.status()["hashname"]) or {}).get("online"))
