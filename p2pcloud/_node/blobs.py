@@ -67,6 +67,11 @@ BLOB_FRAME: Final = struct.Struct(">I")  # length prefix of one blob message on 
 MAX_PENDING_CHUNK_BYTES: Final = 16 * 1024 * 1024
 """Verified chunks held in memory waiting for their LMDB batch: the reader pauses beyond
 this, so a disk slower than the network pushes back instead of filling memory."""
+MAX_INBOX_BYTES: Final = 8 * 1024 * 1024
+"""Received bodies waiting for the coordinator: readers pause beyond this (together with
+MAX_PENDING_CHUNK_BYTES, what a fast sender can make us hold)."""
+MAX_BODIES_PER_STEP: Final = 256  # bodies per worker call: amortises the thread hop
+MAX_RECEIVE: Final = 1024 * 1024  # per receive_some: whole large-frame bodies, uncopied
 MAX_WRITE_BATCH_BYTES: Final = 16 * 1024 * 1024  # per put_chunks transaction (dirty pages)
 MAX_WRITE_BATCH_CHUNKS: Final = 256
 """Chunks per writer batch (the store's MAX_CHUNK_BATCH is 4096): a blob's completion waits
@@ -140,6 +145,11 @@ class BlobEngine:
         """Blob channel bytes read from each peer (frames included)."""
         self._timer_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        # bodies read from the channels, not yet given to the coordinator (_inbox_loop)
+        self._inbox: deque[tuple[Hashname, bytes]] = deque()
+        self._inbox_bytes = 0
+        self._inbox_wake = trio.Event()
+        self._inbox_room = trio.Event()
 
     # -- chunk store callables (run in the coordinator's worker thread) ---------------------
 
@@ -193,6 +203,7 @@ class BlobEngine:
             self._nursery = nursery
             nursery.start_soon(self._timer_loop)
             nursery.start_soon(self._writer_loop)
+            nursery.start_soon(self._inbox_loop)
             task_status.started()
 
     async def _step(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -449,32 +460,62 @@ class BlobEngine:
         buf = bytearray()
         while True:
             try:
-                data = await stream.receive_some()
+                data = await stream.receive_some(MAX_RECEIVE)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             if not data:
                 return
             self.bytes_received[peer] += len(data)
             buf += data
-            bodies: list[bytes] = []
-            while len(buf) >= BLOB_FRAME.size:
-                (n,) = BLOB_FRAME.unpack_from(buf)
-                if n > MAX_BLOB_MESSAGE:
-                    self._stats["dropped: oversized frame"] += 1
-                    log.warning("blob channel from %s sent a %d-byte frame; closing it",
-                                peer[:8], n)
-                    return
-                if len(buf) < BLOB_FRAME.size + n:
-                    break
-                bodies.append(bytes(buf[BLOB_FRAME.size:BLOB_FRAME.size + n]))
-                del buf[:BLOB_FRAME.size + n]
-            if bodies:
-                now = trio.current_time()
-
-                def feed(bodies: list[bytes] = bodies, now: float = now) -> None:
-                    for body in bodies:
-                        self._transfers.receive(peer, body, now)
-
-                await self._step(feed)
+            pos = 0
+            size = 0
+            with memoryview(buf) as view:
+                while len(buf) - pos >= BLOB_FRAME.size:
+                    (n,) = BLOB_FRAME.unpack_from(view, pos)
+                    if n > MAX_BLOB_MESSAGE:
+                        self._stats["dropped: oversized frame"] += 1
+                        log.warning("blob channel from %s sent a %d-byte frame; closing it",
+                                    peer[:8], n)
+                        return
+                    end = pos + BLOB_FRAME.size + n
+                    if len(buf) < end:
+                        break
+                    # one copy per body (out of the view), one memmove of the rest below
+                    self._inbox.append((peer, bytes(view[pos + BLOB_FRAME.size:end])))
+                    size += n
+                    pos = end
+            del buf[:pos]
+            if size:
+                self._inbox_bytes += size
+                self._inbox_wake.set()
+            # the processor takes the bodies while this task reads on: receiving (and the
+            # channel's decryption) overlaps with verifying and answering in the worker
+            while self._inbox_bytes > MAX_INBOX_BYTES:
+                await self._inbox_room.wait()
             while self._pending_bytes > MAX_PENDING_CHUNK_BYTES:
                 await self._room.wait()
+
+    async def _inbox_loop(self) -> None:
+        """Feed every peer's received bodies to the coordinator, many per worker call."""
+        while True:
+            await self._inbox_wake.wait()
+            self._inbox_wake = trio.Event()
+            while self._inbox:
+                items: list[tuple[Hashname, bytes]] = []
+                size = 0
+                while self._inbox and len(items) < MAX_BODIES_PER_STEP:
+                    peer, body = self._inbox.popleft()
+                    items.append((peer, body))
+                    size += len(body)
+                now = trio.current_time()
+
+                def feed(items: list[tuple[Hashname, bytes]] = items, now: float = now) -> None:
+                    for peer, body in items:
+                        self._transfers.receive(peer, body, now)
+
+                try:
+                    await self._step(feed)
+                finally:
+                    self._inbox_bytes -= size
+                    self._inbox_room.set()
+                    self._inbox_room = trio.Event()

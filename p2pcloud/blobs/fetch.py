@@ -55,7 +55,7 @@ __all__ = [
     "PeerBanned",
 ]
 
-MAX_IN_FLIGHT_PER_PEER: Final = 16
+MAX_IN_FLIGHT_PER_PEER: Final = 64
 """Requests outstanding per peer: 16 x ~78 KiB = ~1.2 MiB in flight, enough to fill a LAN
 link with a 10 ms round trip (125 MB/s x 10 ms) without queueing minutes of data on a slow
 one. Never more than MAX_WANT_HASHES, so one want message carries a whole batch."""

@@ -397,8 +397,12 @@ def adopt_part(root: Path, rel: str, part: Path, *, mtime_ns: int, mode: int,
         if os.stat(target.parent).st_dev != st.st_dev:
             os.close(fd)
             return None
-        os.chmod(part, mode & 0o777)
-        os.utime(part, ns=(mtime_ns, mtime_ns))
+        if os.chmod in os.supports_fd and os.utime in os.supports_fd:
+            os.chmod(fd, mode & 0o777)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        else:
+            os.chmod(part, mode & 0o777)
+            os.utime(part, ns=(mtime_ns, mtime_ns))
     except BaseException:
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -124,13 +124,22 @@ class PartFiles:
             part = self._parts[blob] = _Part(manifest, self.root / part_name(blob))
         return part
 
-    def _prepare(self, part: _Part) -> None:
-        """Create the part file, or adopt and re-verify one left by an earlier run."""
+    def _prepare(self, part: _Part, first: tuple[bytes, bytes] | None = None) -> bool:
+        """Create the part file, or adopt and re-verify one left by an earlier run.
+
+        Args:
+            part: the part.
+            first: a chunk ``(hash, data)`` to write while the new file is open (a small
+                blob is one chunk: create and write it with one open).
+
+        Returns:
+            Whether ``first`` was written.
+        """
         with part.lock:
             if part.ready:
-                return
+                return False
             try:
-                held = self._create_or_resume(part)
+                held = self._create_or_resume(part, first)
             except OSError:
                 with self._lock:
                     if self._parts.get(part.manifest.blob_hash) is part:
@@ -142,9 +151,10 @@ class PartFiles:
             part.held |= held
             for h in held:
                 self._by_chunk.setdefault(h, blob)
+        return first is not None and first[0] in held
 
     @staticmethod
-    def _create_or_resume(part: _Part) -> set[bytes]:
+    def _create_or_resume(part: _Part, first: tuple[bytes, bytes] | None) -> set[bytes]:
         held: set[bytes] = set()
         size = part.manifest.size
         try:
@@ -166,6 +176,14 @@ class PartFiles:
             except BaseException:
                 os.close(fd)
                 raise
+        else:
+            if first is not None:
+                try:
+                    _pwrite_all(fd, first[1], part.offsets[first[0]])
+                except BaseException:
+                    os.close(fd)
+                    raise
+                held.add(first[0])
         try:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)  # sparse: the holes are the chunks still to come
@@ -205,17 +223,13 @@ class PartFiles:
             if offsets is None or len(data) != part.sizes[chunk_hash]:
                 return False
         try:
-            self._prepare(part)
+            if self._prepare(part, (chunk_hash, data)):
+                return True  # written by the creation itself
             fd = os.open(part.path, os.O_WRONLY | _O_NOFOLLOW | _O_BINARY)
         except OSError:
             return False
         try:
-            for off in offsets:
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, off)
-                    view = view[n:]
-                    off += n
+            _pwrite_all(fd, data, offsets)
         except OSError:
             return False
         finally:
@@ -349,3 +363,12 @@ class PartFiles:
                     os.unlink(self.root / name)
                     removed += 1
             return removed
+
+
+def _pwrite_all(fd: int, data: bytes, offsets: list[int]) -> None:
+    for off in offsets:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, off)
+            view = view[n:]
+            off += n
