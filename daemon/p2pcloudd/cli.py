@@ -880,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     from p2pcloudd import demo as _demo
 
     _demo.register(sub, common, shows)
+    from p2pcloudd import cli_files
+
+    cli_files.register(sub, common, shows)
     from p2pcloudd import cli_cloud
 
     cli_cloud.register(sub, common, shows)

@@ -1,0 +1,44 @@
+"""``p2pcloud files add|ls``: two real daemons sync a folder, driven only by the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.e2e.conftest import Daemon, cli, cli_json, wait_for
+
+
+def test_files_add_syncs_a_folder_both_ways_and_ls_lists_it(
+    two_daemons: tuple[Daemon, Daemon], tmp_path: Path,
+) -> None:
+    a, b = two_daemons
+    b_hn = b.status()["hashname"]
+    cli_json(a.data_dir, "link", b.status()["link_uri"])
+    sc = cli_json(a.data_dir, "sc", "new", "photos")["id"]
+    cli_json(a.data_dir, "share", sc, b_hn, "write")
+    wait_for("B holds the sub-cloud",
+             lambda: any(s["id"] == sc for s in cli_json(b.data_dir, "sc", "ls")["subclouds"]))
+
+    fa, fb = tmp_path / "fa", tmp_path / "fb"
+    fa.mkdir()
+    fb.mkdir()
+    (fa / "a.txt").write_text("from A\n")
+    (fb / "b.txt").write_text("from B\n")
+    added = cli_json(a.data_dir, "files", "add", sc, str(fa))
+    assert added["path"] == str(fa.resolve()) and added["files"] == 1
+    cli_json(b.data_dir, "files", "add", "photos", str(fb))  # by name works too
+    wait_for("both files on both sides", lambda: all(
+        (d / n).exists() for d in (fa, fb) for n in ("a.txt", "b.txt")))
+    assert (fb / "a.txt").read_text() == "from A\n"
+    assert (fa / "b.txt").read_text() == "from B\n"
+
+    listed = wait_for("A lists 2 files", lambda: [
+        f for f in cli_json(a.data_dir, "files", "ls")["folders"] if f["files"] == 2])
+    assert listed[0]["conflicts"] == [] and listed[0]["subcloud"] == sc
+    text = cli(b.data_dir, "files", "ls")
+    assert text.returncode == 0 and str(fb.resolve()) in text.stdout
+
+    # Errors say what to do: a missing directory, a sub-cloud we do not hold.
+    missing = cli(a.data_dir, "files", "add", sc, str(tmp_path / "nope"))
+    assert missing.returncode == 1 and "mkdir" in missing.stderr
+    unknown = cli(a.data_dir, "files", "add", "no-such", str(fa))
+    assert unknown.returncode == 1 and "p2pcloud sc ls" in unknown.stderr
