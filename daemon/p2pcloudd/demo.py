@@ -553,6 +553,7 @@ def _summary(demo: Demo, *, once: bool) -> None:
     print(f"  a document reached every other device within {slowest:.0f} ms of its write; "
           f"a file written later within {facts['folders']['later_file_ms']:.0f} ms")
     if once:
+        print("  (without --once the three keep running, with a dashboard each to open)")
         return
     print("\nThe daemons keep running. Open a dashboard (one-time login links):")
     for name, url in demo.dashboards().items():
