@@ -237,7 +237,7 @@ class Demo:
                 d.process = subprocess.Popen(  # noqa: S603  (our own interpreter and module)
                     [sys.executable, "-m", "p2pcloudd.service", "--data-dir", str(d.data_dir),
                      "--port", "0", "--tcp-port", "0", "--api-port", "0", "--bind",
-                     "127.0.0.1"],
+                     "127.0.0.1", "--discovery", "off"],
                     stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                     start_new_session=True, close_fds=True)
             finally:
