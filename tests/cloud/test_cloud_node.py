@@ -6,6 +6,7 @@ import io
 import os
 import stat
 from contextlib import AsyncExitStack
+from dataclasses import replace
 
 import pytest
 import trio
@@ -14,7 +15,7 @@ from PIL import Image
 
 from p2pcloud._node.cloud import CLOUD_FILE, INVITES_FILE
 from p2pcloud._node.node import open_node
-from p2pcloud.cloud.invites import invite_qr_png
+from p2pcloud.cloud.invites import format_invite, invite_qr_png, parse_invite
 from p2pcloud.cloud.membership import cloud_subcloud_id
 from p2pcloud.errors import BadURI, JoinFailed, LocalProtocolError
 from tests.cloud.node_helpers import GIVE_UP, field, found_and_join, start_nodes, wait_for
@@ -115,3 +116,28 @@ async def test_the_cloud_survives_a_restart_and_members_relink_by_remembered_pat
                 assert phone.cloud.membership.is_member(phone.hashname)
                 await phone.cloud.device.set("notes", "after", "text", "restarted")
                 await wait_for(lambda: field(home, phone_dev, "notes", "after", "text"))
+
+
+async def test_an_invite_used_before_a_restart_stays_used(tmp_path):
+    with trio.fail_after(GIVE_UP):
+        async with AsyncExitStack() as stack:
+            a, b = await start_nodes(stack, tmp_path, ["a", "b"])
+            async with open_node(tmp_path / "home", port=0, tcp_port=None) as home:
+                await home.cloud.found()
+                text = await home.cloud.invite()
+                await a.cloud.join(text)
+            # the home box restarts (on another port): the replayed invite names its old
+            # path, so b links by the path it is given and is told the invite was used
+            async with open_node(tmp_path / "home", port=0, tcp_port=None) as home:
+                assert home.cloud.membership.is_member(a.hashname)
+                used = text_with_paths(text, home)
+                with pytest.raises(JoinFailed, match="already used"):
+                    await b.cloud.join(used)
+                assert b.cloud.id is None
+
+
+def text_with_paths(text, node):
+    """The same invite (same secret) carrying the node's current paths."""
+    invite = parse_invite(text)
+    return format_invite(replace(invite, paths=tuple(
+        p for p in node.link_json["paths"] if p["type"] == "udp4")))
