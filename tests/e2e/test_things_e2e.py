@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -397,3 +398,100 @@ def test_transfer_hands_the_history_on_and_ends_the_old_owners_access(
     fails(refused, "no thing")
     # An old owner scanning the tag is told the thing moved.
     fails(cli(laptop.data_dir, "scan", str(png)), "moved")
+
+
+# -- a smart thing: pairs, writes readings while the owner's devices come and go --------------
+
+SMART_READINGS = 10_000
+SMART_WAIT = 4 * WAIT  # s: 10,000 durable writes and their sync on a shared 2-core machine
+
+
+class Lines:
+    """The JSON lines a child process prints, collected by a reader thread (no blocking read
+    in the test, so every wait has a bound)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.items: list[dict[str, Any]] = []
+        self.proc = proc
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.items.append(json.loads(line))
+
+    def join(self) -> None:
+        """Wait for the reader to see the end of the output (after the process exited)."""
+        self._thread.join(timeout=WAIT)
+
+    def event(self, name: str) -> dict[str, Any] | None:
+        """The first line with ``"event": name`` so far."""
+        return next((i for i in self.items if i.get("event") == name), None)
+
+
+def test_a_smart_thing_pairs_and_every_reading_arrives_exactly_once(
+    home: dict[str, Daemon], tmp_path: Path,
+) -> None:
+    homebox, laptop, phone = owners(home)
+    invite = cli_json(homebox.data_dir, "thing", "invite")["uri"]
+    readings = tmp_path / "readings.jsonl"
+    readings.write_text("".join(json.dumps({"value": i, "unit": "kg"}) + "\n"
+                                for i in range(SMART_READINGS)))
+    stderr = tmp_path / "scale.stderr"
+    with stderr.open("w") as err_file:  # a file, not a pipe: the thing never blocks on it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "p2pcloudd.cli", "--data-dir", str(tmp_path / "scale"),
+             "thing", "run", "--pair", invite, "--name", "scale", "--make", "Acme",
+             "--readings", str(readings), "--json"],
+            stdout=subprocess.PIPE, stderr=err_file, text=True, env=env())
+    lines = Lines(proc)
+    try:
+        ready = wait_for("the smart thing paired", lambda: lines.event("ready")
+                         or proc.poll() is not None)
+        assert isinstance(ready, dict), stderr.read_text()
+        scale = ready["hashname"]
+
+        def count(d: Daemon) -> int:
+            return len(log_of(d, scale, "readings"))
+
+        # The owner's devices come and go while it writes.
+        cli_json(phone.data_dir, "down")
+        try:
+            wait_for("readings reach the laptop", lambda: count(laptop) >= 1000, SMART_WAIT)
+            cli_json(laptop.data_dir, "down")
+            try:
+                wait_for("readings reach the home box", lambda: count(homebox) >= 3000,
+                         SMART_WAIT)
+            finally:
+                phone.up()
+            wait_for("readings reach the phone", lambda: count(phone) >= 1, SMART_WAIT)
+        finally:
+            if not (laptop.data_dir / "api.json").exists():
+                laptop.up()
+        written = wait_for("the thing wrote every reading", lambda: lines.event("written"),
+                           SMART_WAIT)
+        assert written["count"] == SMART_READINGS
+        for d in owners(home):
+            wait_for(f"every reading on {d.data_dir.name}",
+                     lambda d=d: count(d) >= SMART_READINGS, SMART_WAIT)
+            values = [r["value"] for r in log_of(d, scale, "readings")]
+            assert len(values) == SMART_READINGS, d.data_dir.name
+            assert sorted(values) == list(range(SMART_READINGS)), d.data_dir.name
+        thing = things_on(laptop)[scale]
+        assert thing["smart"] is True and thing["name"] == "scale" and thing["make"] == "Acme"
+        roles = {m["hashname"]: m["role"] for m in
+                 cli_json(homebox.data_dir, "cloud", "members")["members"]}
+        assert roles[scale] == "thing"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=WAIT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        lines.join()  # the reader owns stdout until its end
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == 0 and lines.event("stopped") is not None, stderr.read_text()
