@@ -48,6 +48,11 @@ MAX_EXPECTED_BLOBS: Final = 1_000_000
 """Blobs one folder may wait for at once (a million new files); beyond it a blob simply goes
 through the chunk store, so the registry cannot grow without bound."""
 
+KEEP_FD_CHUNKS: Final = 16
+"""A part of at least this many chunks keeps one descriptor open while it fills (an open per
+chunk of a 1 GiB file is ~13,000 opens); smaller ones open per write."""
+MAX_KEPT_FDS: Final = 32  # descriptors kept open at once, far below any ulimit
+
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
 
@@ -60,7 +65,8 @@ def part_name(blob: bytes) -> str:
 class _Part:
     """One blob being written: where each chunk goes, which are in."""
 
-    __slots__ = ("claimed", "held", "lock", "manifest", "offsets", "path", "ready", "sizes")
+    __slots__ = ("claimed", "fd", "fd_users", "held", "lock", "manifest", "offsets", "path",
+                 "ready", "sizes")
 
     def __init__(self, manifest: Manifest, path: Path) -> None:
         self.manifest = manifest
@@ -75,7 +81,9 @@ class _Part:
         self.held: set[bytes] = set()
         self.claimed = False
         self.ready = False  # the file exists (created, or resumed and verified)
-        self.lock = threading.Lock()  # creation and resume of the file
+        self.lock = threading.Lock()  # creation and resume of the file, its shared fd
+        self.fd: int | None = None  # kept open while a large part fills (KEEP_FD_CHUNKS)
+        self.fd_users = 0
 
     def complete(self) -> bool:
         return len(self.held) == len(self.offsets)
@@ -95,6 +103,7 @@ class PartFiles:
         self._parts: dict[bytes, _Part] = {}
         self._by_chunk: dict[bytes, bytes] = {}  # chunk hash -> a blob whose part holds it
         self._expected: set[bytes] = set()
+        self._kept = 0  # parts holding a descriptor (guarded by _lock)
 
     # -- registration (reconcile thread) --------------------------------------------------
 
@@ -225,7 +234,7 @@ class PartFiles:
         try:
             if self._prepare(part, (chunk_hash, data)):
                 return True  # written by the creation itself
-            fd = os.open(part.path, os.O_WRONLY | _O_NOFOLLOW | _O_BINARY)
+            fd, shared = self._acquire_fd(part)
         except OSError:
             return False
         try:
@@ -233,11 +242,56 @@ class PartFiles:
         except OSError:
             return False
         finally:
-            os.close(fd)
+            if shared:
+                self._release_fd(part)
+            else:
+                os.close(fd)
         with self._lock:
             part.held.add(chunk_hash)
             self._by_chunk.setdefault(chunk_hash, blob)
+            done = part.complete()
+        if done:
+            self._release_fd(part, use=False)
         return True
+
+    def _acquire_fd(self, part: _Part) -> tuple[int, bool]:
+        """A descriptor to write ``part``: its kept one (shared) or a fresh one."""
+        with part.lock:
+            if part.fd is not None:
+                part.fd_users += 1
+                return part.fd, True
+            keep = False
+            if len(part.offsets) >= KEEP_FD_CHUNKS and not part.claimed:
+                with self._lock:
+                    if self._kept < MAX_KEPT_FDS:
+                        self._kept += 1
+                        keep = True
+            try:
+                fd = os.open(part.path, os.O_WRONLY | _O_NOFOLLOW | _O_BINARY)
+            except BaseException:
+                if keep:
+                    with self._lock:
+                        self._kept -= 1
+                raise
+            if keep:
+                part.fd, part.fd_users = fd, 1
+            return fd, keep
+
+    def _release_fd(self, part: _Part, *, use: bool = True) -> None:
+        """End one use of the kept descriptor (``use``), and close it once nobody uses it
+        and the part is complete, claimed or forgotten."""
+        with part.lock:
+            if part.fd is None:
+                return
+            if use:
+                part.fd_users -= 1
+            if part.fd_users or not (part.complete() or part.claimed):
+                return
+            fd, part.fd = part.fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with self._lock:
+            self._kept -= 1
 
     # -- reading (serving peers, writing other files) -------------------------------------
 
@@ -321,9 +375,11 @@ class PartFiles:
             if part is None or part.claimed:
                 return
             del self._parts[blob]
+            part.claimed = True  # no more writes
             for h in part.offsets:
                 if self._by_chunk.get(h) == blob:
                     del self._by_chunk[h]
+        self._release_fd(part, use=False)
         with contextlib.suppress(OSError):
             os.unlink(part.path)
 
@@ -338,14 +394,20 @@ class PartFiles:
         Returns:
             How many part files were deleted.
         """
+        forgotten: list[_Part] = []
         with self._lock:
             self._expected &= keep
             for blob in [b for b, p in self._parts.items() if b not in keep and not p.claimed]:
                 part = self._parts.pop(blob)
+                part.claimed = True  # no more writes
+                forgotten.append(part)
                 for h in part.offsets:
                     if self._by_chunk.get(h) == blob:
                         del self._by_chunk[h]
             busy = {p.path.name for p in self._parts.values()}
+        for part in forgotten:
+            self._release_fd(part, use=False)  # outside _lock: part.lock comes first
+        with self._lock:
             removed = 0
             try:
                 names = [e.name for e in os.scandir(self.root)
