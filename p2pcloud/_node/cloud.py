@@ -52,7 +52,6 @@ import trio
 
 from p2pcloud._core import BlobRef
 from p2pcloud._ids import CloudId, Hashname, ReplicaId, SubCloudId
-from p2pcloud._node.discovery import DiscoveredPeer, Discovery, PeerDiscovered, open_discovery
 from p2pcloud._node.subcloud import Change, RegistryRecord, SubCloud, sign_record
 from p2pcloud._wire import b32decode, b32encode
 from p2pcloud.cloud._join import CHANNEL_TYPE, FrameReader, frame, message_type, refusal
@@ -86,7 +85,10 @@ from p2pcloud.sync import replica_id_for
 from p2pcloud.uri import LinkInfo
 
 if TYPE_CHECKING:
+    # discovery (and zeroconf, ~3.5 MiB) loads when LAN discovery first starts, not with
+    # every node: the daemon on loopback never starts it (docs/daemon.md, idle memory)
     from p2pcloud._core import Replica
+    from p2pcloud._node.discovery import DiscoveredPeer, Discovery
     from p2pcloud._node.node import Node
     from p2pcloud._node.replication import Replication
     from p2pcloud._node.stream import ChannelStream
@@ -110,6 +112,10 @@ KEEP_INTERVAL: Final = 5.0
 """Seconds between re-link rounds when nothing wakes the keeper: a member whose link went
 down is tried again within this (link changes and discovery wake it at once)."""
 LINK_ATTEMPT: Final = 20.0  # seconds one re-link attempt waits (the mesh retries inside)
+MAX_BACKOFF: Final = 300.0
+"""Seconds at most between tries to reach a member that stays offline (doubling from
+KEEP_INTERVAL); a new link (a possible router), discovery or a membership change retries
+sooner."""
 RECHECK_INTERVAL: Final = 60.0  # seconds: membership is re-evaluated as grants expire
 MAX_REMEMBERED_PATHS: Final = 4  # per member: the last few addresses it was reached on
 MAX_STATE_BYTES: Final = 16 * 1024 * 1024  # a cloud.cbor larger than this is damaged
@@ -193,6 +199,7 @@ class Cloud:
         self._listeners: list[Callable[[], None]] = []
         self._revoking: set[Hashname] = set()
         self._linking: set[Hashname] = set()
+        self._backoff: dict[Hashname, tuple[int, float]] = {}  # failed tries, next try (trio)
         self._lock = trio.Lock()  # one membership recomputation at a time
         self._dirty = trio.Event()  # the cloud sub-cloud changed
         self._keeper_wake = trio.Event()
@@ -750,6 +757,7 @@ class Cloud:
                 log.info("dropping the link to revoked %s", h[:8])
                 self.node.unlink(h)
         self.replication.refresh_shares()
+        self._backoff.clear()  # new members, new routers: try everyone again
         self._keeper_wake.set()
         for fn in list(self._listeners):
             try:
@@ -879,6 +887,8 @@ class Cloud:
             if (self.membership.is_member(hashname) and path is not None
                     and path.type in ("udp4", "tcp4")):
                 self._remember(hashname, [path.to_json()])
+            # a new link is a new router: every member is worth another try now
+            self._backoff.clear()
         self._keeper_wake.set()
 
     async def _keeper_loop(self) -> None:
@@ -894,8 +904,11 @@ class Cloud:
                 await self._save_state()
             if self.id is None or self._nursery is None:
                 continue
+            now = trio.current_time()
             for h, member in self.membership.members().items():
                 if h == self.hashname or h in self.node.links or h in self._linking:
+                    continue
+                if self._backoff.get(h, (0, 0.0))[1] > now:
                     continue
                 self._linking.add(h)
                 self._nursery.start_soon(self._relink, h, member.key)
@@ -934,6 +947,12 @@ class Cloud:
                         nursery.start_soon(attempt, router)
         finally:
             self._linking.discard(hashname)
+            if hashname in self.node.links:
+                self._backoff.pop(hashname, None)
+            else:  # offline for now: try less and less often (a phone's battery)
+                failures = self._backoff.get(hashname, (0, 0.0))[0] + 1
+                delay = min(MAX_BACKOFF, KEEP_INTERVAL * 2 ** min(failures, 8))
+                self._backoff[hashname] = (failures, trio.current_time() + delay)
 
     async def _lan_attempt(self, peer: DiscoveredPeer) -> None:
         self._stats["relink: lan"] += 1
@@ -1015,6 +1034,8 @@ class Cloud:
     async def _discovery_task(self, port: int, *,
                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                               ) -> None:
+        from p2pcloud._node.discovery import PeerDiscovered, open_discovery
+
         async with open_discovery(self.identity, port, interfaces=self._interfaces,
                                   pairing=self._host.nameplate(time.time())) as discovery:
             self._discovery = discovery
