@@ -40,7 +40,11 @@ from cpython.bytes cimport PyBytes_CheckExact
 from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetDefault, PyDict_Size
 from cpython.float cimport PyFloat_CheckExact
 from cpython.long cimport PyLong_CheckExact
-from cpython.long cimport PyLong_AsLongLongAndOverflow, PyLong_AsUnsignedLongLong
+from cpython.long cimport (
+    PyLong_AsLongLongAndOverflow,
+    PyLong_AsUnsignedLongLong,
+    PyLong_FromLongLong,
+)
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_CheckExact, PyUnicode_DecodeUTF8
@@ -156,6 +160,16 @@ cdef object NEG_MIN = -(1 << 64)
 # -- buffers -------------------------------------------------------------------------------
 
 
+cdef inline void _copy(unsigned char* dst, const unsigned char* src, Py_ssize_t n) noexcept:
+    # names and small values are a few bytes: a loop beats a call into memcpy for those
+    cdef Py_ssize_t i
+    if n <= 16:
+        for i in range(n):
+            dst[i] = src[i]
+    else:
+        memcpy(dst, src, n)
+
+
 @cython.final
 cdef class _Buf:
     """A growable byte buffer in C memory."""
@@ -209,7 +223,7 @@ cdef class _Buf:
     cdef inline int raw(self, const unsigned char* p, Py_ssize_t k) except -1:
         if self.n + k > self.cap:
             self.grow(k)
-        memcpy(self.data + self.n, p, k)
+        _copy(self.data + self.n, p, k)
         self.n += k
         return 0
 
@@ -428,7 +442,7 @@ cdef class _Reader:
             return self.varint()
         if tag == TAG_NEGINT:
             u = self.varint()
-            if u <= <uint64_t>0x7FFFFFFFFFFFFFFE:
+            if u < C_MAX_COUNTER:  # -1 - u fits a long long
                 return -1 - <long long>u  # in C: no intermediate int object
             return -1 - <object>u
         if tag == TAG_FLOAT:
@@ -752,7 +766,8 @@ ctypedef struct ERec:
     uint64_t ctr
     uint64_t hlc
     uint64_t gen        # the apply() call that inserted it, or NIDX_FLAG | name number
-    PyObject* value     # an owned reference (None for ops without a value)
+    PyObject* value     # an owned reference (None for ops without a value); NULL: ``imm``
+    int64_t imm         # a register's int value, kept unboxed until read (value NULL)
     int32_t rep
     int32_t next        # the next entry of the chain (-1: the end); in the free list: next free
     int32_t kind
@@ -902,6 +917,15 @@ cdef class Doc:
         e.next = -1
         Py_INCREF(value)
         e.value = <PyObject*>value
+        return i
+
+    cdef int32_t new_ent_imm(self, int kind, int rep, uint64_t ctr, uint64_t hlc,
+                             int64_t imm) except -1:
+        # an entry whose value is an int held unboxed (decoded registers: no int object)
+        cdef int32_t i = self.new_ent(kind, rep, ctr, hlc, None)
+        Py_XDECREF(self.ents[i].value)
+        self.ents[i].value = NULL
+        self.ents[i].imm = imm
         return i
 
     cdef void free_one(self, int32_t i) noexcept:
@@ -1076,7 +1100,7 @@ cdef class Doc:
                 cap *= 2
             self.arena = <unsigned char*>_grow(self.arena, cap)
             self.arena_cap = cap
-        memcpy(self.arena + self.arena_n, p, n)
+        _copy(self.arena + self.arena_n, <const unsigned char*>p, n)
         s = self.nslots
         f = &self.slots[s]
         f.hash = h
@@ -1196,6 +1220,39 @@ cdef list _dots_of(Doc d, list ents):
         e = &d.ents[<int32_t>k]
         out.append((e.rep, e.ctr))
     return out
+
+
+cdef inline object _val(Doc d, object k):
+    # the value of entry ``k`` of ``d`` (an unboxed int becomes an int object here)
+    cdef ERec* e = &d.ents[<int32_t>k]
+    if e.value == NULL:
+        return PyLong_FromLongLong(e.imm)
+    return <object>e.value
+
+
+cdef inline int _put_imm(_Buf b, int64_t x) except -1:
+    # the value encoding of an int (as put_value writes it)
+    if 0 <= x < 0x80:
+        b.byte(TAG_SMALL | <unsigned char>x)
+    elif x >= 0:
+        b.byte(TAG_UINT)
+        b.varint(<uint64_t>x)
+    else:
+        b.byte(TAG_NEGINT)
+        b.varint(<uint64_t>(-(x + 1)))
+    return 0
+
+
+cdef int _count_live(Doc d, uint64_t* counts) except -1:
+    # count the document's entries per replica index
+    cdef Py_ssize_t s
+    cdef int32_t k
+    for s in range(d.nslots):
+        k = d.slots[s].head
+        while k >= 0:
+            counts[d.ents[k].rep] += 1
+            k = d.ents[k].next
+    return 0
 
 
 cdef list _chain_from(Doc d, int32_t e):
@@ -1458,7 +1515,8 @@ ctypedef struct OpRec:
     uint64_t hlc
     Py_ssize_t kstart
     Py_ssize_t kcount
-    PyObject* payload  # a reference owned by the _Decoded (NULL: none yet)
+    PyObject* payload  # a reference owned by the _Decoded (NULL: the unboxed int ``imm``)
+    int64_t imm
 
 ctypedef struct RunRec:
     Py_ssize_t rep
@@ -1551,8 +1609,8 @@ cdef class _Decoded:
         self.arena.grow(n)
         if pre:
             # the arena may have moved: copy from the previous name's offset
-            memcpy(self.arena.data + start, self.arena.data + self.noff[self.nnames - 1], pre)
-        memcpy(self.arena.data + start + pre, p, k)
+            _copy(self.arena.data + start, self.arena.data + self.noff[self.nnames - 1], pre)
+        _copy(self.arena.data + start + pre, p, k)
         self.arena.n = start + n
         self.last_ascii = ascii
         if self.nnames >= self.ncap:
@@ -1689,7 +1747,8 @@ ctypedef struct LiveRec:
     uint64_t ctr
     Py_ssize_t rank
     uint64_t hlc
-    PyObject* value     # borrowed: the entry's value
+    PyObject* value     # borrowed: the entry's value (NULL: the unboxed int ``imm``)
+    int64_t imm
     PyObject* doc       # the Doc of a document entry (NULL for a log record)
     PyObject* coll      # a log record's log name
     int32_t slot        # the document entry's field slot
@@ -1789,8 +1848,9 @@ cdef class _LiveArray:
         p.kind = e.kind
         return 0
 
-    cdef int push_doc(self, Doc d, Py_ssize_t* rank) except -1:
-        # every entry of a document, field by field
+    cdef int push_doc(self, Doc d, Py_ssize_t* rank, uint64_t* above) except -1:
+        # the entries of a document, field by field, whose counter is above ``above`` of
+        # their replica, and every text entry
         cdef Py_ssize_t s, cap
         cdef int32_t k
         cdef ERec* e
@@ -1798,16 +1858,20 @@ cdef class _LiveArray:
         for s in range(d.nslots):
             k = d.slots[s].head
             while k >= 0:
+                e = &d.ents[k]
+                if e.ctr <= above[e.rep] and e.kind != OP_TEXT:
+                    k = e.next
+                    continue
                 if self.n >= self.cap:
                     self.slot_for()
                     self.n -= 1
-                e = &d.ents[k]
                 p = &self.recs[self.n]
                 self.n += 1
                 p.ctr = e.ctr
                 p.rank = rank[e.rep]
                 p.hlc = e.hlc
                 p.value = e.value
+                p.imm = e.imm
                 p.doc = <PyObject*>d
                 p.coll = NULL
                 p.slot = <int32_t>s
@@ -2269,7 +2333,7 @@ cdef class Replica:
             e = &d.ents[<int32_t>k]
             if (filt == 1 and e.kind == OP_COUNTER and e.rep == 0) or \
                (filt == 2 and e.kind == OP_TEXT and e.rep == 0) or \
-               (filt == 3 and e.kind == OP_SET_ADD and encode_value(<object>e.value) == enc):
+               (filt == 3 and e.kind == OP_SET_ADD and encode_value(_val(d, k)) == enc):
                 kills.append(k)
             else:
                 keep.append(k)
@@ -2358,7 +2422,7 @@ cdef class Replica:
         kills = []
         for k in d.chain(s):
             e = &d.ents[<int32_t>k]
-            if e.kind == OP_SET_ADD and encode_value(<object>e.value) == enc:
+            if e.kind == OP_SET_ADD and encode_value(_val(d, k)) == enc:
                 kills.append(k)
         if not kills:
             return
@@ -2504,11 +2568,11 @@ cdef class Replica:
         cdef int kind = d.ents[w].kind
         cdef ERec* e
         if kind == OP_LWW:
-            return _copy_out(<object>d.ents[w].value)
+            return _copy_out(_val(d, w))
         if kind == OP_MV:
             same = sorted([k for k in d.chain(s) if d.ents[<int32_t>k].kind == OP_MV],
                           key=lambda k: self._ent_key(d, k))
-            return tuple([_copy_out(<object>d.ents[<int32_t>k].value) for k in same])
+            return tuple([_copy_out(_val(d, k)) for k in same])
         if kind == OP_COUNTER:
             total = 0
             for k in d.chain(s):
@@ -2517,7 +2581,7 @@ cdef class Replica:
                     total += (<object>e.value)[0] - (<object>e.value)[1]
             return total
         if kind == OP_SET_ADD:
-            return frozenset([<object>d.ents[<int32_t>k].value for k in d.chain(s)
+            return frozenset([_val(d, k) for k in d.chain(s)
                               if d.ents[<int32_t>k].kind == OP_SET_ADD])
         text = self._texts.get((coll, doc, d.slot_name(s)))
         return "" if text is None else text.value()
@@ -2542,7 +2606,7 @@ cdef class Replica:
         if s < 0:
             return []
         es = sorted(d.chain(s), key=lambda k: self._ent_key(d, k))
-        return [_copy_out(<object>d.ents[<int32_t>k].value) for k in es]
+        return [_copy_out(_val(d, k)) for k in es]
 
     def document(self, coll, doc):
         """Read a whole document as ``{field: value}`` (fields sorted), or None if absent."""
@@ -2592,8 +2656,12 @@ cdef class Replica:
         cdef Py_ssize_t nrep, i, j, cnt, nranges, nruns, nops, nk
         cdef uint64_t n, rep, lo, hi, start, hlc, ctr, skip, kctr, krep
         cdef int64_t step
-        cdef int h, kind
+        cdef int h, kind, tag
         cdef int32_t coll, doc, field
+        cdef Py_ssize_t vpos
+        cdef uint64_t u
+        cdef int64_t imm = 0
+        cdef bint unboxed
         cdef OpRec* op
         cdef RunRec* run
         cdef _Decoded names = d
@@ -2670,7 +2738,7 @@ cdef class Replica:
                         raise DecodeError("advance out of range")
                     ctr += skip
                     if (step < 0 and <uint64_t>(-(step + 1)) >= hlc) or \
-                       (step > 0 and <uint64_t>step > 0xFFFFFFFFFFFFFFFF - hlc):
+                       (step > 0 and <uint64_t>step > CELL_EMPTY - hlc):
                         raise DecodeError("advance out of range")
                     if step >= 0:
                         hlc += <uint64_t>step
@@ -2682,7 +2750,7 @@ cdef class Replica:
                 if not OP_LWW <= kind <= OP_SET_REMOVE:
                     raise DecodeError(f"bad op header {h:#x}")
                 if h & FLAG_TICK:
-                    if hlc == 0xFFFFFFFFFFFFFFFF:
+                    if hlc == CELL_EMPTY:  # 2^64 - 1
                         raise DecodeError("HLC out of range")
                     hlc += 1
                     if hlc > d.max_hlc:
@@ -2700,7 +2768,26 @@ cdef class Replica:
                 if kind != OP_APPEND and kind != OP_REMOVE_DOC:
                     field = _read_name(r, names)
                 payload = None
-                if kind == OP_LWW or kind == OP_MV or kind == OP_APPEND:
+                unboxed = False
+                if (kind == OP_LWW or kind == OP_MV) and r.pos < r.end and (
+                        r.p[r.pos] >= TAG_SMALL or r.p[r.pos] == TAG_UINT
+                        or r.p[r.pos] == TAG_NEGINT):
+                    # a register's int: kept unboxed when it fits 64 signed bits
+                    vpos = r.pos
+                    tag = r.p[r.pos]
+                    r.pos += 1
+                    if tag >= TAG_SMALL:
+                        imm = tag & 0x7F
+                        unboxed = True
+                    else:
+                        u = r.varint()
+                        if u <= C_MAX_COUNTER:  # 2^63 - 1: fits an int64
+                            imm = <int64_t>u if tag == TAG_UINT else -1 - <int64_t>u
+                            unboxed = True
+                        else:
+                            r.pos = vpos
+                            payload = r.value(0)
+                elif kind == OP_LWW or kind == OP_MV or kind == OP_APPEND:
                     payload = r.value(0)
                 elif kind == OP_SET_ADD or kind == OP_SET_REMOVE:
                     payload = r.value(0)
@@ -2719,8 +2806,12 @@ cdef class Replica:
                 op.hlc = hlc
                 op.kstart = d.nkills
                 op.kcount = 0
-                Py_INCREF(payload)
-                op.payload = <PyObject*>payload
+                if unboxed:
+                    op.payload = NULL
+                    op.imm = imm
+                else:
+                    Py_INCREF(payload)
+                    op.payload = <PyObject*>payload
                 if h & FLAG_KILLS:
                     if kind == OP_APPEND:
                         raise DecodeError("a log append kills nothing")
@@ -2951,7 +3042,10 @@ cdef class Replica:
                     slot = doc_obj.find(<const char*>np, nn, hv)
                     if slot >= 0:
                         hint_pos = slot + 1
-                ei = doc_obj.new_ent(kind, r, dot, op.hlc, <object>op.payload)
+                if op.payload == NULL:
+                    ei = doc_obj.new_ent_imm(kind, r, dot, op.hlc, op.imm)
+                else:
+                    ei = doc_obj.new_ent(kind, r, dot, op.hlc, <object>op.payload)
                 doc_obj.ents[ei].gen = changes.gen
                 if slot < 0:
                     pv = d.nobj[op.field]
@@ -3072,59 +3166,17 @@ cdef class Replica:
 
     # -- encoding ----------------------------------------------------------------------
 
-    def encode_snapshot(self):
-        """Encode the whole state: the delta an empty replica lacks (canonical)."""
-        return self.encode_since({})
-
-    def encode_since(self, version):
-        """Extract the delta that the holder of ``version`` lacks (see the reference)."""
-        cdef _LiveArray live = _LiveArray()
-        cdef Py_ssize_t nrep, i, j, a, b, rk, nops
-        cdef Entry e
-        cdef Doc d
-        cdef LiveRec* rec
-        cdef FSlot* fs
-        cdef uint64_t lo, hi, cur, ctr, hlc, since
-        cdef _Buf out, ops
-        cdef _Names names
-        cdef int kind, h
-        cdef PyObject* cur_coll
-        cdef PyObject* cur_doc
-        cdef PyObject* rcoll
-        cdef PyObject* rdoc
-        cdef Py_ssize_t* rank
-        cdef Py_ssize_t* selidx = NULL
-        cdef Py_ssize_t nsel
-        if self._txn is not None:
-            raise CoreUsageError("commit the open transaction before encoding")
-        self._flush_own()
-        vv = {self._rep_index[k]: v for k, v in version.items() if k in self._rep_index}
-        nrep = len(self._reps)
-        # rank of each replica index in replica-id order
-        order = sorted(range(nrep), key=lambda k: self._reps[k])
-        rank = <Py_ssize_t*>malloc(nrep * sizeof(Py_ssize_t))
-        if rank == NULL:
-            raise MemoryError()
-        try:
-            for i in range(nrep):
-                rank[<Py_ssize_t>order[i]] = i
-            for docs in self._colls.values():
-                for dobj in (<dict>docs).values():
-                    live.push_doc(<Doc>dobj, rank)
-            for name, es in self._logs.items():
-                for eobj in <list>es:
-                    e = <Entry>eobj
-                    live.push_log(e, rank[e.rep], name)
-        finally:
-            free(rank)
+    cdef int _encode_select(self, _LiveArray live, list order, dict vv, uint64_t* above,
+                            Py_ssize_t* pnrep, list used, dict dead, dict send_from) except -1:
+        """encode_since's selection: per replica (in id order) its dead ranges and the slice
+        of gathered records to send."""
+        cdef Py_ssize_t nrep = pnrep[0], a, b, j, rk
+        cdef uint64_t lo, hi, cur, since
         # sort by (replica id, counter): bucket by replica, then sort a bucket only if its
         # counters are out of order (fields are visited in insertion order, so rarely)
         _bucket_sort(live, nrep)
         # per replica (in id order): the slice of live records, dead ranges, what to send
         ctx_keys = self._ctx.keyset()
-        used = []
-        dead = {}
-        send_from = {}
         a = 0
         for rk in range(nrep):
             k = order[rk]
@@ -3135,7 +3187,8 @@ cdef class Replica:
                 continue
             out_ranges = []
             j = a
-            for lo_o, hi_o in self._ctx.ranges(k):
+            # a replica gathered in part has no holes (see encode_since)
+            for lo_o, hi_o in (self._ctx.ranges(k) if above[<Py_ssize_t>k] == 0 else ()):
                 lo = lo_o
                 hi = hi_o
                 cur = lo
@@ -3166,6 +3219,86 @@ cdef class Replica:
             if out_ranges or k in send_from:
                 used.append(k)
             a = b
+        return 0
+
+    def encode_snapshot(self):
+        """Encode the whole state: the delta an empty replica lacks (canonical)."""
+        return self.encode_since({})
+
+    def encode_since(self, version):
+        """Extract the delta that the holder of ``version`` lacks (see the reference)."""
+        cdef _LiveArray live = _LiveArray()
+        cdef Py_ssize_t nrep, i, j, a, b, rk, nops
+        cdef Entry e
+        cdef Doc d
+        cdef LiveRec* rec
+        cdef FSlot* fs
+        cdef uint64_t lo, hi, cur, ctr, hlc, since
+        cdef _Buf out, ops
+        cdef _Names names
+        cdef int kind, h
+        cdef PyObject* cur_coll
+        cdef PyObject* cur_doc
+        cdef PyObject* rcoll
+        cdef PyObject* rdoc
+        cdef Py_ssize_t* rank
+        cdef uint64_t* above
+        cdef uint64_t* nlive
+        cdef Py_ssize_t* selidx = NULL
+        cdef Py_ssize_t nsel
+        if self._txn is not None:
+            raise CoreUsageError("commit the open transaction before encoding")
+        self._flush_own()
+        vv = {self._rep_index[k]: v for k, v in version.items() if k in self._rep_index}
+        used = []
+        dead = {}
+        send_from = {}
+        nrep = len(self._reps)
+        # rank of each replica index in replica-id order
+        order = sorted(range(nrep), key=lambda k: self._reps[k])
+        rank = <Py_ssize_t*>malloc((nrep + 1) * sizeof(Py_ssize_t))
+        above = <uint64_t*>malloc((nrep + 1) * sizeof(uint64_t))
+        nlive = <uint64_t*>malloc((nrep + 1) * sizeof(uint64_t))
+        if rank == NULL or above == NULL or nlive == NULL:
+            free(rank)
+            free(above)
+            free(nlive)
+            raise MemoryError()
+        try:
+            for i in range(nrep):
+                rank[<Py_ssize_t>order[i]] = i
+                nlive[i] = 0
+            # a replica whose every dot in the context has a live entry has no dead ranges:
+            # then only its entries the peer lacks (counter above the peer's vector) are
+            # gathered and sorted; the others need all their entries to find the holes
+            for docs in self._colls.values():
+                for dobj in (<dict>docs).values():
+                    _count_live(<Doc>dobj, nlive)
+            for es in self._logs.values():
+                for eobj in <list>es:
+                    nlive[(<Entry>eobj).rep] += 1
+            for i in range(nrep):
+                ndots = 0
+                for lo_o, hi_o in self._ctx.ranges(i):
+                    ndots += hi_o - lo_o + 1
+                if ndots == nlive[i]:
+                    sv = vv.get(i, 0)
+                    above[i] = 0 if sv < 0 else (sv if sv <= MAX_COUNTER else MAX_COUNTER)
+                else:
+                    above[i] = 0
+            for docs in self._colls.values():
+                for dobj in (<dict>docs).values():
+                    live.push_doc(<Doc>dobj, rank, above)
+            for name, es in self._logs.items():
+                for eobj in <list>es:
+                    e = <Entry>eobj
+                    if e.ctr > above[e.rep]:
+                        live.push_log(e, rank[e.rep], name)
+            self._encode_select(live, order, vv, above, &nrep, used, dead, send_from)
+        finally:
+            free(rank)
+            free(above)
+            free(nlive)
         out = _Buf()
         out.byte(FORMAT_MAGIC)
         out.byte(FORMAT_VERSION)
@@ -3270,6 +3403,8 @@ cdef class Replica:
                         texts_sent.add(key)
                     ops.varint(len(state))
                     ops.raw(<const unsigned char*>PyBytes_AS_STRING(state), len(state))
+                elif rec.value == NULL:
+                    _put_imm(ops, rec.imm)
                 else:
                     put_value(ops, <object>rec.value, 0)
                 nops += 1
