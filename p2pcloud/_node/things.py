@@ -76,7 +76,9 @@ from p2pcloud.errors import (
     BadURI,
     ClaimRefused,
     LinkError,
+    LocalProtocolError,
     MalformedPacket,
+    StoreError,
     ThingError,
     ThingMoved,
     TransferError,
@@ -114,7 +116,7 @@ log = logging.getLogger("p2pcloud.things")
 
 TRANSFER_CHANNEL: Final = "thingtransfer"  # the new owner's device receives packages here
 TRANSFER_PREFIX: Final = "P2PCLOUD-TRANSFER:"
-NOTICES: Final = "notices"  # log of notify_owner records (rules), one per firing
+NOTICES: Final = _t.NOTICES  # log of notify_owner records (rules), one per firing
 MAX_SHEET: Final = 200  # fresh tags made in one call: a few printed pages
 MAX_KEY_CACHE: Final = 256  # opened thing keys kept in memory (an LRU): busy things only
 REACH_TIMEOUT: Final = 15.0  # seconds to link a router or a thing before trying the next path
@@ -348,6 +350,11 @@ class Things:
         self.host = ThingHost(bind, self._serve_thing)
         self.stats: Counter[str] = Counter()
         self._serving_self = False
+        self._refresh_lock = trio.Lock()
+        self._refresh_wake = trio.Event()
+        self._refresh_all = False
+        self._refresh_wanted: set[SubCloudId] = set()
+        self._announced: set[SubCloudId] = set()  # things this device announced as created
         self._scheduled: set[SubCloudId] = set()  # things with schedule rules
         self._next_schedule_ms = 0
         self._rules_deadline = math.inf
@@ -367,6 +374,7 @@ class Things:
         self.node.serve_channel(HOST_CHANNEL, self._serve_wake)
         self.node.serve_channel(TRANSFER_CHANNEL, self._serve_transfer)
         self._repl.change_listeners.append(self._on_change)
+        self._repl.subcloud_listeners.append(self._on_subcloud)
         if self._held(self.node.hashname) is not None:
             self._serve_self()
         cloud = self._cloud()
@@ -374,6 +382,7 @@ class Things:
             cloud.add_listener(self._on_membership)
         nursery.start_soon(self._rules_loop)
         nursery.start_soon(self._rules_timer)
+        nursery.start_soon(self._refresh_loop)
         self._rules_wake.set()
 
     # -- cloud ---------------------------------------------------------------------------------
@@ -578,35 +587,25 @@ class Things:
         cloud = self._require_cloud()
         members = self._members(new.subcloud)
         now = _now_ms()
+        card_fields = {CARD_LABEL: _card_text(card)} if card else None
         # Check the profile on a scratch replica first: a bad name must leave no sub-cloud.
         _t.create_layout(Replica(b"\0" * 16), new, name=name, make=make, model=model,
                          serial=serial, cloud=cloud, members=members, entropy=os.urandom,
-                         now_ms=now)
+                         now_ms=now, card=card_fields, smart=smart)
         sc = await self._put_record(new.identity, new.subcloud,
                                     self._acl(new.subcloud, new.hashname))
-
-        # create_layout is one transaction; the extras (smart flag, card) a second one.
+        # one transaction: a device that syncs the thing sees it whole (profile, card, keys)
         async with sc.lock:
             delta = _t.create_layout(sc.replica, new, name=name, make=make, model=model,
                                      serial=serial, cloud=cloud, members=members,
-                                     entropy=os.urandom, now_ms=now)
+                                     entropy=os.urandom, now_ms=now, card=card_fields,
+                                     smart=smart)
             await self._repl._commit_delta(sc, delta)
-            extras: dict[str, Any] = {}
-            if smart:
-                extras["smart"] = True
-            if extras or card:
-                sc.replica.begin(now)
-                if extras:
-                    sc.replica.set_many(_t.PROFILE, _t.PROFILE_DOC, extras)
-                if card:
-                    sc.replica.set(_t.CARD, _t.CARD_DOC, "fields",
-                                   {CARD_LABEL: _card_text(card)})
-                more = sc.replica.commit()
-                if more:
-                    await self._repl._commit_delta(sc, bytes(more))
         self._keys[sc.id] = new.identity
         self._index[new.hashname] = sc.id
+        self._announced.add(sc.id)
         self._repl._changed(sc, [(Change(_t.PROFILE, _t.PROFILE_DOC, None, "local"))])
+        self._notify("created", new.hashname, {})
         return self._view(sc)
 
     async def create(self, name: str, *, make: str = "", model: str = "", serial: str = "",
@@ -1206,6 +1205,7 @@ class Things:
             raise TransferError("this package was received before")
         thing = accepted.identity
         sc = await self._put_record(thing, new_id, self._acl(new_id, thing.hashname))
+        self._announced.add(new_id)  # announced once below, with "transferred"
         await self._repl.ingest(new_id, accepted.envelopes, self.node.hashname)
         if _t.thing_info(sc.replica).hashname != thing.hashname:
             raise TransferError("the package's envelopes were not stored")
@@ -1219,6 +1219,7 @@ class Things:
         await self._write(sc, keep_record, [(_t.TRANSFERS, None, None)])
         self._keys[sc.id] = thing
         self._index[thing.hashname] = sc.id
+        self._announced.add(sc.id)
         self._notify("created", thing.hashname, {"transferred": True})
         self._dirty.add(sc.id)
         self._rules_wake.set()
@@ -1323,13 +1324,15 @@ class Things:
             self._runners.pop(sc.id, None)
         touched = {c.collection for c in changes}
         remote = any(c.origin != "local" for c in changes)
-        if (sc.id, "__seen") not in self._seen_logs:
-            # first seen here after start (synced from another device, or made here): what
-            # its logs held before is history, not news for this device
-            self._seen_logs[(sc.id, "__seen")] = _now_ms()
-            if remote:
-                self._notify("created", thing, {})
-        appeared = self._seen_logs[(sc.id, "__seen")]
+        if remote and _t.KEYS in touched:  # seals arrived: maybe this device acts now
+            self._refresh_wanted.add(sc.id)
+            self._refresh_wake.set()
+        # first seen here after start (synced from another device): what its logs held
+        # before it arrived is history, not news for this device (see _on_subcloud)
+        appeared = self._seen_logs.setdefault((sc.id, "__seen"), _now_ms())
+        if remote and sc.id not in self._announced:
+            self._announced.add(sc.id)
+            self._notify("created", thing, {})
         for log_name, kind in ((_t.INBOX, "message"), (NOTICES, "notification")):
             if log_name in touched:
                 records = sc.log(log_name)
@@ -1344,9 +1347,16 @@ class Things:
             self._dirty.add(sc.id)
             self._rules_wake.set()
 
+    def _on_subcloud(self, sc: SubCloud) -> None:
+        """The engine holds a new sub-cloud (its record arrived, or it was made here): the
+        records its logs bring from before this moment are history, not news here."""
+        if sc.kind == "thing":
+            self._seen_logs.setdefault((sc.id, "__seen"), _now_ms())
+
     def _note_logs(self, sc: SubCloud) -> None:
         # at start, inbox and notices already held are old news: notify only what arrives
         self._seen_logs[(sc.id, "__seen")] = 0
+        self._announced.add(sc.id)
         for log_name in (_t.INBOX, NOTICES):
             n = len(sc.replica.log(log_name))
             if n:
@@ -1419,39 +1429,25 @@ class Things:
             if not self._repl.can_write(sc.id, self.node.hashname):
                 return
             async with sc.lock:
-                actions, delta = runner.complete(sc.replica, due, now_ms=_now_ms())
+                actions, delta = runner.complete(sc.replica, due, now_ms=_now_ms(),
+                                                 notify_log=NOTICES)
                 if delta:
                     await self._repl._commit_delta(sc, delta)
             if not delta:
                 continue
             self.stats["rule firings"] += 1
-            self._repl._changed(sc, [Change(_t.DONE, None, None, "local")])
+            # notify_owner / show_card records went into the notices log with the marker
+            self._repl._changed(sc, [Change(_t.DONE, None, None, "local"),
+                                     Change(NOTICES, None, None, "local")])
             if due.firing.rule_id == _r.HandlerRegistry.HANDLERS_RULE:
                 await self._invoke_handlers(thing, due.event)
-            notices = []
-            for kind, target, value in actions:
-                if kind == "notify_owner":
-                    notices.append({"text": str(value or ""), "rule": due.firing.rule_id,
-                                    "event": due.event.id, "type": due.event.type,
-                                    "at_ms": due.event.at_ms})
-                elif kind == "show_card":
-                    notices.append({"text": "card shown", "card": _t.card(sc.replica),
-                                    "rule": due.firing.rule_id, "event": due.event.id,
-                                    "type": due.event.type, "at_ms": due.event.at_ms})
-                elif kind == "forward":
+            for kind, target, _value in actions:
+                if kind == "forward":
                     # Doors to second parties (DESIGN.md section 8) are not built yet: the
                     # firing is recorded and logged, nothing leaves the cloud.
                     self.stats["forward not delivered"] += 1
                     log.info("rule %s would forward to %s (no doors yet)", due.firing.rule_id,
                              str(target)[:8])
-            if notices:
-                def write(r: Replica, items: builtins.list[dict[str, Any]] = notices) -> bytes:
-                    r.begin(_now_ms())
-                    for item in items:
-                        r.append(NOTICES, item)
-                    return bytes(r.commit())
-
-                await self._write(sc, write, [(NOTICES, None, None)])
 
     async def _invoke_handlers(self, thing: Hashname, event: _r.Event) -> None:
         view = ThingEvent(thing, event.type, event.id, event.origin, event.at_ms,
@@ -1467,51 +1463,88 @@ class Things:
     # -- membership changes ------------------------------------------------------------------
 
     def _on_membership(self) -> None:
-        if self._nursery is not None:
-            self._nursery.start_soon(self.refresh_access)
+        """The cloud's membership changed: every thing's access is re-checked."""
+        self._refresh_all = True
+        self._refresh_wake.set()
+
+    async def _refresh_loop(self) -> None:
+        """Re-check access of the things asked for (membership changes, seals that arrived)."""
+        while True:
+            await self._refresh_wake.wait()
+            self._refresh_wake = trio.Event()
+            if self._refresh_all:
+                self._refresh_all = False
+                self._refresh_wanted.clear()
+                await self.refresh_access()
+            else:
+                wanted, self._refresh_wanted = self._refresh_wanted, set()
+                async with self._refresh_lock:
+                    for sc_id in sorted(wanted):
+                        sc = self._repl.subclouds.get(sc_id)
+                        if sc is not None and self._may_refresh():
+                            await self._refresh_one(sc)
 
     async def refresh_access(self) -> int:
         """Re-seal thing keys and re-sign ACLs after the cloud's membership changed.
 
-        One device does it per thing (the lowest hashname among the devices holding the key),
-        so concurrent re-signs do not race; a thing this device cannot open is skipped.
+        For each thing one device acts: a smart thing itself, else the lowest hashname among
+        the devices that hold a seal of its key and that this device sees online (itself
+        included), so devices do not race, and an offline one does not block the others.
+        Things this device cannot open are skipped. It also runs for one thing when seals of
+        its key arrive (this device may have become the one to act).
 
         Returns:
             How many things were updated.
         """
         if self._cloud_id() is None:
             return 0
-        done = 0
-        for sc in self._thing_subclouds():
-            if _ended(sc.replica):
-                continue
-            members = self._members(sc.id)
-            sealed = set(sc.replica.documents(_t.KEYS))
-            # who updates: a smart thing itself, else the lowest device that can open the key
-            able = sorted(h for h in members if h in sealed)
-            me = self.node.hashname
-            if sc.owner != me and (not able or able[0] != me):
-                continue
-            try:
-                identity = self._thing_key(sc)
-            except ThingError:
-                continue
-            acl = self._acl(sc.id, identity.hashname)
-            changed = False
+        async with self._refresh_lock:  # one pass at a time: each re-sign bumps a revision
+            if not self._may_refresh():
+                return 0
+            done = 0
+            for sc in self._thing_subclouds():
+                done += await self._refresh_one(sc)
+            return done
+
+    def _may_refresh(self) -> bool:
+        membership = self._membership()
+        # revoked (or not yet a member): nothing of the cloud is ours to sign
+        return membership is not None and membership.is_member(self.node.hashname)
+
+    async def _refresh_one(self, sc: SubCloud) -> int:
+        if _ended(sc.replica):
+            return 0
+        me = self.node.hashname
+        members = self._members(sc.id)
+        sealed = set(sc.replica.documents(_t.KEYS))
+        able = sorted(h for h in members if h in sealed and (h == me or h in self.node.links))
+        if sc.owner != me and (not able or able[0] != me):
+            return 0
+        try:
+            identity = self._thing_key(sc)
+        except ThingError:
+            return 0
+        acl = self._acl(sc.id, identity.hashname)
+        changed = 0
+        try:
             if acl != sc.record.acl and sc.owner == identity.hashname:
                 await self._put_record(identity, sc.id, acl, sc.record)
-                changed = True
+                changed = 1
             if set(sc.replica.documents(_t.KEYS)) != set(members):
                 def reseal(r: Replica, i: LocalIdentity = identity,
                            m: dict[Hashname, bytes] = members) -> bytes:
                     return _t.reseal_thing_key(r, i, m, entropy=os.urandom, now_ms=_now_ms())
 
                 await self._write(sc, reseal, [(_t.KEYS, None, None)])
-                changed = True
-            done += changed
-            for runner in self._runners.values():
-                runner.hosts = self._hosts(sc.id)
-        return done
+                changed = 1
+        except (ThingError, AccessDenied, StoreError, LocalProtocolError) as exc:
+            # one thing that cannot be updated must not stop the others (nor the node)
+            self.stats["refresh failed"] += 1
+            log.warning("access of %s not refreshed: %s", sc.name, exc)
+        runner = self._runners.get(sc.id)
+        if runner is not None:
+            runner.hosts = self._hosts(sc.id)
+        return changed
 
     # -- smart things ------------------------------------------------------------------------------
 

@@ -868,12 +868,16 @@ class RuleRunner:
         """When the next pending firing becomes this device's to handle (ms), or None."""
         return self._wake
 
-    def complete(self, replica: Replica, due: Due, *,
-                 now_ms: int) -> tuple[list[tuple[str, str, Any]], bytes]:
+    def complete(self, replica: Replica, due: Due, *, now_ms: int,
+                 notify_log: str | None = None) -> tuple[list[tuple[str, str, Any]], bytes]:
         """Handle one due firing: appends and the done-marker in one transaction.
 
         Args:
             replica: this device's replica. due: from :meth:`due`. now_ms: now.
+            notify_log: if given, ``notify_owner`` and ``show_card`` actions are also written
+                as records ``{text, rule, event, type, at_ms}`` (``card`` for show_card) to
+                this log in the same transaction, so every owner device learns of them
+                through sync, exactly once and durably with the marker.
 
         Returns:
             ``(external actions to run now: notify_owner/show_card/forward, delta)``; an
@@ -888,6 +892,15 @@ class RuleRunner:
             if kind == "append":
                 replica.append(target, {"value": value, "rule": due.firing.rule_id,
                                         "event": due.event.id, "at_ms": due.event.at_ms})
+            elif notify_log is not None and kind in ("notify_owner", "show_card"):
+                record: dict[str, Any] = {
+                    "text": str(value) if kind == "notify_owner" and value is not None
+                    else ("card shown" if kind == "show_card" else ""),
+                    "rule": due.firing.rule_id, "event": due.event.id,
+                    "type": due.event.type, "at_ms": due.event.at_ms}
+                if kind == "show_card":
+                    record["card"] = _t.card(replica)
+                replica.append(notify_log, record)
         replica.set_mv(_t.DONE, _done_key(*key), "by", self.me)
         replica.set(_t.DONE, _done_key(*key), "at_ms", now_ms)
         delta = bytes(replica.commit())

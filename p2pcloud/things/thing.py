@@ -60,6 +60,7 @@ __all__ = [
     "MAX_CARD_VALUE",
     "MAX_NAME",
     "NOTES",
+    "NOTICES",
     "PROFILE",
     "READINGS",
     "RESERVED",
@@ -106,7 +107,8 @@ INBOX: Final = "inbox"
 TRANSFERS: Final = "transfers"
 COLLECTIONS: Final = (PROFILE, NOTES, FILES, CARD, RULES, ACCESS, KEYS, DONE)
 LOGS: Final = (READINGS, EVENTS, INBOX, TRANSFERS)
-RESERVED: Final = frozenset({ACCESS, KEYS, DONE, TRANSFERS, RULES, INBOX})
+NOTICES: Final = "notices"  # log of rule notifications (notify_owner, show_card): the node
+RESERVED: Final = frozenset({ACCESS, KEYS, DONE, TRANSFERS, RULES, INBOX, NOTICES})
 """Collections and logs that rules may not append to and transfers never copy blindly."""
 
 PROFILE_DOC: Final = "thing"
@@ -372,7 +374,8 @@ def open_thing_key(replica: Replica, me: LocalIdentity) -> LocalIdentity:
 
 def create_layout(replica: Replica, thing: NewThing, *, name: str = "", make: str = "",
                   model: str = "", serial: str = "", cloud: CloudId,
-                  members: Mapping[Hashname, bytes], entropy: Entropy, now_ms: int) -> bytes:
+                  members: Mapping[Hashname, bytes], entropy: Entropy, now_ms: int,
+                  card: Mapping[str, str] | None = None, smart: bool = False) -> bytes:
     """Write a new thing's digital twin into an empty replica of its sub-cloud.
 
     The thing starts unclaimed: its state keeps the hash of the claim secret, and
@@ -385,6 +388,8 @@ def create_layout(replica: Replica, thing: NewThing, *, name: str = "", make: st
         cloud: the cloud that holds the thing. members: that cloud's members (hashname ->
             CS3a key); the thing key is sealed to each.
         entropy: randomness. now_ms: wall-clock milliseconds.
+        card: the card's first fields (as :func:`set_card` takes them), None: empty.
+        smart: the thing runs its own node (profile field ``smart``).
 
     Returns:
         The delta.
@@ -396,6 +401,9 @@ def create_layout(replica: Replica, thing: NewThing, *, name: str = "", make: st
                "model": _text(model, "model"), "serial": _text(serial, "serial"),
                "archived": False, "hashname": thing.hashname,
                "cs3a": thing.identity.cs3a_public, "created_ms": now_ms}
+    if smart:
+        profile["smart"] = True
+    card_fields = _card_fields(card or {})
     _check_members(members)
     if thing.identity.seed is None:
         raise ThingError("a thing identity needs its Ed25519 seed")
@@ -405,7 +413,7 @@ def create_layout(replica: Replica, thing: NewThing, *, name: str = "", make: st
         replica.set_many(ACCESS, ACCESS_DOC, {
             "claim_hash": claim_hash(thing.claim_secret), "claim_spent": False,
             "owner_cloud": bytes(cloud), "ended": False, "subcloud": bytes(thing.subcloud)})
-        replica.set(CARD, CARD_DOC, "fields", {})
+        replica.set(CARD, CARD_DOC, "fields", card_fields)
         _write_seals(replica, thing.identity, members, entropy)
     finally:
         delta = replica.commit()
@@ -518,11 +526,15 @@ def set_card(replica: Replica, fields: Mapping[str, str], *, now_ms: int) -> byt
     Raises:
         ThingError: too many fields, or a label or text too long.
     """
+    clean = _card_fields(fields)
+    return _one_write(replica, now_ms, lambda: replica.set(CARD, CARD_DOC, "fields", clean))
+
+
+def _card_fields(fields: Mapping[str, str]) -> dict[str, str]:
     if len(fields) > MAX_CARD_FIELDS:
         raise ThingError(f"a card has at most {MAX_CARD_FIELDS} fields")
-    clean = {_text(k, "card label", MAX_NAME): _text(v, "card text", MAX_CARD_VALUE)
-             for k, v in fields.items()}
-    return _one_write(replica, now_ms, lambda: replica.set(CARD, CARD_DOC, "fields", clean))
+    return {_text(k, "card label", MAX_NAME): _text(v, "card text", MAX_CARD_VALUE)
+            for k, v in fields.items()}
 
 
 def card(replica: Replica) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -18,12 +19,18 @@ POLL = 0.05  # seconds between checks of a condition another task makes true
 
 async def wait_for(condition: Callable[[], Any]) -> Any:
     """Poll ``condition`` until it returns something truthy, and return it (the caller's
-    ``trio.fail_after`` bounds the wait)."""
-    while True:
-        value = condition()
-        if value:
-            return value
-        await trio.sleep(POLL)
+    ``trio.fail_after`` bounds the wait; a hang names the condition's line on stderr)."""
+    try:
+        while True:
+            value = condition()
+            if value:
+                return value
+            await trio.sleep(POLL)
+    except trio.Cancelled:
+        code = getattr(condition, "__code__", None)
+        where = f"{code.co_filename}:{code.co_firstlineno}" if code else repr(condition)
+        print(f"wait_for gave up waiting on {where}", file=sys.stderr)
+        raise
 
 
 async def start_nodes(stack: AsyncExitStack, root: Path, names: list[str]) -> list[Node]:

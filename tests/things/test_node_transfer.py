@@ -61,7 +61,8 @@ async def test_transfer_moves_the_history_ends_old_access_and_the_tag_keeps_work
                     0, 1, 2, 3, 4]
             new_sc = things(b_home)._find(bike.hashname)
             assert new_sc.id != old_sc.id
-            [record] = transfer_records(new_sc.replica)
+            # the receiving device (the laptop) wrote the record; the home box syncs it
+            [record] = await wait_for(lambda: transfer_records(new_sc.replica))
             assert record.old_subcloud == old_sc.id and record.new_subcloud == new_sc.id
 
             # the old owner's access ended on every device
