@@ -349,6 +349,7 @@ class Things:
         bind = next((p.ip for p in node.paths if p.type == "udp4" and p.ip), "127.0.0.1")
         self.host = ThingHost(bind, self._serve_thing)
         self.stats: Counter[str] = Counter()
+        self.opened_in = 0.0  # seconds start() took (indexing every held thing)
         self._serving_self = False
         self._refresh_lock = trio.Lock()
         self._refresh_wake = trio.Event()
@@ -364,6 +365,7 @@ class Things:
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Index the held things, serve the channels, start the rules task."""
+        began = time.perf_counter()
         self._nursery = nursery
         for sc in self._thing_subclouds():
             self._index_one(sc)
@@ -384,6 +386,7 @@ class Things:
         nursery.start_soon(self._rules_timer)
         nursery.start_soon(self._refresh_loop)
         self._rules_wake.set()
+        self.opened_in = time.perf_counter() - began
 
     # -- cloud ---------------------------------------------------------------------------------
 
