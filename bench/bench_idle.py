@@ -39,7 +39,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section  # noqa: E402
 from bench_daemon import (  # noqa: E402
-    children,
     in_netns,
     p2pcloudd_start,
     rss_kb,
@@ -72,8 +71,24 @@ def hwm_kb(pid: int) -> int:
 
 
 def tree(pid: int) -> list[int]:
-    """``pid`` and its children (Syncthing's serve runs the real process as a child)."""
-    return [pid, *children(pid)]
+    """``pid`` and all its descendants (Syncthing's ``serve`` is a monitor that runs the
+    real Syncthing as a child).
+
+    Every thread's ``children`` file is read: a Go program starts its child from whichever
+    OS thread runs the goroutine, so the main thread's file alone misses it.
+    """
+    found = [pid]
+    for parent in found:  # grows while we walk it: breadth-first over the whole tree
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                found += [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
 
 
 # -- p2pcloudd ------------------------------------------------------------------------------
@@ -251,9 +266,10 @@ def main() -> None:
         f"\nOne member with {PEERS} peers linked (p2pcloudd: one cloud, the peers joined by "
         f"invite; Syncthing: one folder shared with {PEERS} devices, all connected), idle "
         f"for {args.duration:.0f} s after a {SETTLE_S:.0f} s settle, both in the same window "
-        "inside one network namespace holding only `lo`. CPU is utime+stime of the process "
-        "(Syncthing: its serve process and the child it runs) over the window, scaled to an "
-        f"hour. p2pcloudd runs under CPython {sys.version.split()[0]} with the "
+        "inside one network namespace holding only `lo`. CPU is utime+stime over the window, "
+        "scaled to an hour; CPU and RSS count the whole process tree (Syncthing: its `serve` "
+        "monitor plus the Syncthing process it runs, found through every thread's children "
+        f"list). p2pcloudd runs under CPython {sys.version.split()[0]} with the "
         f"{p2pcloud.core_implementation()} merge core. Load average {' '.join(load_before)} "
         f"before, {' '.join(load_after)} after, on a shared {os.cpu_count()}-core machine."
     )

@@ -13,7 +13,8 @@ Every command talks to the running daemon through its HTTP API (:mod:`p2pcloudd.
   camera; ``cloud pair CODE`` on the new device, on the same LAN;
 * ``cloud members``, ``cloud online``: members with role, online state and path in use;
 * ``cloud revoke HASHNAME``: remove a lost device;
-* ``cloud policy MEMBER SC full|on-demand|hidden``: what a member keeps of a sub-cloud.
+* ``cloud policy MEMBER SC full|on-demand|hidden``: what a member keeps of a sub-cloud;
+  ``cloud policies`` lists the entries.
 
 Every command takes ``--json``. Exit statuses are cli.py's (0 done, 1 failed, 2 usage,
 3 not running, 4 token, 5 timeout).
@@ -254,6 +255,18 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_policies(args: argparse.Namespace) -> int:
+    """List the replication policy entries (the most specific one applies)."""
+    result = _client(args).get("/api/cloud/policies")
+    if args.json:
+        _emit_json(result)
+        return EXIT_OK
+    for row in result["policies"]:
+        print(f"{row['member']}  {row['subcloud']}  {row['mode']}")
+    print(f"(anything else: {result['default']})")
+    return EXIT_OK
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -301,3 +314,4 @@ def register(sub: Any, common: argparse.ArgumentParser, shows: argparse.Argument
     policy.add_argument("member", help="the member's hashname")
     policy.add_argument("sc", help="the sub-cloud (id or name)")
     policy.add_argument("mode", choices=["full", "on-demand", "hidden"])
+    add("policies", cmd_policies, "list the replication policy entries")

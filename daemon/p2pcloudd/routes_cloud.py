@@ -208,8 +208,11 @@ def _join_error(exc: BaseException, how: str) -> ApiError:
         return ApiError(504, "join_timeout", f"could not reach the inviting device ({exc})"
                         if str(exc) else "could not reach the inviting device in time",
                         "check that it runs and is on the same network, then retry")
-    return ApiError(409, "cannot_join", str(exc),
-                    "a device belongs to one cloud; leave it first, or use a new data dir")
+    text = str(exc)
+    hint = ("a device belongs to one cloud at a time; use another data dir for another cloud"
+            if "already" in text else
+            "pairing by code needs the mesh on UDP and LAN discovery (bind a LAN address)")
+    return ApiError(409, "cannot_join", text, hint)
 
 
 # -- routes -------------------------------------------------------------------------------
@@ -368,6 +371,27 @@ async def _revoke(daemon: Daemon, request: Request) -> Any:
                        else "revoke from an admin device") from exc
     daemon.events.publish("cloud.members", _summary(daemon))
     return {"revoked": hashname}
+
+
+@route("GET", "/api/cloud/policies", summary="The replication policy entries of the cloud",
+       tag="cloud", errors=(409, 503),
+       response={"type": "object", "required": ["policies", "default"],
+                 "properties": {
+                     "default": {"type": "string", "enum": MODES},
+                     "policies": {"type": "array", "items": {
+                         "type": "object", "required": ["member", "subcloud", "mode"],
+                         "properties": {"member": {"type": "string"},
+                                        "subcloud": {"type": "string"},
+                                        "mode": {"type": "string", "enum": MODES}}}}}})
+async def _policies(daemon: Daemon, request: Request) -> Any:
+    """Every entry written (``*`` stands for every member or every sub-cloud); the most
+    specific entry wins: (member, sub-cloud), (member, *), (*, sub-cloud), (*, *), then
+    ``default``."""
+    cloud = _in_cloud(daemon)
+    rows = [{"member": str(member), "subcloud": str(sc), "mode": mode}
+            for (member, sc), mode in cloud.policy.entries.items()]
+    rows.sort(key=lambda r: (r["member"], r["subcloud"]))
+    return {"policies": rows, "default": cloud.policy.default}
 
 
 @route("PUT", "/api/cloud/policies", summary="Set a member's replication policy for a sub-cloud",

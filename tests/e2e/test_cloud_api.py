@@ -106,6 +106,10 @@ def test_found_invite_by_qr_join_members_policy_revoke(
                           body={"member": laptop_hn, "subcloud": device_sc, "mode": "on-demand"})
     assert set_policy.json() == {"member": laptop_hn, "subcloud": device_sc, "mode": "on-demand"}
     assert cli_json(home.data_dir, "cloud", "policy", "*", "*", "full")["mode"] == "full"
+    listed = api.call("GET", "/api/cloud/policies").json()
+    assert {"member": laptop_hn, "subcloud": device_sc, "mode": "on-demand"} in listed["policies"]
+    assert {"member": "*", "subcloud": "*", "mode": "full"} in listed["policies"]
+    assert cli_json(home.data_dir, "cloud", "policies") == listed
     assert _error(api.call("PUT", "/api/cloud/policies", body={
         "member": laptop_hn, "subcloud": "nope", "mode": "full"})) == (404, "unknown_subcloud")
     assert _error(api.call("PUT", "/api/cloud/policies", body={
