@@ -651,10 +651,11 @@ def _reading_fields(line_no: int, line: str) -> dict[str, Any]:
         raise CliError(f"line {line_no} of the readings is not JSON: {exc}", "",
                        EXIT_USAGE) from exc
     value = fields.get("value") if isinstance(fields, dict) else None
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not isinstance(fields, dict) or not isinstance(value, int | float) or isinstance(
+            value, bool):
         raise CliError(f"line {line_no} of the readings is not an object with a numeric "
                        "value", 'write lines like {"value": 71.5, "unit": "kg"}', EXIT_USAGE)
-    return fields
+    return dict(fields)
 
 
 async def _append_readings(args: argparse.Namespace, thing: Any) -> int:
