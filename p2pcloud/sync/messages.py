@@ -25,6 +25,7 @@ from p2pcloud.sync.reconcile import (
     ITEM_HASH_SIZE,
     ITEM_THRESHOLD,
     MAX_DEPTH,
+    SALT_SIZE,
     Range,
 )
 
@@ -168,6 +169,11 @@ def encode_message(msg: Message) -> bytes:
         body["t"] = T_RECONCILE
         body["p"] = msg.reply
         body["r"] = [[r.depth, r.prefix, r.mode, r.payload] for r in msg.ranges]
+        salts = {r.salt for r in msg.ranges}
+        if len(salts) > 1:
+            raise ValueError("the ranges of one message belong to one run (one salt)")
+        if salts and (salt := salts.pop()):
+            body["n"] = salt  # once per message: every range of a run shares it
     elif isinstance(msg, Vectors):
         body["t"] = T_VECTORS
         body["o"] = [[o.subcloud, o.version, o.reply, o.bytes_per_dot] for o in msg.offers]
@@ -267,6 +273,7 @@ def decode_message(body: bytes) -> Message:
     try:
         if t == T_RECONCILE:
             ranges = []
+            salt = _bytes(obj.get("n", b""), 0, SALT_SIZE, "salt")
             for item in _list(obj["r"], MAX_RANGES_PER_MESSAGE, "ranges"):
                 depth, prefix, mode, payload = _list(item, 4, "range")
                 ranges.append(
@@ -275,6 +282,7 @@ def decode_message(body: bytes) -> Message:
                         _bytes(prefix, 0, MAX_DEPTH // 2, "prefix"),
                         _int(mode, 0, 5, "mode"),
                         _bytes(payload, 0, max(MAX_ITEM_BYTES, FINGERPRINT_SIZE), "payload"),
+                        salt,
                     )
                 )
             return Reconcile(_bool(obj["p"], "reply flag"), tuple(ranges))

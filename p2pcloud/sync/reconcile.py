@@ -14,9 +14,20 @@ our keys:
   is a prefix of ``depth`` nibbles of the id (depth 0 is everything, depth 32 one id). The
   16 children of a range are its prefixes one nibble longer, so bucket bounds cost no bytes
   on the wire (negentropy sends a bound per bucket). Skewed ids only cost more rounds.
-* A fingerprint is ``SHA-256(sum of item hashes mod 2^128 || count)[:16]`` (negentropy's
-  additive fingerprint); sums come from a Fenwick tree, so a changed digest is an
-  O(log M) update and any range's fingerprint an O(log M) query.
+* A fingerprint is ``SHA-256(salt || sum of item hashes mod 2^128 || count)[:8]``
+  (negentropy's additive fingerprint, salted and shortened); sums come from a Fenwick
+  tree, so a changed digest is an O(log M) update and any range's fingerprint an
+  O(log M) query. Item lists carry ``SHA-256(salt || item hash)[:4]``.
+* The *salt* (8 bytes) is fixed per run by the initiator and travels once per message:
+  ``SHA-256("p2pcloud rbsr salt" || the initiator's whole-set sum || count)[:8]``. It
+  changes whenever any sub-cloud of the initiator changes and cannot be chosen apart from
+  the sums it protects, so a member who crafts version vectors to make two ranges collide
+  faces a 2^64 (fingerprints) or 2^32 writes (item hashes) search per run instead of a
+  precomputed birthday collision; that is what lets fingerprints be 8 bytes instead of
+  negentropy's 16 and item hashes 4 instead of 8 (G6: bytes per changed sub-cloud). An
+  accidental item-hash collision (2^-32 per differing sub-cloud) hides a difference only
+  until the next change anywhere in the set re-salts the next run; live pushes do not
+  depend on reconciliation at all.
 
 A range travels in one of six modes. Answering (:func:`respond`):
 
@@ -33,10 +44,10 @@ A range travels in one of six modes. Answering (:func:`respond`):
 ``UNMATCHED`` item hashes of ours the peer did not hold: those sub-clouds differ.
 ``EMPTY``     the sender holds nothing here: every sub-cloud of ours in the range differs.
 
-Idle peers: one ``FP`` range (about 30 bytes with framing) and an empty reply, one round
-trip. K changed of M: about ``ceil(log16(M / ITEM_THRESHOLD)) + 1`` round trips, each
-changed sub-cloud costing about 16 fingerprints per level below the shared top levels,
-plus one short item list.
+Idle peers: one ``FP`` range (about 35 bytes with framing and the salt) and an empty
+reply, one round trip. K changed of M: about ``ceil(log16(M / ITEM_THRESHOLD)) + 1``
+round trips, each changed sub-cloud costing about 16 fingerprints per level below the
+shared top levels, plus one short item list.
 
 This module is pure: no I/O, no clock.
 """
@@ -56,6 +67,7 @@ __all__ = [
     "ITEM_HASH_SIZE",
     "ITEM_THRESHOLD",
     "KEY_SIZE",
+    "SALT_SIZE",
     "MAX_DEPTH",
     "MODE_EMPTY",
     "MODE_FP",
@@ -75,15 +87,16 @@ KEY_SIZE: Final = 16  # sub-cloud ids (BRIEF: 16 random bytes)
 DIGEST_SIZE: Final = 16  # version-vector digests
 BUCKETS: Final = 16  # negentropy's branching factor: one hex digit per level
 MAX_DEPTH: Final = 2 * KEY_SIZE  # 32 nibbles: a range of depth 32 holds one id
-FINGERPRINT_SIZE: Final = 16  # negentropy: 16 bytes resist deliberate collisions
-ITEM_HASH_SIZE: Final = 8  # ITEMS lists: 2^-64 accidental collision per pair, a quarter of an id
+FINGERPRINT_SIZE: Final = 8  # salted per run (module docstring): 2^-64 per compared range
+ITEM_HASH_SIZE: Final = 4  # salted per run: 2^-32 per differing item, a quarter of the old cost
+SALT_SIZE: Final = 8  # per-run salt of fingerprints and item hashes (module docstring)
 DIRECT_THRESHOLD: Final = 4
 """A mismatched range holding at most this many of our items is answered with their item
 list *and* their version vectors at once: four vectors (~60 B each) cost less than the
 extra round trip an item list would need before the vectors go out."""
 ITEM_THRESHOLD: Final = 48
-"""Largest range answered with an item list instead of a split: 48 hashes of 8 bytes (384 B)
-cost about one split (16 fingerprints, ~260 B) plus the next level, end the recursion one
+"""Largest range answered with an item list instead of a split: 48 hashes of 4 bytes (192 B)
+cost about one split (16 fingerprints, ~130 B) plus the next level, end the recursion one
 level earlier and name exactly the differing sub-clouds (M = 10,000 leaves ~39 per range at
 depth 2). negentropy uses 32 with 32-byte ids."""
 
@@ -98,7 +111,8 @@ _MODES: Final = frozenset(
 )
 SPLIT_BITMAP: Final = 2  # 16 bits: which of the 16 children hold items
 
-_MOD: Final = 1 << (8 * FINGERPRINT_SIZE)
+_SUM_SIZE: Final = 16  # item hashes and their sums are 128-bit integers
+_MOD: Final = 1 << (8 * _SUM_SIZE)
 
 
 class RangeError(ValueError):
@@ -115,17 +129,33 @@ def item_hash(key: bytes, digest: bytes) -> int:
     Returns:
         ``int.from_bytes(SHA-256(key || digest)[:16], "big")``.
     """
-    return int.from_bytes(hashlib.sha256(key + digest).digest()[:FINGERPRINT_SIZE], "big")
+    return int.from_bytes(hashlib.sha256(key + digest).digest()[:_SUM_SIZE], "big")
 
 
-def _short(h: int) -> bytes:
-    return h.to_bytes(FINGERPRINT_SIZE, "big")[:ITEM_HASH_SIZE]
+def _short(h: int, salt: bytes) -> bytes:
+    return hashlib.sha256(salt + h.to_bytes(_SUM_SIZE, "big")).digest()[:ITEM_HASH_SIZE]
 
 
-def _fingerprint(total: int, count: int) -> bytes:
+def _fingerprint(total: int, count: int, salt: bytes) -> bytes:
     return hashlib.sha256(
-        (total % _MOD).to_bytes(FINGERPRINT_SIZE, "little") + count.to_bytes(8, "little")
+        salt + (total % _MOD).to_bytes(_SUM_SIZE, "little") + count.to_bytes(8, "little")
     ).digest()[:FINGERPRINT_SIZE]
+
+
+def run_salt(rset: ReconcileSet) -> bytes:
+    """The salt of a run the holder of ``rset`` starts (module docstring).
+
+    Args:
+        rset: the initiator's set.
+
+    Returns:
+        ``SALT_SIZE`` bytes.
+    """
+    count, total = rset.sum(0, 1 << (8 * KEY_SIZE))
+    return hashlib.sha256(
+        b"p2pcloud rbsr salt" + (total % _MOD).to_bytes(_SUM_SIZE, "little")
+        + count.to_bytes(8, "little")
+    ).digest()[:SALT_SIZE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,14 +167,16 @@ class Range:
         prefix: those digits, packed two per byte (``ceil(depth / 2)`` bytes, the unused
             low nibble zero).
         mode: one of the ``MODE_*`` constants.
-        payload: a fingerprint, concatenated 8-byte item hashes, a split (16-bit bitmap
+        payload: a fingerprint, concatenated 4-byte item hashes, a split (16-bit bitmap
             of the non-empty children, then their fingerprints), or empty.
+        salt: the run's salt (``SALT_SIZE`` bytes; empty: unsalted, for tests and tools).
     """
 
     depth: int
     prefix: bytes
     mode: int
     payload: bytes
+    salt: bytes = b""
 
     def bounds(self) -> tuple[int, int]:
         """The ids ``lo <= id < hi`` (as big-endian integers) inside this range.
@@ -156,6 +188,8 @@ class Range:
             raise RangeError("bad depth or prefix length")
         if self.mode not in _MODES:
             raise RangeError("unknown mode")
+        if len(self.salt) not in (0, SALT_SIZE):
+            raise RangeError("salt of the wrong size")
         shift = 4 * (MAX_DEPTH - self.depth)
         lo = int.from_bytes(self.prefix.ljust(KEY_SIZE, b"\0"), "big")
         if lo & ((1 << shift) - 1):
@@ -209,7 +243,19 @@ class Range:
             prefix = self.prefix + bytes((nibble << 4,))
         else:
             prefix = self.prefix[:-1] + bytes((self.prefix[-1] | nibble,))
-        return Range(depth, prefix, mode, payload)
+        return Range(depth, prefix, mode, payload, self.salt)
+
+    def answer(self, mode: int, payload: bytes) -> Range:
+        """The same range in another mode (an answer to it), in the same run.
+
+        Args:
+            mode: the answer's mode.
+            payload: its payload.
+
+        Returns:
+            The range.
+        """
+        return Range(self.depth, self.prefix, mode, payload, self.salt)
 
 
 class ReconcileSet:
@@ -303,14 +349,24 @@ class ReconcileSet:
         a, b = self._span(lo, hi)
         return b - a
 
-    def fingerprint(self, lo: int, hi: int) -> tuple[int, bytes]:
+    def fingerprint(self, lo: int, hi: int, salt: bytes = b"") -> tuple[int, bytes]:
         """Count and fingerprint of the ids in ``[lo, hi)``.
 
+        Args:
+            lo: the lowest id (as an integer).
+            hi: the id after the highest.
+            salt: the run's salt.
+
         Returns:
-            ``(count, 16-byte fingerprint)``.
+            ``(count, FINGERPRINT_SIZE-byte fingerprint)``.
         """
+        count, total = self.sum(lo, hi)
+        return count, _fingerprint(total, count, salt)
+
+    def sum(self, lo: int, hi: int) -> tuple[int, int]:
+        """Count and sum of the item hashes of the ids in ``[lo, hi)``."""
         a, b = self._span(lo, hi)
-        return b - a, _fingerprint(self._prefix_sum(b) - self._prefix_sum(a), b - a)
+        return b - a, self._prefix_sum(b) - self._prefix_sum(a)
 
     def items(self, lo: int, hi: int) -> Iterator[tuple[bytes, int]]:
         """The (id, item hash) pairs in ``[lo, hi)``, in id order."""
@@ -332,40 +388,40 @@ def initial_ranges(rset: ReconcileSet, *, direct: bool = False) -> tuple[list[Ra
         ``(ranges, ids to offer now)``: one ``FP`` range of depth 0 (``EMPTY`` if we hold
         nothing), or in direct mode the root ``ITEMS`` range and its ids.
     """
-    root = Range(0, b"", MODE_EMPTY, b"")
+    root = Range(0, b"", MODE_EMPTY, b"", run_salt(rset))
     lo, hi = root.bounds()
-    count, fp = rset.fingerprint(lo, hi)
+    count, fp = rset.fingerprint(lo, hi, root.salt)
     if count == 0:
         return [root], []
     if direct and count <= DIRECT_THRESHOLD:
         return _answer_mismatch(rset, root, lo, hi, count)
-    return [Range(0, b"", MODE_FP, fp)], []
+    return [root.answer(MODE_FP, fp)], []
 
 
 def _answer_mismatch(
     rset: ReconcileSet, rng: Range, lo: int, hi: int, count: int
 ) -> tuple[list[Range], list[bytes]]:
     if count == 0:
-        return [Range(rng.depth, rng.prefix, MODE_EMPTY, b"")], []
+        return [rng.answer(MODE_EMPTY, b"")], []
     if count <= ITEM_THRESHOLD or rng.depth == MAX_DEPTH:
         items = list(rset.items(lo, hi))
-        hashes = b"".join(_short(h) for _k, h in items)
+        hashes = b"".join(_short(h, rng.salt) for _k, h in items)
         if count <= DIRECT_THRESHOLD:
             ids = [k for k, _h in items]
-            return [Range(rng.depth, rng.prefix, MODE_OFFERED, hashes)], ids
-        return [Range(rng.depth, rng.prefix, MODE_ITEMS, hashes)], []
+            return [rng.answer(MODE_OFFERED, hashes)], ids
+        return [rng.answer(MODE_ITEMS, hashes)], []
     # one SPLIT range carries the 16 children: the bounds are implicit, empty ones cost a bit
     bits = 0
     fps = []
     step = (hi - lo) // BUCKETS
     for nibble in range(BUCKETS):
         clo = lo + nibble * step
-        ccount, cfp = rset.fingerprint(clo, clo + step)
+        ccount, cfp = rset.fingerprint(clo, clo + step, rng.salt)
         if ccount:
             bits |= 1 << (BUCKETS - 1 - nibble)
             fps.append(cfp)
     payload = bits.to_bytes(SPLIT_BITMAP, "big") + b"".join(fps)
-    return [Range(rng.depth, rng.prefix, MODE_SPLIT, payload)], []
+    return [rng.answer(MODE_SPLIT, payload)], []
 
 
 def respond(rset: ReconcileSet, ranges: Iterable[Range]) -> tuple[list[Range], list[bytes]]:
@@ -392,7 +448,7 @@ def respond(rset: ReconcileSet, ranges: Iterable[Range]) -> tuple[list[Range], l
         if rng.mode == MODE_SPLIT:
             todo.extend(reversed(rng.children()))
         elif rng.mode == MODE_FP:
-            count, fp = rset.fingerprint(lo, hi)
+            count, fp = rset.fingerprint(lo, hi, rng.salt)
             if fp != rng.payload:
                 more, direct = _answer_mismatch(rset, rng, lo, hi, count)
                 reply.extend(more)
@@ -406,18 +462,18 @@ def respond(rset: ReconcileSet, ranges: Iterable[Range]) -> tuple[list[Range], l
             }
             mine = set()
             for k, h in rset.items(lo, hi):
-                s = _short(h)
+                s = _short(h, rng.salt)
                 mine.add(s)
                 if s not in theirs:
                     differ.append(k)
             unmatched = b"".join(sorted(theirs - mine))
             # OFFERED: the sender already offered the vectors of every listed item
             if unmatched and rng.mode == MODE_ITEMS:
-                reply.append(Range(rng.depth, rng.prefix, MODE_UNMATCHED, unmatched))
+                reply.append(rng.answer(MODE_UNMATCHED, unmatched))
         else:  # MODE_UNMATCHED
             wanted = {
                 rng.payload[i : i + ITEM_HASH_SIZE]
                 for i in range(0, len(rng.payload), ITEM_HASH_SIZE)
             }
-            differ.extend(k for k, h in rset.items(lo, hi) if _short(h) in wanted)
+            differ.extend(k for k, h in rset.items(lo, hi) if _short(h, rng.salt) in wanted)
     return reply, differ

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from p2pcloud.sync.messages import Reconcile, encode_message
 from p2pcloud.sync.reconcile import (
     DIRECT_THRESHOLD,
+    FINGERPRINT_SIZE,
     ITEM_THRESHOLD,
     MODE_EMPTY,
     MODE_FP,
@@ -71,7 +72,7 @@ def test_fingerprints_incremental_equal_rebuilt() -> None:
     rng = random.Random(1)
     items = random_items(rng, 500)
     s = make(items)
-    root = Range(0, b"", MODE_FP, bytes(16))
+    root = Range(0, b"", MODE_FP, bytes(FINGERPRINT_SIZE))
     lo, hi = root.bounds()
     s.fingerprint(lo, hi)  # build the tree
     changed = dict(items)
@@ -80,7 +81,7 @@ def test_fingerprints_incremental_equal_rebuilt() -> None:
         s.set(k, changed[k])
     fresh = make(changed)
     for depth, prefix in [(0, b""), (1, b"\x30"), (2, b"\xa7"), (3, b"\x12\x30")]:
-        lo, hi = Range(depth, prefix, MODE_FP, bytes(16)).bounds()
+        lo, hi = Range(depth, prefix, MODE_FP, bytes(FINGERPRINT_SIZE)).bounds()
         assert s.fingerprint(lo, hi) == fresh.fingerprint(lo, hi)
     assert s.count(*root.bounds()) == 500
     s.discard(list(items)[0])
@@ -90,9 +91,9 @@ def test_fingerprints_incremental_equal_rebuilt() -> None:
 def test_bad_ranges_raise_range_error() -> None:
     s = make({})
     for bad in [
-        Range(33, bytes(17), MODE_FP, bytes(16)),
-        Range(1, b"", MODE_FP, bytes(16)),
-        Range(1, b"\x01", MODE_FP, bytes(16)),  # a bit below the depth
+        Range(33, bytes(17), MODE_FP, bytes(FINGERPRINT_SIZE)),
+        Range(1, b"", MODE_FP, bytes(FINGERPRINT_SIZE)),
+        Range(1, b"\x01", MODE_FP, bytes(FINGERPRINT_SIZE)),  # a bit below the depth
         Range(0, b"", 9, b""),
         Range(0, b"", MODE_FP, b"short"),
         Range(0, b"", MODE_ITEMS, b"123"),
@@ -103,9 +104,9 @@ def test_bad_ranges_raise_range_error() -> None:
 
 
 def test_children_partition_the_parent() -> None:
-    parent = Range(3, b"\xab\xc0", MODE_FP, bytes(16))
+    parent = Range(3, b"\xab\xc0", MODE_FP, bytes(FINGERPRINT_SIZE))
     lo, hi = parent.bounds()
-    edges = [parent.child(n, MODE_FP, bytes(16)).bounds() for n in range(16)]
+    edges = [parent.child(n, MODE_FP, bytes(FINGERPRINT_SIZE)).bounds() for n in range(16)]
     assert edges[0][0] == lo and edges[-1][1] == hi
     assert all(edges[i][1] == edges[i + 1][0] for i in range(15))
 
@@ -183,7 +184,7 @@ def test_direct_mode_offers_small_sets_at_once() -> None:
     del b_items[sorted(b_items)[0]]
     assert respond(make(b_items), ranges) == ([], [])
     # a plain ITEMS list gets UNMATCHED back, and A maps it to the id
-    items_range = Range(0, b"", MODE_ITEMS, ranges[0].payload)
+    items_range = Range(0, b"", MODE_ITEMS, ranges[0].payload, ranges[0].salt)
     reply, _ = respond(make(b_items), [items_range])
     assert [r.mode for r in reply] == [MODE_UNMATCHED]
     assert respond(make(a_items), reply)[1] == [sorted(a_items)[0]]
@@ -196,7 +197,8 @@ def test_split_payload_must_match_its_bitmap() -> None:
     with pytest.raises(RangeError):
         respond(s, [Range(32, bytes(16), MODE_SPLIT, b"\x00\x00")])
     # a valid split of children we do not hold: every non-empty child is answered EMPTY
-    reply, differ = respond(s, [Range(0, b"", MODE_SPLIT, b"\x80\x01" + bytes(32))])
+    split = Range(0, b"", MODE_SPLIT, b"\x80\x01" + bytes(2 * FINGERPRINT_SIZE))
+    reply, differ = respond(s, [split])
     assert [r.mode for r in reply] == [MODE_EMPTY, MODE_EMPTY] and differ == []
 
 
@@ -204,5 +206,5 @@ def test_split_payload_must_match_its_bitmap() -> None:
 def test_item_lists_below_the_threshold_splits_above(extra: int) -> None:
     rng = random.Random(5)
     items = random_items(rng, ITEM_THRESHOLD + extra)
-    reply, _ = respond(make(items), [Range(0, b"", MODE_FP, bytes(16))])
+    reply, _ = respond(make(items), [Range(0, b"", MODE_FP, bytes(FINGERPRINT_SIZE))])
     assert [r.mode for r in reply] == [MODE_SPLIT if extra else MODE_ITEMS]
