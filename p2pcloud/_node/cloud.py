@@ -55,7 +55,15 @@ from p2pcloud._ids import CloudId, Hashname, ReplicaId, SubCloudId
 from p2pcloud._node.subcloud import Change, RegistryRecord, SubCloud, sign_record
 from p2pcloud._wire import b32decode, b32encode
 from p2pcloud.cloud._join import CHANNEL_TYPE, FrameReader, frame, message_type, refusal
-from p2pcloud.cloud.grants import ALL, ALL_SUBCLOUDS, RIGHT_READ, RIGHT_WRITE, Grant, Revocation
+from p2pcloud.cloud.grants import (
+    ALL,
+    ALL_SUBCLOUDS,
+    RIGHT_READ,
+    RIGHT_WRITE,
+    ROLES,
+    Grant,
+    Revocation,
+)
 from p2pcloud.cloud.grants import found_cloud as _found_cloud
 from p2pcloud.cloud.invites import (
     MAX_INVITE_PATHS,
@@ -199,6 +207,7 @@ class Cloud:
         self._listeners: list[Callable[[], None]] = []
         self._revoking: set[Hashname] = set()
         self._linking: set[Hashname] = set()
+        self._joining = False  # a join or pair is running (one at a time)
         self._backoff: dict[Hashname, tuple[int, float]] = {}  # failed tries, next try (trio)
         self._lock = trio.Lock()  # one membership recomputation at a time
         self._dirty = trio.Event()  # the cloud sub-cloud changed
@@ -290,6 +299,8 @@ class Cloud:
             LocalProtocolError: not in a cloud, not an admin, or bad arguments.
         """
         cloud = self._require_cloud()
+        if role not in ROLES:
+            raise LocalProtocolError(f"role must be one of {sorted(ROLES)}")
         if not 0 < expires_in <= MAX_TTL:
             raise LocalProtocolError(f"an invite lives 1..{MAX_TTL} seconds")
         scopes = self._rights_for(role, rights)
@@ -325,11 +336,15 @@ class Cloud:
         joiner = InviteJoiner(self.identity, parsed, entropy=os.urandom)
         paths = [dict(p) for p in parsed.paths]
         info = LinkInfo(parsed.inviter, parsed.keys(), paths)
-        reply, peer = await self._exchange(info, [joiner.request()], timeout,
-                                           "the inviting device")
-        joined = joiner.finish(reply, peer=peer, now=time.time())
-        self._remember(peer, paths)
-        await self._adopt(joined)
+        self._joining = True
+        try:
+            reply, peer = await self._exchange(info, [joiner.request()], timeout,
+                                               "the inviting device")
+            joined = joiner.finish(reply, peer=peer, now=time.time())
+            self._remember(peer, paths)
+            await self._adopt(joined)
+        finally:
+            self._joining = False
         return joined.cloud
 
     async def open_pairing(self, *, expires_in: float = 300.0) -> str:
@@ -375,8 +390,14 @@ class Cloud:
         """
         self._require_no_cloud()
         nameplate, _ = parse_code(code)
+        self._joining = True
+        try:
+            return await self._pair(code, nameplate, trio.current_time() + timeout)
+        finally:
+            self._joining = False
+
+    async def _pair(self, code: str, nameplate: int, deadline: float) -> CloudId:
         discovery = await self._ensure_discovery()
-        deadline = trio.current_time() + timeout
         with trio.move_on_at(deadline):
             while True:
                 host = next((p for p in discovery.peers.values() if p.pairing == nameplate
@@ -586,6 +607,8 @@ class Cloud:
             raise LocalProtocolError(
                 f"this device is already in cloud {b32encode(self.id)}; a device is in one "
                 "cloud at a time")
+        if self._joining:
+            raise LocalProtocolError("this device is already joining a cloud; wait for it")
 
     def _require_subcloud(self) -> SubCloud:
         sc = self.subcloud
