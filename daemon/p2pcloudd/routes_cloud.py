@@ -64,6 +64,10 @@ CLOUD_SCHEMA: dict[str, Any] = {
         "online": {"type": "integer", "description": "members linked now (not us)"},
         "subcloud": {"type": ["string", "null"],
                      "description": "the cloud sub-cloud (grants, revocations, policy)"},
+        "statistics": {"type": "object", "additionalProperties": {"type": "integer"},
+                       "description": "counters since start: invites and pairings by outcome, "
+                       "re-links by the way tried (relink: lan / remembered / router) and "
+                       "succeeded (relinked, relinked: router)"},
     },
 }
 MEMBER_SCHEMA: dict[str, Any] = {
@@ -193,6 +197,7 @@ def _summary(daemon: Daemon) -> dict[str, Any]:
         "members": len(members),
         "online": sum(1 for m in members if m.online and m.hashname != daemon.node.hashname),
         "subcloud": cloud.subcloud.id_text if cloud.subcloud is not None else None,
+        "statistics": dict(cloud.statistics()),
     }
 
 

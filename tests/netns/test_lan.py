@@ -95,6 +95,9 @@ def test_a_lan_hosts_find_each_other_by_mdns_and_sync(hosts: dict[str, Host]) ->
                        lambda x=x, y=y: _online(x, y, direct=True), WAIT)
         assert row["path"]["type"] in ("udp4", "tcp4") and row["path"]["ip"] == y.addresses[0]
 
+    for host in (a, b, c):  # the links were tried with the addresses mDNS showed
+        assert host.ok("GET", "/api/cloud")["statistics"].get("relink: lan", 0) >= 1
+
     sc = a.ok("POST", "/api/subclouds", {"name": "photos"})["id"]
     a.ok("PUT", f"/api/subclouds/{sc}/album/p1", {"title": "beach"})
     for host in (b, c, home):
