@@ -323,9 +323,25 @@ def test_a_rule_fires_exactly_once_with_three_devices_online_and_with_one(
             r for r in cli_json(d.data_dir, "thing", "rule", "ls", scale)["rules"]
             if r["id"] == rule["id"]])
 
-    # Three devices online: one reading fires, the other does not.
-    cli_json(laptop.data_dir, "thing", "reading", scale, "value=90", "unit=kg")
-    cli_json(laptop.data_dir, "thing", "reading", scale, "value=10", "unit=kg")
+    # Three devices online: one reading fires, the other does not. The phone (where the
+    # rule did not run) reports the notification on its event stream too.
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "p2pcloudd.cli", "--data-dir", str(phone.data_dir), "events",
+         "--type", "thing.notify", "--count", "1", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        wait_for("the phone's event stream is open",
+                 lambda: phone.get("/api/statistics")["daemon"]["event_subscribers"] >= 1)
+        cli_json(laptop.data_dir, "thing", "reading", scale, "value=90", "unit=kg")
+        cli_json(laptop.data_dir, "thing", "reading", scale, "value=10", "unit=kg")
+        out, err = watch.communicate(timeout=WAIT)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    assert watch.returncode == 0, err
+    notify = json.loads(out.splitlines()[0])
+    assert notify["data"]["thing"] == scale and notify["data"]["data"]["text"] == "heavy"
     wait_for("the firing settled on every device",
              lambda: _settled(owners(home), scale, 1))
     for d in owners(home):
