@@ -136,6 +136,11 @@ def test_fresh_tag_printed_decoded_claimed_on_the_phone_seen_everywhere(
 
 async def _finder_attempts(data_dir: Path, tag: tags.Tag, other: str) -> dict[str, dict[str, Any]]:
     """A finder node (not in the owner's cloud) tries what a finder must not do."""
+    with trio.fail_after(4 * WAIT):  # a hang guard for the whole visit
+        return await _finder_visit(data_dir, tag, other)
+
+
+async def _finder_visit(data_dir: Path, tag: tags.Tag, other: str) -> dict[str, dict[str, Any]]:
     async with p2pcloud.open_node(data_dir, port=0, tcp_port=None) as node:
         assert node.things is not None
         cap, hn = tag.secret, str(tag.hashname)

@@ -80,7 +80,8 @@
     const info = el("div", { className: "thing-info" },
       el("div", { className: "thing-name", textContent: thing.name || "(unnamed)" }),
       el("div", { className: "peer-meta", textContent: (meta ? meta + " · " : "") +
-        h.slice(0, 12) + "…" + (thing.archived ? " · archived" : "") }),
+        h.slice(0, 12) + "…" + (thing.claimed ? "" : " · unclaimed: scan its tag") +
+        (thing.smart ? " · smart" : "") + (thing.archived ? " · archived" : "") }),
       el("div", { className: "peer-meta" }, "tag: ", png, " · ", svg));
     const li = el("li", {}, img, info);
     li.dataset.hashname = h;
