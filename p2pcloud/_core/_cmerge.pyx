@@ -376,6 +376,13 @@ cdef class _Reader:
         return self.p[self.pos - 1]
 
     cdef inline uint64_t varint(self) except? 0xFFFFFFFFFFFFFFFF:
+        # most varints are one byte: no loop for those
+        if self.pos < self.end and self.p[self.pos] < 0x80:
+            self.pos += 1
+            return self.p[self.pos - 1]
+        return self.varint_long()
+
+    cdef uint64_t varint_long(self) except? 0xFFFFFFFFFFFFFFFF:
         cdef uint64_t n = 0
         cdef uint64_t b
         cdef int shift = 0
@@ -1312,6 +1319,13 @@ DEF FIELD_CACHE = 8  # FIELD_NAME_CACHE of the reference
 cdef uint64_t NIDX_FLAG = (<uint64_t>1) << 63
 
 
+ctypedef struct NCell:
+    Py_hash_t hash
+    Py_ssize_t off      # the name's bytes in the store
+    Py_ssize_t idx      # its number; -1: an empty cell
+    int32_t len
+
+
 @cython.final
 cdef class _Names:
     """The names of one delta being written (the reference's _NameTable, same rules).
@@ -1321,11 +1335,8 @@ cdef class _Names:
     open-addressing table in C of store offsets with the name's hash beside each, and the
     last FIELD_CACHE field names introduced (for ``put_field``) sit in a ring.
     """
-    cdef Py_hash_t* ihash
-    cdef Py_ssize_t* ioff
-    cdef Py_ssize_t* ilen
-    cdef Py_ssize_t* iidx  # -1: an empty cell
-    cdef Py_ssize_t icap  # a power of two, kept at most three quarters full
+    cdef NCell* cells
+    cdef Py_ssize_t icap  # a power of two, kept at most half full (linear probing)
     cdef Py_ssize_t iused
     cdef _Buf store
     cdef Py_ssize_t last_off
@@ -1341,10 +1352,7 @@ cdef class _Names:
     cdef Py_ssize_t ring
 
     def __cinit__(self):
-        self.ihash = NULL
-        self.ioff = NULL
-        self.ilen = NULL
-        self.iidx = NULL
+        self.cells = NULL
         self.icap = self.iused = 0
         self.store = _Buf()
         self.last_off = self.last_len = 0
@@ -1353,82 +1361,91 @@ cdef class _Names:
         self.ring = 0
 
     def __dealloc__(self):
-        free(self.ihash)
-        free(self.ioff)
-        free(self.ilen)
-        free(self.iidx)
+        free(self.cells)
 
     cdef inline Py_ssize_t new(self, _Buf buf, const unsigned char* raw, Py_ssize_t n) except -1:
-        cdef Py_ssize_t p = 0, limit
-        cdef const unsigned char* last = self.store.data + self.last_off
+        # names are at most C_MAX_NAME bytes, so both varints take at most two bytes
+        cdef Py_ssize_t p = 0, limit, k
+        cdef _Buf st = self.store
+        cdef const unsigned char* last
+        cdef unsigned char* o
+        cdef uint64_t v
+        if buf.n + n + 4 > buf.cap:
+            buf.grow(n + 4)
+        if st.n + n > st.cap:
+            st.grow(n)
+        last = st.data + self.last_off
         limit = n if n < self.last_len else self.last_len
         while p < limit and raw[p] == last[p]:
             p += 1
-        buf.varint(((<uint64_t>p) << 1) | 1)
-        buf.varint(<uint64_t>(n - p))
-        buf.raw(raw + p, n - p)
-        self.last_off = self.store.n
+        k = n - p
+        o = buf.data + buf.n
+        v = ((<uint64_t>p) << 1) | 1
+        if v < 0x80:
+            o[0] = <unsigned char>v
+            o += 1
+        else:
+            o[0] = <unsigned char>((v & 0x7F) | 0x80)
+            o[1] = <unsigned char>(v >> 7)
+            o += 2
+        v = <uint64_t>k
+        if v < 0x80:
+            o[0] = <unsigned char>v
+            o += 1
+        else:
+            o[0] = <unsigned char>((v & 0x7F) | 0x80)
+            o[1] = <unsigned char>(v >> 7)
+            o += 2
+        _copy(o, raw + p, k)
+        buf.n = (o - buf.data) + k
+        self.last_off = st.n
         self.last_len = n
-        self.store.raw(raw, n)
+        _copy(st.data + st.n, raw, n)
+        st.n += n
         self.count += 1
         return self.count - 1
 
     cdef int _rehash(self, Py_ssize_t cap) except -1:
-        cdef Py_hash_t* oh = self.ihash
-        cdef Py_ssize_t* oo = self.ioff
-        cdef Py_ssize_t* ol = self.ilen
-        cdef Py_ssize_t* oi = self.iidx
+        cdef NCell* old = self.cells
         cdef Py_ssize_t ocap = self.icap, i, j
-        self.ihash = <Py_hash_t*>malloc(cap * sizeof(Py_hash_t))
-        self.ioff = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
-        self.ilen = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
-        self.iidx = <Py_ssize_t*>malloc(cap * sizeof(Py_ssize_t))
-        if self.ihash == NULL or self.ioff == NULL or self.ilen == NULL or self.iidx == NULL:
-            free(self.ihash)
-            free(self.ioff)
-            free(self.ilen)
-            free(self.iidx)
-            self.ihash, self.ioff, self.ilen, self.iidx, self.icap = oh, oo, ol, oi, ocap
+        cdef NCell* c = <NCell*>malloc(cap * sizeof(NCell))
+        if c == NULL:
             raise MemoryError()
         for i in range(cap):
-            self.iidx[i] = -1
-        self.icap = cap
+            c[i].idx = -1
         for i in range(ocap):
-            if oi[i] >= 0:
-                j = <Py_ssize_t>(<size_t>oh[i] & <size_t>(cap - 1))
-                while self.iidx[j] >= 0:
+            if old[i].idx >= 0:
+                j = <Py_ssize_t>(<size_t>old[i].hash & <size_t>(cap - 1))
+                while c[j].idx >= 0:
                     j = (j + 1) & (cap - 1)
-                self.ihash[j] = oh[i]
-                self.ioff[j] = oo[i]
-                self.ilen[j] = ol[i]
-                self.iidx[j] = oi[i]
-        free(oh)
-        free(oo)
-        free(ol)
-        free(oi)
+                c[j] = old[i]
+        free(old)
+        self.cells = c
+        self.icap = cap
         return 0
 
     cdef Py_ssize_t put(self, _Buf buf, const unsigned char* p, Py_ssize_t n,
                         Py_hash_t hv) except -1:
         """Refer to a name already in the table, or introduce it and index it."""
         cdef Py_ssize_t j, found
-        if (self.iused + 1) * 4 > self.icap * 3:
+        cdef NCell* c
+        if (self.iused + 1) * 2 > self.icap:
             self._rehash(64 if self.icap == 0 else self.icap * 2)
         j = <Py_ssize_t>(<size_t>hv & <size_t>(self.icap - 1))
         while True:
-            found = self.iidx[j]
-            if found < 0:
+            c = &self.cells[j]
+            if c.idx < 0:
                 break
-            if self.ihash[j] == hv and self.ilen[j] == n and \
-                    memcmp(self.store.data + self.ioff[j], p, n) == 0:
-                buf.varint((<uint64_t>found) << 1)
-                return found
+            if c.hash == hv and c.len == n and memcmp(self.store.data + c.off, p, n) == 0:
+                buf.varint((<uint64_t>c.idx) << 1)
+                return c.idx
             j = (j + 1) & (self.icap - 1)
         found = self.new(buf, p, n)
-        self.ihash[j] = hv
-        self.ioff[j] = self.last_off
-        self.ilen[j] = n
-        self.iidx[j] = found
+        c = &self.cells[j]
+        c.hash = hv
+        c.off = self.last_off
+        c.len = <int32_t>n
+        c.idx = found
         self.iused += 1
         return found
 
@@ -2662,6 +2679,7 @@ cdef class Replica:
         cdef uint64_t u
         cdef int64_t imm = 0
         cdef bint unboxed
+        cdef Py_ssize_t i2
         cdef OpRec* op
         cdef RunRec* run
         cdef _Decoded names = d
@@ -3241,6 +3259,7 @@ cdef class Replica:
         cdef PyObject* cur_doc
         cdef PyObject* rcoll
         cdef PyObject* rdoc
+        cdef bint new_coll, new_doc
         cdef Py_ssize_t* rank
         cdef uint64_t* above
         cdef uint64_t* nlive
@@ -3324,7 +3343,7 @@ cdef class Replica:
                 cur = hi
         out.varint(len(send_from))
         names = _Names()
-        names._rehash(_pow2_above((4 * live.n) // 3 + 16))  # each name at most once: no regrowth
+        names._rehash(_pow2_above(2 * live.n + 16))  # each name at most once: no regrowth
         texts_sent = set()
         ops = _Buf()
         for k in used:
