@@ -453,11 +453,17 @@ class Things:
                 return
         self._index[hn] = sc.id
 
-    def _held(self, hashname: Hashname) -> SubCloud | None:
-        """This node's live (not handed on) sub-cloud of a thing, if any."""
+    def _held(self, hashname: Hashname, *, scan: bool = False) -> SubCloud | None:
+        """This node's live (not handed on) sub-cloud of a thing, if any.
+
+        The index is kept by start() and the change listener (every write and merge), so a
+        lookup is O(1), also for strangers asking about hashnames we do not hold. ``scan``
+        (this device's own calls) also looks at sub-clouds merged a moment ago whose change
+        listener has not run yet.
+        """
         sc_id = self._index.get(hashname)
-        if sc_id is None:
-            for sc in self._thing_subclouds():  # a sub-cloud that arrived since: index it
+        if sc_id is None and scan:
+            for sc in self._thing_subclouds():
                 self._index_one(sc)
             sc_id = self._index.get(hashname)
         held = self._repl.subclouds.get(sc_id) if sc_id is not None else None
@@ -469,7 +475,7 @@ class Things:
         if not isinstance(thing, str):
             thing = str(getattr(thing, "hashname", thing))
         if is_hashname(thing):
-            sc = self._held(Hashname(thing))
+            sc = self._held(Hashname(thing), scan=True)
             if sc is not None or live:
                 if sc is None:
                     raise UnknownThing(f"no thing {thing[:12]} in this cloud")
@@ -782,7 +788,7 @@ class Things:
                 into. Nothing changes on any of these.
         """
         tag = await self._read_tag(source)
-        sc = self._held(tag.hashname)
+        sc = self._held(tag.hashname, scan=True)
         cloud = self._cloud_id()
         decision = _s.decide_scan(tag, holder=sc.replica if sc is not None else None,
                                   my_cloud=cloud if cloud is not None else CloudId(b""))
