@@ -25,6 +25,7 @@ node does not remember them across restarts.
 
 from __future__ import annotations
 
+import base64
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ import trio
 from starlette.requests import Request
 
 import p2pcloud
+from p2pcloud._core import BlobRef
 from p2pcloud.errors import AccessDenied, SubscriptionLost, UnknownSubCloud
 from p2pcloudd.api import ApiError, json_body, route
 from p2pcloudd.runtime import Daemon
@@ -172,6 +174,29 @@ def _find(daemon: Daemon, request: Request) -> Any:
     return sc
 
 
+def _json_value(value: Any) -> Any:
+    """A replica value as JSON: a blob reference is ``{"$blob": hex hash, "size": n}``,
+    bytes are ``{"$bytes": base64}``, a multi-value register (concurrent values) a list.
+
+    Synced folders store such values in their ``files`` collection; other apps may too.
+    """
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, BlobRef):
+        return {"$blob": bytes(value.hash).hex(), "size": value.size}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": base64.b64encode(bytes(value)).decode()}
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    return str(value)
+
+
+def _fields_json(fields: dict[str, Any] | None) -> dict[str, Any]:
+    return {str(k): _json_value(v) for k, v in (fields or {}).items()}
+
+
 def _names(request: Request) -> tuple[str, str]:
     coll, doc = request.path_params["coll"], request.path_params.get("doc", "")
     for part in (coll, doc):
@@ -284,7 +309,8 @@ async def _get_document(daemon: Daemon, request: Request) -> Any:
     if fields is None:
         raise ApiError(404, "unknown_document", f"no document {coll}/{doc} in {sc.name!r}",
                        f"list the documents with `p2pcloud ls {sc.id_text} {coll}`")
-    return {"subcloud": sc.id_text, "collection": coll, "document": doc, "fields": fields}
+    return {"subcloud": sc.id_text, "collection": coll, "document": doc,
+            "fields": _fields_json(fields)}
 
 
 @route("PUT", "/api/subclouds/{sc}/{coll}/{doc}",
@@ -300,7 +326,7 @@ async def _put_document(daemon: Daemon, request: Request) -> Any:
         raise ApiError(400, "no_fields", "the body names no field", 'send {"field": value}')
     await _write(f"put {coll}/{doc}", lambda: sc.put(coll, doc, fields))
     return {"subcloud": sc.id_text, "collection": coll, "document": doc,
-            "fields": sc.get(coll, doc) or {}}
+            "fields": _fields_json(sc.get(coll, doc))}
 
 
 @route("DELETE", "/api/subclouds/{sc}/{coll}/{doc}",

@@ -34,6 +34,11 @@ def test_files_add_syncs_a_folder_both_ways_and_ls_lists_it(
     listed = wait_for("A lists 2 files", lambda: [
         f for f in cli_json(a.data_dir, "files", "ls")["folders"] if f["files"] == 2])
     assert listed[0]["conflicts"] == [] and listed[0]["subcloud"] == sc
+    # A synced file is a document of the "files" collection; its blob reference reads as JSON.
+    doc = cli_json(b.data_dir, "get", sc, "files", "a.txt")
+    (version,) = [v for v in doc["fields"].values()]
+    version = version[0] if isinstance(version, list) else version
+    assert version["blob"]["size"] == len("from A\n") and len(version["blob"]["$blob"]) == 64
     text = cli(b.data_dir, "files", "ls")
     assert text.returncode == 0 and str(fb.resolve()) in text.stdout
 
