@@ -942,6 +942,19 @@ cdef class Doc:
         self.free_ent = i
         Py_XDECREF(v)
 
+    cdef int reserve_ents(self, Py_ssize_t n) except -1:
+        # room for n more entries in the pool
+        cdef Py_ssize_t cap
+        if self.nents + n > self.ents_cap:
+            cap = self.nents + n
+            if cap < 2 * self.ents_cap:
+                cap = 2 * self.ents_cap
+            if cap > MAX_DOC_ITEMS:
+                raise MemoryError("too many entries in one document")
+            self.ents = <ERec*>_grow(self.ents, cap * sizeof(ERec))
+            self.ents_cap = cap
+        return 0
+
     cdef int reserve(self, Py_ssize_t n) except -1:
         # room for n more fields with one entry each: no regrowth during a bulk insert
         cdef Py_ssize_t cap, need = self.nslots + n
@@ -1839,6 +1852,16 @@ cdef class _LiveArray:
 
     def __dealloc__(self):
         free(self.recs)
+
+    cdef int reserve(self, Py_ssize_t n) except -1:
+        cdef LiveRec* p
+        if n > self.cap:
+            p = <LiveRec*>realloc(self.recs, n * sizeof(LiveRec))
+            if p == NULL:
+                raise MemoryError()
+            self.recs = p
+            self.cap = n
+        return 0
 
     cdef inline LiveRec* slot_for(self) except NULL:
         cdef Py_ssize_t cap
@@ -3028,13 +3051,16 @@ cdef class Replica:
                     hint_pos = 0
                     # a document that was empty here gets new fields: no order to follow
                     use_hint = doc_obj.nlive != 0
-                    if not use_hint:
-                        # a new document: presize its table for the ops of this run that go to it
-                        upto = oi + 1
-                        while upto < run.end and d.ops[upto].coll == doc_coll and \
-                                d.ops[upto].doc == doc_doc:
-                            upto += 1
-                        if upto - oi >= PRESIZE_MIN:
+                    # presize the document's entry pool (and a new document's table) for the
+                    # ops of this run that go to it
+                    upto = oi + 1
+                    while upto < run.end and d.ops[upto].coll == doc_coll and \
+                            d.ops[upto].doc == doc_doc:
+                        upto += 1
+                    if upto - oi >= PRESIZE_MIN:
+                        if use_hint:
+                            doc_obj.reserve_ents(upto - oi)
+                        else:
                             doc_obj.reserve(upto - oi)
                 np = d.arena.data + d.noff[op.field]
                 nn = d.nlen[op.field]
@@ -3264,7 +3290,7 @@ cdef class Replica:
         cdef uint64_t* above
         cdef uint64_t* nlive
         cdef Py_ssize_t* selidx = NULL
-        cdef Py_ssize_t nsel
+        cdef Py_ssize_t nsel, total
         if self._txn is not None:
             raise CoreUsageError("commit the open transaction before encoding")
         self._flush_own()
@@ -3305,6 +3331,10 @@ cdef class Replica:
                     above[i] = 0 if sv < 0 else (sv if sv <= MAX_COUNTER else MAX_COUNTER)
                 else:
                     above[i] = 0
+            total = 0
+            for i in range(nrep):
+                total += nlive[i]
+            live.reserve(total)  # at most every live entry: no regrowth while gathering
             for docs in self._colls.values():
                 for dobj in (<dict>docs).values():
                     live.push_doc(<Doc>dobj, rank, above)
@@ -3346,6 +3376,7 @@ cdef class Replica:
         names._rehash(_pow2_above(2 * live.n + 16))  # each name at most once: no regrowth
         texts_sent = set()
         ops = _Buf()
+        ops.grow(8 * live.n)  # a register op of a small value is about 8 bytes
         for k in used:
             if k not in send_from:
                 continue
