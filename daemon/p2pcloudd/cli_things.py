@@ -600,7 +600,7 @@ async def _run_thing(args: argparse.Namespace, data_dir: Path) -> int:
 
     from p2pcloud._node.smartthing import run_thing
     from p2pcloud._node.transport import TransportError
-    from p2pcloud.errors import JoinFailed, KeyFileError, ThingError
+    from p2pcloud.errors import BadURI, JoinFailed, KeyFileError, LinkError, ThingError
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
@@ -609,9 +609,13 @@ async def _run_thing(args: argparse.Namespace, data_dir: Path) -> int:
                 return await _thing_main(args, thing, signals)
         except (KeyFileError, TransportError) as exc:
             raise CliError(str(exc), "check --data-dir and --port") from exc
-        except JoinFailed as exc:
-            raise CliError(f"pairing failed: {exc}", "ask the owner for a new invite: "
-                           "`p2pcloud thing invite` on one of their devices") from exc
+        except BadURI as exc:
+            raise CliError(f"--pair: not an invite: {exc}", "copy the whole text "
+                           "`p2pcloud thing invite` printed", EXIT_USAGE) from exc
+        except (JoinFailed, LinkError, trio.TooSlowError) as exc:
+            raise CliError(f"pairing failed: {exc or 'no answer'}", "ask the owner for a new "
+                           "invite: `p2pcloud thing invite` on one of their devices; the "
+                           "device that made it must be running") from exc
         except ThingError as exc:
             raise CliError(str(exc), "pair it: `p2pcloud thing run --pair INVITE` with an "
                            "invite from `p2pcloud thing invite`", EXIT_USAGE) from exc
