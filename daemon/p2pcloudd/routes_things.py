@@ -683,13 +683,10 @@ async def _remove_rule(daemon: Daemon, request: Request) -> Any:
     view = _find(daemon, request)
     rule_id = _key(request, "rule")
     things = _things(daemon)
-    try:
-        await call("remove rule", lambda: things.remove_rule(view, rule_id))
-    except ApiError as exc:
-        if exc.status == 409 and "rule" in exc.message:
-            raise ApiError(404, "unknown_rule", exc.message,
-                           "list the rules with `p2pcloud thing show THING`") from exc
-        raise
+    if rule_id not in {r["id"] for r in things.rules(view)}:
+        raise ApiError(404, "unknown_rule", f"the thing has no rule {rule_id!r}",
+                       "list the rules with `p2pcloud thing rule ls THING`")
+    await call("remove rule", lambda: things.remove_rule(view, rule_id))
     return None
 
 
