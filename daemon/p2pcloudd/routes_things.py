@@ -278,7 +278,7 @@ async def call(what: str, fn: Callable[[], Awaitable[Any]], *,
     except p2pcloud.LinkError as exc:
         raise ApiError(502, "unreachable", f"{what}: {exc}",
                        "the thing's owner devices did not answer; try again later") from exc
-    except (p2pcloud.LocalProtocolError, p2pcloud.CoreUsageError, ValueError) as exc:
+    except (p2pcloud.LocalProtocolError, p2pcloud.CoreUsageError) as exc:
         raise ApiError(400, "bad_value", f"{what}: {exc}", "check the values") from exc
     except p2pcloud.RemoteProtocolError as exc:
         raise ApiError(502, "bad_answer", f"{what}: {exc}",
@@ -757,14 +757,8 @@ async def _thing_invite(daemon: Daemon, request: Request) -> Any:
 # -- thing events -------------------------------------------------------------------------
 
 EVENT_TYPES = {
-    "ThingCreated": "thing.created", "ThingClaimed": "thing.claimed",
-    "ThingChanged": "thing.changed", "ThingScanned": "thing.scanned",
-    "MessageReceived": "thing.message", "MessageLeft": "thing.message",
-    "OwnerNotified": "thing.notify", "Notified": "thing.notify",
-    "NotificationRaised": "thing.notify", "RuleFired": "thing.rule",
-    "ReadingAdded": "thing.reading", "ThingTransferred": "thing.transferred",
-    "ThingReceived": "thing.received", "ThingArchived": "thing.archived",
-    "ThingRenamed": "thing.renamed",
+    "ThingCreated": "thing.created", "ThingChanged": "thing.changed",
+    "MessageReceived": "thing.message", "OwnerNotified": "thing.notify",
 }
 """Node event class -> daemon event type; any other event is ``thing.<snake_case name>``."""
 
