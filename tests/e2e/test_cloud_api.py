@@ -83,6 +83,11 @@ def test_found_invite_by_qr_join_members_policy_revoke(
     not_file = cli(other.data_dir, "cloud", "join", str(tmp_path / "missing.png"))
     assert not_file.returncode == 2 and "neither an invite nor a file" in not_file.stderr
 
+    # In the terminal: the QR code drawn with block characters, then the URI to paste.
+    drawn = cli(home.data_dir, "cloud", "invite", "--qr", "--expires", "120")
+    assert drawn.returncode == 0, drawn.stderr
+    assert "\u2588" in drawn.stdout or "\u2580" in drawn.stdout or "\u2584" in drawn.stdout
+    assert drawn.stdout.strip().splitlines()[-1].startswith("p2pcloud:invite/1/")
     # Invites with a QR code inside the JSON, as the dashboard would take them.
     svg = api.call("POST", "/api/cloud/invites", body={"qr": "svg", "expires_in": 600})
     assert svg.status == 201 and svg.json()["qr_svg"].lstrip().startswith("<?xml")
