@@ -64,15 +64,16 @@ __all__ = ["BLOB_FRAME", "BlobEngine", "manifest_record_id"]
 log = logging.getLogger("p2pcloud.blobs")
 
 BLOB_FRAME: Final = struct.Struct(">I")  # length prefix of one blob message on the stream
-MAX_PENDING_CHUNK_BYTES: Final = 16 * 1024 * 1024
+MAX_PENDING_CHUNK_BYTES: Final = 4 * 1024 * 1024
 """Verified chunks held in memory waiting for their LMDB batch: the reader pauses beyond
 this, so a disk slower than the network pushes back instead of filling memory."""
-MAX_INBOX_BYTES: Final = 8 * 1024 * 1024
+MAX_INBOX_BYTES: Final = 4 * 1024 * 1024
 """Received bodies waiting for the coordinator: readers pause beyond this (together with
 MAX_PENDING_CHUNK_BYTES, what a fast sender can make us hold)."""
 MAX_BODIES_PER_STEP: Final = 256  # bodies per worker call: amortises the thread hop
 MAX_RECEIVE: Final = 1024 * 1024  # per receive_some: whole large-frame bodies, uncopied
-MAX_WRITE_BATCH_BYTES: Final = 16 * 1024 * 1024  # per put_chunks transaction (dirty pages)
+MAX_WRITE_BATCH_BYTES: Final = 4 * 1024 * 1024  # per writer batch (LMDB dirty pages, part writes)
+MAX_COALESCE_BYTES: Final = 1024 * 1024  # queued frames joined into one channel write at most
 MAX_WRITE_BATCH_CHUNKS: Final = 256
 """Chunks per writer batch (the store's MAX_CHUNK_BATCH is 4096): a blob's completion waits
 for its batch, so small batches keep completions (and the files they let a folder write)
@@ -120,6 +121,7 @@ class BlobEngine:
         self._on_completed = on_completed
         self._part_writer = part_writer
         self._disk = trio.CapacityLimiter(1)  # part file writes: one batch at a time
+        self._pool: ThreadPoolExecutor | None = None  # the part writers (run)
         self._manifests: dict[bytes, Manifest] = {}
         # verified chunks not yet written, with the manifests of the blobs that need them
         self._pending: dict[bytes, tuple[bytes, tuple[Manifest, ...]]] = {}
@@ -199,6 +201,15 @@ class BlobEngine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the timer and the chunk writer until cancelled."""
+        # the part writers: kept for the engine's life (threads made per batch cost their
+        # creation and, with glibc, a fresh malloc arena each)
+        self._pool = ThreadPoolExecutor(PART_WRITE_THREADS, thread_name_prefix="p2pcloud-parts")
+        try:
+            await self._run(task_status)
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._timer_loop)
@@ -324,11 +335,11 @@ class BlobEngine:
                         log.exception("writing a chunk into a part file failed")
             return taken
 
-        if len(todo) > 1:
+        pool = self._pool
+        if len(todo) > 1 and pool is not None:
             # creating a file costs ~0.5 ms of file system work here, most of it waiting:
             # a folder of small files is written by a few threads at once
-            with ThreadPoolExecutor(min(PART_WRITE_THREADS, len(todo))) as pool:
-                taken = list(pool.map(one, todo))
+            taken = list(pool.map(one, todo))
         else:
             taken = [one(item) for item in todo]
         rest: dict[bytes, bytes] = {}
@@ -444,14 +455,14 @@ class BlobEngine:
         try:
             async for body in receive:
                 frames = [BLOB_FRAME.pack(len(body)), body]
-                while True:  # coalesce what is queued into one write
+                size = len(body)
+                while size < MAX_COALESCE_BYTES:  # coalesce what is queued into one write
                     try:
                         more = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
                     frames += [BLOB_FRAME.pack(len(more)), more]
-                    if len(frames) >= 64:
-                        break
+                    size += len(more)
                 await stream.send_all(b"".join(frames))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             scope.cancel()

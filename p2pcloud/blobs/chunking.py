@@ -102,8 +102,8 @@ def iter_chunks(data: bytes | bytearray | memoryview) -> Iterator[ChunkSpan]:
 class Readable(Protocol):
     """A binary stream read with ``readinto`` (a raw file object, ``io.BytesIO``...)."""
 
-    def readinto(self, buffer: memoryview, /) -> int | None:
-        """Fill ``buffer`` from the stream; 0 at the end."""
+    def readinto(self, b: memoryview, /) -> int:
+        """Fill ``b`` from the stream; return how many bytes, 0 at the end."""
         ...
 
 

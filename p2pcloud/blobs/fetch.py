@@ -54,12 +54,12 @@ __all__ = [
     "PeerBanned",
 ]
 
-MAX_IN_FLIGHT_PER_PEER: Final = 128
-"""Requests outstanding per peer and blob: 128 x ~78 KiB = ~10 MiB in flight, what keeps a
-fast link busy when the round trip through two loaded Python processes reaches 50 ms
-(200 MB/s x 50 ms; measured: 16 in flight capped a loopback transfer near 60 MB/s)
-without queueing minutes of data on a slow one. The coordinator sends them as wants of at
-most MAX_WANT_HASHES each."""
+MAX_IN_FLIGHT_PER_PEER: Final = 64
+"""Requests outstanding per peer and blob: 64 x ~78 KiB = ~5 MiB in flight, what keeps a
+fast link busy when the round trip through two busy Python processes reaches 25 ms
+(200 MB/s x 25 ms; measured: 16 in flight capped a loopback transfer near 60 MB/s; 128
+was no faster and held twice the memory on both sides) without queueing minutes of data
+on a slow one. The coordinator sends them as wants of at most MAX_WANT_HASHES each."""
 MAX_IN_FLIGHT_LIMIT: Final = 1024  # a configured value beyond this is a mistake (~80 MiB)
 REQUEST_TIMEOUT: Final = 30.0
 """Seconds before an unanswered request is given to another peer: far above any round

@@ -361,8 +361,8 @@ class BlobTransfers:
                 self._events.append(BlobStalled(blob, True, tuple(fetch.missing())))
         # one want per peer for up to MAX_WANT_HASHES chunks of any blobs: a folder of small
         # files would otherwise cost one message (and one answer pass) per file
-        for peer, hashes in sorted(wants.items()):
-            todo = list(hashes)
+        for peer, wanted in sorted(wants.items()):
+            todo = list(wanted)
             for i in range(0, len(todo), MAX_WANT_HASHES):
                 self._send(peer, Want(tuple(todo[i:i + MAX_WANT_HASHES])))
         out = list(self._out)
