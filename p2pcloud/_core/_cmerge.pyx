@@ -906,7 +906,8 @@ cdef class Doc:
             self.free_ent = self.ents[i].next
         else:
             if self.nents >= self.ents_cap:
-                cap = 16 if self.ents_cap == 0 else self.ents_cap * 2
+                # small first: most documents hold a handful of fields
+                cap = 4 if self.ents_cap == 0 else self.ents_cap * 2
                 if cap > MAX_DOC_ITEMS:
                     cap = MAX_DOC_ITEMS
                     if self.nents >= cap:
@@ -1103,11 +1104,11 @@ cdef class Doc:
         # written again) outnumber the live ones, so neither grows without bound
         if (self.ifill + self.nslots - self.nindexed + 1) * 3 >= self.icap * 2 or \
                 self.nslots - self.nlive > self.nlive + 8:
-            self.rebuild(2 * self.nlive + 8)
+            self.rebuild(2 * self.nlive + 4)
         elif not defer and self.nindexed != self.nslots:
             self.index_pending()
         if self.nslots >= self.slots_cap:
-            cap = 8 if self.slots_cap == 0 else self.slots_cap * 2
+            cap = 4 if self.slots_cap == 0 else self.slots_cap * 2
             if cap > MAX_DOC_ITEMS:
                 cap = MAX_DOC_ITEMS
                 if self.nslots >= cap:
@@ -1115,7 +1116,7 @@ cdef class Doc:
             self.slots = <FSlot*>_grow(self.slots, cap * sizeof(FSlot))
             self.slots_cap = cap
         if self.arena_n + n > self.arena_cap:
-            cap = 64 if self.arena_cap == 0 else self.arena_cap * 2
+            cap = 32 if self.arena_cap == 0 else self.arena_cap * 2
             while cap < self.arena_n + n:
                 cap *= 2
             self.arena = <unsigned char*>_grow(self.arena, cap)
