@@ -13,12 +13,18 @@ HTTP server do); it keeps what the daemon knows that the node does not:
   ``link.up`` / ``link.down`` / ``link.path`` events on the diff (docs/daemon.md; a hook in
   the node would replace the polling, see the report to NODE).
 * the **statistics ticker** publishing ``statistics`` events for live dashboards.
+* **goodbyes**: Telehash v3 has no message that ends a link, so a peer that stops would
+  look online until the mesh's keepalive gives up (minutes). A stopping daemon opens a
+  ``p2pcloud-bye`` channel (our extension) to each linked peer and waits up to
+  :data:`BYE_TIMEOUT` for the acknowledgement; a daemon that receives one ends that link
+  at once. Only the peer itself can send it: the channel runs inside its encrypted link.
 * **dashboard sessions**: one-time login codes (minted by a token holder) turn into
   HttpOnly cookies; both live in memory only, so a restart logs dashboards out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
@@ -47,6 +53,11 @@ MAX_SESSIONS = 256  # dashboard sessions kept; beyond that the oldest is logged 
 LINK_TIMEOUT = 30.0  # s; the mesh's own handshake give-up time (telehash v3 link timers)
 RELINK_FIRST_DELAY = 1.0  # s after a link to a known peer went down before linking again
 RELINK_MAX_DELAY = 60.0  # s between tries to a peer that stays away (Syncthing retries each 60 s)
+BYE_CHANNEL = "p2pcloud-bye"  # our extension: "I am stopping", sent on each link at shutdown
+BYE_TIMEOUT = 1.0  # s a stopping daemon waits for its peers to acknowledge the goodbye
+RELINK_AFTER_BYE = 10.0
+"""s before linking back to a peer that said goodbye: it is still shutting down, and one
+that restarts links to us itself when it knows our URI."""
 
 
 def core_implementation() -> str:
@@ -117,6 +128,7 @@ class Daemon:
         self._sessions: dict[str, float] = {}
         self._seen_up: dict[str, Any] = {}  # hashname -> path, as of the last poll
         self._relinking: set[str] = set()  # peers a _relink_after_down task is after
+        self._said_bye: set[str] = set()  # peers that said goodbye since their link was up
         self._relink_nursery: trio.Nursery | None = None
         self._state_dirty = False
 
@@ -262,12 +274,15 @@ class Daemon:
         peer = self.state.peers.get(hashname)
         if (peer is None or not peer.uri or not self.settings.relink
                 or self._relink_nursery is None or hashname in self._relinking):
+            self._said_bye.discard(hashname)
             return
         self._relinking.add(hashname)
-        self._relink_nursery.start_soon(self._relink_after_down, peer)
+        first = RELINK_AFTER_BYE if hashname in self._said_bye else RELINK_FIRST_DELAY
+        self._said_bye.discard(hashname)
+        self._relink_nursery.start_soon(self._relink_after_down, peer, first)
 
-    async def _relink_after_down(self, peer: datadir.KnownPeer) -> None:
-        delay = RELINK_FIRST_DELAY
+    async def _relink_after_down(self, peer: datadir.KnownPeer, first_delay: float) -> None:
+        delay = first_delay
         try:
             while peer.uri and peer.hashname not in self.node.links:
                 await trio.sleep(delay)
@@ -289,6 +304,7 @@ class Daemon:
         """Publish link events, keep known peers' last_seen, and link again with known
         peers whose link went down, until cancelled."""
         last_save = trio.current_time()
+        self.node.serve_channel(BYE_CHANNEL, self._on_bye)
         async with trio.open_nursery() as nursery:
             self._relink_nursery = nursery
             while True:
@@ -298,6 +314,32 @@ class Daemon:
                     await self.save_state_if_dirty()
                     last_save = trio.current_time()
                 await trio.sleep(LINK_POLL_INTERVAL)
+
+    async def _on_bye(self, stream: Any) -> None:
+        """A peer says it is stopping: acknowledge, then end its link now."""
+        hashname = stream.hashname
+        log.info("peer stopping peer=%s", str(hashname)[:12])
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 p2pcloud.P2PCloudError):
+            await stream.send_all(b"ok")
+        self._said_bye.add(hashname)
+        self.node.unlink(hashname)
+        self._poll_links()  # link.down now, not at the next poll
+
+    async def say_bye(self) -> None:
+        """Tell every linked peer we are stopping (at most :data:`BYE_TIMEOUT`)."""
+        async def bye(hashname: Hashname) -> None:
+            try:
+                stream = await self.node.open_channel(hashname, BYE_CHANNEL)
+                await stream.receive_some()  # their "ok" (or the end): they got it
+            except (p2pcloud.P2PCloudError, trio.BrokenResourceError,
+                    trio.ClosedResourceError):
+                return
+
+        with trio.move_on_after(BYE_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for hashname in list(self.node.links):
+                    nursery.start_soon(bye, hashname)
 
     async def tick_statistics(self) -> None:
         """Publish a ``statistics`` event every ``statistics_interval`` seconds."""

@@ -394,6 +394,7 @@ async def _run_locked(args: argparse.Namespace, data_dir: Path, stream: TextIO) 
                     nursery.start_soon(_watch_signals, daemon, signals, stream)
                     await daemon.shutdown_requested.wait()
                     log.info("stopping")
+                    await daemon.say_bye()  # peers see us offline now, not in minutes
                     with trio.move_on_after(HTTP_GRACE + 1.0):
                         await api_done.wait()
                     nursery.cancel_scope.cancel()
