@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tests.e2e.conftest import Daemon, cli, cli_json, wait_for
@@ -34,6 +35,19 @@ def test_files_add_syncs_a_folder_both_ways_and_ls_lists_it(
     listed = wait_for("A lists 2 files", lambda: [
         f for f in cli_json(a.data_dir, "files", "ls")["folders"] if f["files"] == 2])
     assert listed[0]["conflicts"] == [] and listed[0]["subcloud"] == sc
+    # Progress: once the file is there nothing is left to move (--wait returns at once);
+    # after a big file from A has arrived, `progress --wait` ends with every peer in sync.
+    rest = cli_json(b.data_dir, "progress", "photos", "--wait", "--timeout", "60")
+    (only,) = rest["subclouds"]
+    assert only["subcloud"] == sc and only["peers"]
+    assert all(p["send_items"] == p["receive_items"] == 0 for p in only["peers"])
+    (fa / "big.bin").write_bytes(os.urandom(8 << 20))
+    wait_for("big.bin on B", lambda: (fb / "big.bin").exists()
+             and (fb / "big.bin").stat().st_size == 8 << 20)
+    shown = cli(b.data_dir, "progress", "--wait", "--timeout", "60")
+    assert shown.returncode == 0 and f"photos ↔ {a.status()['hashname']}: in sync" in (
+        shown.stdout), shown.stdout
+
     # A synced file is a document of the "files" collection; its blob reference reads as JSON.
     doc = cli_json(b.data_dir, "get", sc, "files", "a.txt")
     (version,) = [v for v in doc["fields"].values()]
