@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any, Final
 import cbor2
 import trio
 
-from p2pcloud._core import Replica
+from p2pcloud._core import BlobRef, Replica
 from p2pcloud._crypto import LocalIdentity, hashname_from_keys, is_hashname
 from p2pcloud._ids import CloudId, Hashname, SubCloudId
 from p2pcloud._node.subcloud import Change, RegistryRecord, SubCloud, sign_record
@@ -711,6 +711,55 @@ class Things:
         fields = {CARD_LABEL: _card_text(text)} if text else {}
         await self._write(sc, lambda r: _t.set_card(r, fields, now_ms=_now_ms()),
                           [(_t.CARD, _t.CARD_DOC, "fields")])
+
+    async def add_file(self, thing: str | ThingView, source: str | Path | bytes, *,
+                       name: str, kind: str = "file",
+                       mime: str = "application/octet-stream") -> str:
+        """Attach a file (a manual, a photo): its content becomes a blob of the thing's
+        sub-cloud (chunked, fetched by other devices when they open it).
+
+        Args:
+            thing: the thing. source: a file path or the bytes. name: the file's name.
+            kind: ``manual``, ``photo`` or another short word. mime: its media type.
+
+        Returns:
+            The file's id (its document in the ``files`` collection).
+
+        Raises:
+            ThingError: a text too long. OSError: the path cannot be read.
+        """
+        sc = self._live(thing)
+        ref = await sc.add_blob(source)
+        file_id = b32encode(os.urandom(10))
+        await self._write(sc, lambda r: _t.add_file(r, file_id, name=name, kind=kind,
+                                                    blob=ref, mime=mime, now_ms=_now_ms()),
+                          [(_t.FILES, file_id, None)])
+        return file_id
+
+    def files(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
+        """A thing's files: ``{id, name, kind, mime, size}``, sorted by name."""
+        sc = self._find(thing, live=False)
+        out = []
+        for file_id in sc.replica.documents(_t.FILES):
+            doc = sc.replica.document(_t.FILES, file_id) or {}
+            blob = doc.get("blob")
+            out.append({"id": file_id, "name": str(doc.get("name", "")),
+                        "kind": str(doc.get("kind", "")), "mime": str(doc.get("mime", "")),
+                        "size": int(getattr(blob, "size", 0))})
+        return sorted(out, key=lambda f: (f["name"], f["id"]))
+
+    async def read_file(self, thing: str | ThingView, file_id: str) -> bytes:
+        """A file's content (chunks missing here are fetched from the other devices first).
+
+        Raises:
+            ThingError: no such file. BlobError: its content cannot be fetched.
+        """
+        sc = self._find(thing, live=False)
+        blob = sc.replica.get(_t.FILES, file_id, "blob")
+        if not isinstance(blob, BlobRef):
+            raise ThingError(f"the thing has no file {file_id!r}")
+        async with sc.open_blob(blob) as reader:
+            return await reader.read_all()
 
     def inbox(self, thing: str | ThingView) -> builtins.list[dict[str, Any]]:
         """Finder messages, oldest first: ``{id, from, text, contact, at_ms}``."""

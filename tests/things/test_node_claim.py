@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from p2pcloud._wire import b32decode, b32encode
-from p2pcloud.errors import BadURI, ClaimRefused, UnknownThing
+from p2pcloud.errors import BadURI, ClaimRefused, ThingError, UnknownThing
 from p2pcloud.things import scan as s
 from p2pcloud.things.tags import KIND_CLAIMED, Tag, parse_tag, render_png, render_sheet
 from tests.things.nodes import GIVE_UP, found_and_join, holds, start_nodes, things, wait_for
@@ -153,3 +153,24 @@ async def test_bad_tags_give_clear_errors_and_change_nothing(tmp_path):
             assert state() == after
             assert not holds(stranger, view.hashname)
             parse_tag(uri)  # the genuine tag still parses
+
+
+async def test_a_manual_attached_on_one_device_is_read_on_another(tmp_path):
+    with trio.fail_after(GIVE_UP):
+        async with AsyncExitStack() as stack:
+            home, laptop = await start_nodes(stack, tmp_path, ["home", "laptop"])
+            await found_and_join(home, laptop)
+            modem = await things(home).create("cable modem", make="Acme")
+            manual = bytes(range(256)) * 2048  # 512 KiB: several chunks
+            (tmp_path / "manual.pdf").write_bytes(manual)
+            file_id = await things(home).add_file(modem.hashname, tmp_path / "manual.pdf",
+                                                  name="manual.pdf", kind="manual",
+                                                  mime="application/pdf")
+            await wait_for(lambda: holds(laptop, modem.hashname)
+                           and things(laptop).files(modem.hashname))
+            [info] = things(laptop).files(modem.hashname)
+            assert info == {"id": file_id, "name": "manual.pdf", "kind": "manual",
+                            "mime": "application/pdf", "size": len(manual)}
+            assert await things(laptop).read_file(modem.hashname, file_id) == manual
+            with pytest.raises(ThingError, match="no file"):
+                await things(laptop).read_file(modem.hashname, "nope")
