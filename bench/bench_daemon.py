@@ -165,9 +165,8 @@ def syncthing_generate(home: Path, *, gui: tuple[str, int] = ST_GUI, listen: str
         "announceLANAddresses": "false", "stunKeepaliveStartS": "0", "stunKeepaliveMinS": "0",
     }
     for tag, value in settings.items():
-        e = options.find(tag)
-        if e is None:
-            e = ET.SubElement(options, tag)
+        found = options.find(tag)
+        e = found if found is not None else ET.SubElement(options, tag)
         e.text = value
     tree.write(path)
     return ms

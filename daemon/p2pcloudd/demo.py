@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -243,8 +244,8 @@ class Demo:
             finally:
                 os.close(log_fd)
         for d in self.devices:
-            d.status = _wait(f"{d.name}'s daemon answering", lambda d=d: self._answering(d),
-                             START_TIMEOUT)
+            d.status = _wait(f"{d.name}'s daemon answering",
+                             functools.partial(self._answering, d), START_TIMEOUT)
             d.events = EventStream(d.api)
             self.facts["devices"][d.name] = {"hashname": d.hashname,
                                              "data_dir": str(d.data_dir),
@@ -295,7 +296,7 @@ class Demo:
                                {"hashname": d.hashname, "rights": "write"})
         for d in self.devices[1:]:
             _wait(f"the {d.name} receiving {SUBCLOUD!r} with write rights",
-                  lambda d=d: self._holds(d, sc_id))
+                  functools.partial(self._holds, d, sc_id))
             self.say(f"   the {d.name} holds it, with write rights "
                      f"({_ms(time.monotonic() - began)})")
         return sc_id
