@@ -35,7 +35,6 @@ and that many bytes of CBOR, bounded by the receiver's limit.
 from __future__ import annotations
 
 import logging
-import math
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -136,8 +135,13 @@ class _Hosted:
     hashname: Hashname
     node: Node
     used: float
-    stop: trio.Event = field(default_factory=trio.Event)
+    stopping: bool = False
+    nudge: trio.Event = field(default_factory=trio.Event)  # stop asked, or the idle time changed
     serving: int = 0
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.nudge.set()
 
 
 Serve = Callable[[Hashname, "ChannelStream"], Awaitable[None]]
@@ -196,7 +200,7 @@ class ThingHost:
             while len(self._hosted) >= self.max_hosted:
                 oldest = min(self._hosted.values(), key=lambda h: h.used)
                 self._hosted.pop(oldest.hashname, None)
-                oldest.stop.set()
+                oldest.stop()
             done = trio.Event()
             self._starting[hn] = done
             try:
@@ -232,9 +236,12 @@ class ThingHost:
             self.started += 1
             task_status.started(hosted)
             try:
-                while not hosted.stop.is_set():
-                    with trio.move_on_after(self.idle / 4 if math.isfinite(self.idle) else 60):
-                        await hosted.stop.wait()
+                while not hosted.stopping:
+                    # sleep until it would be idle long enough (re-checked: a request may
+                    # have come meanwhile), or until stopped or the idle time changes
+                    with trio.move_on_at(hosted.used + self.idle):
+                        await hosted.nudge.wait()
+                    hosted.nudge = trio.Event()
                     if (hosted.serving == 0
                             and trio.current_time() - hosted.used >= self.idle):
                         break
@@ -247,4 +254,10 @@ class ThingHost:
         """Stop a thing's endpoint (the thing was handed on, or its key is gone)."""
         hosted = self._hosted.pop(hashname, None)
         if hosted is not None:
-            hosted.stop.set()
+            hosted.stop()
+
+    def set_idle(self, seconds: float) -> None:
+        """Change how long an endpoint lives without a request (running ones included)."""
+        self.idle = seconds
+        for hosted in self._hosted.values():
+            hosted.nudge.set()
