@@ -78,6 +78,7 @@ MAX_WRITE_BATCH_CHUNKS: Final = 256
 """Chunks per writer batch (the store's MAX_CHUNK_BATCH is 4096): a blob's completion waits
 for its batch, so small batches keep completions (and the files they let a folder write)
 flowing while thousands of small blobs arrive; 256 still amortises an LMDB commit."""
+SMALL_CHUNK: Final = 16 * 1024  # below this mean size a batch is mostly new small files
 PART_WRITE_THREADS: Final = 4  # threads writing one batch into part files (file creation waits)
 MAX_MANIFESTS_PER_BATCH: Final = 2048  # with MAX_WRITE_BATCH_CHUNKS, below the store's 4096
 MAX_MANIFEST_CACHE: Final = 4096  # manifests kept decoded in memory (~0.5 MiB per GiB of blob)
@@ -336,9 +337,11 @@ class BlobEngine:
             return taken
 
         pool = self._pool
-        if len(todo) > 1 and pool is not None:
+        if len(todo) > 1 and pool is not None and sum(len(d) for _, d, _ in todo) < (
+                len(todo) * SMALL_CHUNK):
             # creating a file costs ~0.5 ms of file system work here, most of it waiting:
-            # a folder of small files is written by a few threads at once
+            # a folder of small files is written by a few threads at once. Large chunks
+            # (of files being filled) are plain pwrites into the page cache: this thread.
             taken = list(pool.map(one, todo))
         else:
             taken = [one(item) for item in todo]
