@@ -18,13 +18,23 @@ asks for it:
   run, so the "have I seen this dot?" test is one comparison in the common case;
 * decoded names stay UTF-8 slices of one arena; a str is made only when the merge needs one
   (non-ASCII names are decoded, so validated, during the first pass);
-* the merge tries a document's next field in insertion order before a hash probe (the
-  "order hint": deltas and since-deltas usually list a document's fields in the order the
-  document got them), compares the name as bytes, and puts a new entry in front of a chain
-  by letting the head object take its contents, so a field already present costs no dict
-  probe at all and a new one costs one;
+* a document's fields are not a dict of entry objects but a C table (``Doc``): slots in
+  insertion order (name bytes, hash, chain head), an open-addressing index of slot numbers
+  whose cells carry 32 bits of the hash, and an entry pool of C structs (dot, HLC, kind,
+  value) linked into one chain per field. It behaves like the reference's dict: insertion
+  order, a removed field that comes back goes last, a changed chain keeps its place. Names
+  are hashed with CPython's own keyed hash of the UTF-8 bytes (``_Py_HashBytes``), which for
+  an ASCII str is its cached ``hash()``, so peers cannot aim names at one bucket;
+* a register's int value decoded from a delta stays unboxed in its entry until read;
+* the merge tries a document's next slot before a hash probe (the "order hint": deltas and
+  since-deltas usually list a document's fields in the order the document got them) and
+  compares the name as bytes; a new entry goes in front of its field's chain;
+* ``set_many`` into a document that was empty knows every key is new (a dict's keys are
+  distinct), writes simple pairs inline and leaves them out of the index until the next
+  lookup, which indexes them in one prefetching pass;
 * snapshots and since-deltas gather the live entries into a C array of ``LiveRec`` and sort it
-  by (replica, counter) in C, walk the selection in C and number names in a C hash table;
+  by (replica, counter) in C, walk the selection in C and number names in a C hash table; a
+  replica with no dead dots contributes only the entries the peer lacks;
 * the garbage collector is paused during bulk calls (apply, load, set_many): they allocate
   millions of objects, none of them in a cycle, and a collection would walk them all;
 * the own replica's dots of an open transaction join the causal context in one range when the
@@ -37,7 +47,7 @@ imported from the reference, so values and errors are the very same objects.
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.bytes cimport PyBytes_CheckExact
-from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_SetDefault, PyDict_Size
+from cpython.dict cimport PyDict_GetItem, PyDict_Next, PyDict_Size
 from cpython.float cimport PyFloat_CheckExact
 from cpython.long cimport PyLong_CheckExact
 from cpython.long cimport (
@@ -57,9 +67,6 @@ cimport cython
 
 cdef extern from "Python.h":
     void PyObject_GC_UnTrack(void* op)
-    # CPython's presized dict constructor (Include/cpython/dictobject.h): a bulk load knows
-    # how many fields a new document gets, so its dict is built without rehashing
-    dict _PyDict_NewPresized(Py_ssize_t minused)
     # the collector is paused during bulk calls (see _gc_pause): they allocate millions of
     # objects none of which can form a cycle, and each collection would walk the big lists
     int PyGC_Enable()
@@ -73,7 +80,7 @@ cdef extern from "Python.h":
     # an ASCII str's cached hash is the same number
     Py_hash_t _Py_HashBytes(const void* p, Py_ssize_t n)
 
-DEF PRESIZE_MIN = 64  # below this, growing a dict costs less than thinking about it
+DEF PRESIZE_MIN = 64  # below this, growing a table costs less than thinking about it
 
 from bisect import bisect_right
 
@@ -815,10 +822,6 @@ DEF PREFETCH_AHEAD = 8  # slots; about the cache misses a core keeps in flight
 
 cdef extern from *:
     void __builtin_prefetch(const void* p) noexcept nogil
-
-
-cdef inline Py_hash_t _hash_utf8(const char* p, Py_ssize_t n) noexcept:
-    return _Py_HashBytes(p, n)
 
 
 cdef inline Py_hash_t _str_hash(object s, const char* p, Py_ssize_t n) except? -1:
