@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 Daemon parts call :meth:`EventHub.publish` (synchronous, never blocks) with an event type
-(``link.up``, ``link.down``, ``link.path``, ``statistics``; later ``sync.*`` and ``change.*``
-from the sub-cloud routes) and a JSON-able dict. Each event gets the next id and goes into a
-bounded history ring and into every subscriber's bounded queue.
+(``link.up``, ``link.down``, ``link.path``, ``statistics`` from the runtime; ``change``,
+``change.lost``, ``subcloud.added`` and ``sync.progress`` from the sub-cloud routes; the
+capabilities' own, e.g. things and cloud) and a JSON-able dict. Each event gets the next id
+and goes into a bounded history ring and into every subscriber's bounded queue.
 
 A subscriber that falls :data:`MAX_SUBSCRIBER_BACKLOG` events behind is cut off (its queue is
 closed) rather than letting memory grow or slowing the publisher; an SSE client reconnects
