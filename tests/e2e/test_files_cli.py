@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
-from tests.e2e.conftest import Daemon, cli, cli_json, wait_for
+from tests.e2e.conftest import WAIT, Daemon, cli, cli_json, wait_for
+
+
+def _last_progress(daemon: Daemon, sc: str, up_to: int) -> Any:
+    """The peers of the last ``sync.progress`` event for ``sc`` with an id up to ``up_to``,
+    read from the daemon's event history (``Last-Event-ID: 0`` replays it)."""
+    url = urllib.parse.urlsplit(daemon.api_url)
+    conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=WAIT)
+    try:
+        conn.request("GET", "/api/events", headers={
+            "Authorization": f"Bearer {daemon.token}", "Last-Event-ID": "0"})
+        response = conn.getresponse()
+        assert response.status == 200
+        seen = None
+        for raw in response:
+            if not raw.startswith(b"data: "):
+                continue
+            event = json.loads(raw[6:])
+            assert event["type"] != "reset", "the history no longer holds the events"
+            if event["type"] == "sync.progress" and event["data"]["subcloud"] == sc:
+                seen = event["data"]["peers"]
+            if event["id"] >= up_to:
+                return seen
+        raise AssertionError("the event stream ended")
+    finally:
+        conn.close()
 
 
 def test_files_add_syncs_a_folder_both_ways_and_ls_lists_it(
@@ -47,6 +76,13 @@ def test_files_add_syncs_a_folder_both_ways_and_ls_lists_it(
     shown = cli(b.data_dir, "progress", "--wait", "--timeout", "60")
     assert shown.returncode == 0 and f"photos ↔ {a.status()['hashname']}: in sync" in (
         shown.stdout), shown.stdout
+
+    # The sync.progress events say the same: the last one B published for the sub-cloud
+    # (replayed from B's event history) matches what B's API reports now, all moved.
+    newest = int(cli_json(b.data_dir, "events", "--count", "1", "--type", "statistics")["id"])
+    detail = b.get(f"/api/subclouds/{sc}")["peers"]
+    assert _last_progress(b, sc, newest) == detail
+    assert all(p["blob_bytes_done"] == p["blob_bytes_total"] for p in detail)
 
     # A synced file is a document of the "files" collection; its blob reference reads as JSON.
     doc = cli_json(b.data_dir, "get", sc, "files", "a.txt")
