@@ -63,6 +63,7 @@ from p2pcloud.cloud.grants import (
     ROLES,
     Grant,
     Revocation,
+    decode_record,
 )
 from p2pcloud.cloud.grants import found_cloud as _found_cloud
 from p2pcloud.cloud.invites import (
@@ -82,6 +83,7 @@ from p2pcloud.cloud.membership import (
 from p2pcloud.cloud.pairing import PairingHost, PairingJoiner, parse_code
 from p2pcloud.cloud.policy import COLL_POLICY, MODES, ReplicationPolicy, read_policy, set_policy
 from p2pcloud.errors import (
+    BadRecord,
     BlobError,
     JoinFailed,
     LinkError,
@@ -127,6 +129,7 @@ sooner."""
 RECHECK_INTERVAL: Final = 60.0  # seconds: membership is re-evaluated as grants expire
 MAX_REMEMBERED_PATHS: Final = 4  # per member: the last few addresses it was reached on
 MAX_STATE_BYTES: Final = 16 * 1024 * 1024  # a cloud.cbor larger than this is damaged
+MAX_LEARNED: Final = 4096  # records peers sent as proof: chains of a few grants per member
 MAX_PREFETCH: Final = 64  # blobs a full member fetches at once (each holds one task)
 DEVICE_RIGHTS: Final = {ALL_SUBCLOUDS: [RIGHT_READ, RIGHT_WRITE]}  # a paired device's default
 ADMIN_RIGHTS: Final = {ALL_SUBCLOUDS: [ALL]}  # the only rights an admin grant may carry
@@ -201,6 +204,7 @@ class Cloud:
         assert node.data_dir is not None
         self._dir: FsPath = node.data_dir
         self._bootstrap: list[bytes] = []
+        self._learned: dict[bytes, None] = {}  # records peers sent as proof (intro_records)
         self._paths: dict[Hashname, list[dict[str, Any]]] = {}
         self._book = InviteBook()
         self._host = PairingHost(self.identity)
@@ -210,6 +214,7 @@ class Cloud:
         self._joining = False  # a join or pair is running (one at a time)
         self._backoff: dict[Hashname, tuple[int, float]] = {}  # failed tries, next try (trio)
         self._lock = trio.Lock()  # one membership recomputation at a time
+        self._save_lock = trio.Lock()  # one write of cloud.cbor / invites.cbor at a time
         self._dirty = trio.Event()  # the cloud sub-cloud changed
         self._keeper_wake = trio.Event()
         self._lan_changed = trio.Event()
@@ -592,6 +597,39 @@ class Cloud:
         cut = self.membership.cutoffs(hashname).get(origin)
         return cut is not None and first <= last <= cut
 
+    def intro_records(self, peer: Hashname) -> list[bytes]:
+        """Our membership proof for a member we link with (the registry channel carries it).
+
+        A member that has not synced the grant that admitted us (it joined through another
+        admin, or before we did) would otherwise refuse to sync the cloud sub-cloud with
+        us, the one place it could learn it. Strangers get nothing.
+        """
+        if self.id is None or self._barred(peer) or not self.membership.is_member(peer):
+            return []
+        return self.membership.chain_for(self.hashname)
+
+    def take_record(self, raw: bytes, peer: Hashname) -> bool:
+        """A grant or revocation sent on the registry channel: keep it if it names our
+        cloud (it is self-verifying; the chain check decides what it proves)."""
+        try:
+            obj: Any = cbor2.loads(raw)
+        except Exception:  # noqa: BLE001  (hostile bytes: cbor2 raises many types; not ours)
+            return False
+        if not isinstance(obj, dict) or obj.get("t") not in ("grant", "revocation"):
+            return False
+        try:
+            record = decode_record(raw)
+        except BadRecord as exc:
+            self._stats["bad cloud record from a peer"] += 1
+            log.info("bad cloud record from %s: %s", peer[:8], exc)
+            return True
+        if (self.id is not None and record.cloud == self.id and raw not in self._learned
+                and len(self._learned) < MAX_LEARNED):
+            self._learned[raw] = None
+            self._stats["cloud records from peers"] += 1
+            self._dirty.set()
+        return True
+
     def _accept_link(self, hashname: Hashname) -> bool:
         return not self._barred(hashname)
 
@@ -756,7 +794,7 @@ class Cloud:
             cloud = self.id
             if cloud is None:
                 return
-            records = list(self._bootstrap)
+            records = [*self._bootstrap, *self._learned]
             entries: dict[Any, str] = {}
             sc = self.subcloud
             if sc is not None:
@@ -817,11 +855,13 @@ class Cloud:
                "p": {str(h): v for h, v in self._paths.items()}}
         data = cbor2.dumps(obj, canonical=True)
         self._paths_dirty = False
-        await trio.to_thread.run_sync(_write_private, self._dir / CLOUD_FILE, data)
+        async with self._save_lock:  # one writer of the temp file at a time
+            await trio.to_thread.run_sync(_write_private, self._dir / CLOUD_FILE, data)
 
     async def _save_book(self) -> None:
-        await trio.to_thread.run_sync(_write_private, self._dir / INVITES_FILE,
-                                      self._book.to_bytes())
+        data = self._book.to_bytes()
+        async with self._save_lock:
+            await trio.to_thread.run_sync(_write_private, self._dir / INVITES_FILE, data)
 
     # -- tasks -------------------------------------------------------------------------------
 

@@ -153,6 +153,12 @@ class CloudRules(Protocol):
                       first: int, last: int) -> bool:
         """Whether a verified delta's dot run is acceptable (revocation cutoffs)."""
 
+    def intro_records(self, peer: Hashname) -> list[bytes]:
+        """Cloud records to send a peer when the registry channel opens (our chain)."""
+
+    def take_record(self, raw: bytes, peer: Hashname) -> bool:
+        """Take a cloud record that came on the registry channel; False: not one."""
+
 
 def _now_ms() -> int:
     # the core wants wall-clock milliseconds (HLC); the shell is where the clock is read
@@ -264,7 +270,10 @@ class Replication:
     def refresh_shares(self) -> None:
         """Rights changed (a member joined, was revoked, a policy changed): send peers the
         registry records they may now read, take records held back earlier, re-run sync."""
-        for peer in list(self._registry_out):
+        for peer, out in list(self._registry_out.items()):
+            if self.rules is not None:
+                for raw in self.rules.intro_records(peer):
+                    out.send_nowait(raw)
             for sc in self.subclouds.values():
                 if self.may_read(sc.id, peer):
                     self._send_record(peer, sc.record)
@@ -273,7 +282,10 @@ class Replication:
                 if self.record_readable(record, self.hashname):
                     del self._unshared[record.subcloud]
                     self._nursery.start_soon(self._adopt_record, record)
-        self._rerun_sessions()
+        now = trio.current_time()
+        for runner in self._sessions.values():
+            runner.session.rebuild_shares(now)  # the sessions cache what they share
+            runner.wake()
 
     async def _adopt_record(self, record: RegistryRecord) -> None:
         if record.subcloud not in self.subclouds:
@@ -672,6 +684,9 @@ class Replication:
         if old is not None:
             old.close()
         self._registry_out[peer] = send
+        if self.rules is not None:  # our proof of membership goes first (the cloud's records)
+            for raw in self.rules.intro_records(peer):
+                send.send_nowait(raw)
         for sc in self.subclouds.values():
             if self.may_read(sc.id, peer):
                 send.send_nowait(sc.record.raw)
@@ -709,6 +724,8 @@ class Replication:
                     await self._receive_record(raw, peer)
 
     async def _receive_record(self, raw: bytes, peer: Hashname) -> None:
+        if self.rules is not None and self.rules.take_record(raw, peer):
+            return  # a grant or revocation of the cloud (self-verifying; the cloud checks it)
         try:
             record = await trio.to_thread.run_sync(decode_record, raw, limiter=self.cpu)
         except BadRecord as exc:
