@@ -1338,8 +1338,7 @@ cdef uint64_t NIDX_FLAG = (<uint64_t>1) << 63
 
 ctypedef struct NCell:
     Py_hash_t hash
-    Py_ssize_t off      # the name's bytes in the store
-    Py_ssize_t idx      # its number; -1: an empty cell
+    int32_t idx         # the name's number (its bytes: noff[idx] in the store); -1: empty
     int32_t len
 
 
@@ -1353,8 +1352,10 @@ cdef class _Names:
     last FIELD_CACHE field names introduced (for ``put_field``) sit in a ring.
     """
     cdef NCell* cells
-    cdef Py_ssize_t icap  # a power of two, kept at most half full (linear probing)
+    cdef Py_ssize_t icap  # a power of two, kept at most three quarters full (linear probing)
     cdef Py_ssize_t iused
+    cdef Py_ssize_t* noff  # store offset of each indexed name, by number
+    cdef Py_ssize_t ncap
     cdef _Buf store
     cdef Py_ssize_t last_off
     cdef Py_ssize_t last_len
@@ -1371,6 +1372,8 @@ cdef class _Names:
     def __cinit__(self):
         self.cells = NULL
         self.icap = self.iused = 0
+        self.noff = NULL
+        self.ncap = 0
         self.store = _Buf()
         self.last_off = self.last_len = 0
         self.count = 0
@@ -1379,6 +1382,7 @@ cdef class _Names:
 
     def __dealloc__(self):
         free(self.cells)
+        free(self.noff)
 
     cdef inline Py_ssize_t new(self, _Buf buf, const unsigned char* raw, Py_ssize_t n) except -1:
         # names are at most C_MAX_NAME bytes, so both varints take at most two bytes
@@ -1444,25 +1448,32 @@ cdef class _Names:
     cdef Py_ssize_t put(self, _Buf buf, const unsigned char* p, Py_ssize_t n,
                         Py_hash_t hv) except -1:
         """Refer to a name already in the table, or introduce it and index it."""
-        cdef Py_ssize_t j, found
+        cdef Py_ssize_t j, found, cap
         cdef NCell* c
-        if (self.iused + 1) * 2 > self.icap:
+        if (self.iused + 1) * 4 > self.icap * 3:
             self._rehash(64 if self.icap == 0 else self.icap * 2)
         j = <Py_ssize_t>(<size_t>hv & <size_t>(self.icap - 1))
         while True:
             c = &self.cells[j]
             if c.idx < 0:
                 break
-            if c.hash == hv and c.len == n and memcmp(self.store.data + c.off, p, n) == 0:
+            if c.hash == hv and c.len == n and \
+                    memcmp(self.store.data + self.noff[c.idx], p, n) == 0:
                 buf.varint((<uint64_t>c.idx) << 1)
                 return c.idx
             j = (j + 1) & (self.icap - 1)
         found = self.new(buf, p, n)
+        if found >= self.ncap:
+            cap = 64 if self.ncap == 0 else self.ncap * 2
+            while cap <= found:
+                cap *= 2
+            self.noff = <Py_ssize_t*>_grow(self.noff, cap * sizeof(Py_ssize_t))
+            self.ncap = cap
+        self.noff[found] = self.last_off
         c = &self.cells[j]
         c.hash = hv
-        c.off = self.last_off
         c.len = <int32_t>n
-        c.idx = found
+        c.idx = <int32_t>found
         self.iused += 1
         return found
 
@@ -3377,7 +3388,7 @@ cdef class Replica:
                 cur = hi
         out.varint(len(send_from))
         names = _Names()
-        names._rehash(_pow2_above(2 * live.n + 16))  # each name at most once: no regrowth
+        names._rehash(_pow2_above((4 * live.n) // 3 + 16))  # each name at most once: no regrowth
         texts_sent = set()
         ops = _Buf()
         ops.grow(8 * live.n)  # a register op of a small value is about 8 bytes
