@@ -18,6 +18,7 @@ Run: ``.venv/bin/python bench/bench_things.py`` (``--things 1000`` for a quick r
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
@@ -27,6 +28,7 @@ import tempfile
 import time
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -121,6 +123,125 @@ async def scan_rounds(root: Path, rounds: int) -> list[float]:
     return out
 
 
+# -- the same scan through daemons and their HTTP API (--daemons) ------------------------------
+
+DAEMON_WAIT = 60.0  # s; any one step through the daemons that takes longer fails the run
+
+
+def _cli(data_dir: Path, *args: str) -> dict[str, Any]:
+    """``p2pcloud --data-dir D ARGS --json``; must succeed."""
+    done = subprocess.run([sys.executable, "-m", "p2pcloudd.cli", "--data-dir", str(data_dir),
+                           *args, "--json"], capture_output=True, text=True, check=False,
+                          timeout=DAEMON_WAIT)
+    if done.returncode != 0:
+        raise RuntimeError(f"p2pcloud {args}: {done.stderr}")
+    return dict(json.loads(done.stdout))
+
+
+class _Api:
+    """A daemon's HTTP API (its api.json and token)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        import urllib.parse
+
+        url = urllib.parse.urlsplit(json.loads((data_dir / "api.json").read_text())["url"])
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.token = (data_dir / "api-token").read_text().strip()
+
+    def call(self, method: str, path: str, body: bytes | None = None,
+             ctype: str = "application/json") -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=DAEMON_WAIT)
+        try:
+            conn.request(method, path, body=body, headers={
+                "Authorization": f"Bearer {self.token}", "Content-Type": ctype})
+            answer = conn.getresponse()
+            return answer.status, answer.read()
+        finally:
+            conn.close()
+
+    def events(self) -> http.client.HTTPResponse:
+        """An open ``/api/events`` response (read it line by line)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=DAEMON_WAIT)
+        conn.request("GET", "/api/events", headers={"Authorization": f"Bearer {self.token}"})
+        return conn.getresponse()
+
+
+def daemon_scan_rounds(root: Path, rounds: int) -> list[float]:
+    """Seconds from the phone daemon receiving a tag PNG (``POST /api/scan/image``) to the
+    home box daemon's API showing the thing claimed, told by its ``thing.changed`` event."""
+    names = ("home", "phone")
+    out: list[float] = []
+    try:
+        for n in names:
+            _cli(root / n, "up", "--port", "0", "--tcp-port", "0", "--api-port", "0")
+        _cli(root / "home", "cloud", "new")
+        invite = _cli(root / "home", "cloud", "invite")["uri"]
+        _cli(root / "phone", "cloud", "join", invite)
+        home, phone = _Api(root / "home"), _Api(root / "phone")
+        stream = home.events()
+        for _ in range(rounds):
+            status, png = home.call("POST", "/api/tags/sheet.png", b'{"count": 1}')
+            assert status == 201, status
+            hn = str(t_scan_image(png).hashname)
+            deadline = time.monotonic() + DAEMON_WAIT
+            while phone.call("GET", f"/api/things/{hn}")[0] != 200:  # the sheet is old
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the fresh thing never reached the phone")
+                time.sleep(0.01)
+            start = time.perf_counter()
+            status, body = phone.call("POST", "/api/scan/image", png, "image/png")
+            assert status == 200 and json.loads(body)["action"] == "claimed", body
+            while True:
+                line = stream.readline()
+                if not line:
+                    raise RuntimeError("the home box closed its event stream")
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if event["type"] == "thing.changed" and event["data"].get("thing") == hn:
+                    _, got = home.call("GET", f"/api/things/{hn}")
+                    if json.loads(got).get("claimed"):
+                        break
+            out.append(time.perf_counter() - start)
+    finally:
+        for n in names:
+            if (root / n / "api.json").exists():
+                subprocess.run([sys.executable, "-m", "p2pcloudd.cli", "--data-dir",
+                                str(root / n), "down"], capture_output=True, timeout=60,
+                               check=False)
+    return out
+
+
+def t_scan_image(png: bytes) -> Any:
+    """The tag in a PNG (zxing-cpp), as the phone would read it."""
+    from p2pcloud.things.tags import scan_image
+
+    return scan_image(png)
+
+
+def run_daemons(rounds: int, write: bool) -> None:
+    """The ``--daemons`` run: its own section of RESULTS.md (``things-daemon``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        times = daemon_scan_rounds(Path(tmp), rounds)
+    body = (
+        f"Two daemons of one cloud (home box and phone, `p2pcloud up` processes on 127.0.0.1), "
+        f"{rounds} rounds: the home box makes a fresh tag (`POST /api/tags/sheet.png`); once "
+        "the phone holds the thing, the clock starts when the phone's API is handed the PNG "
+        "(`POST /api/scan/image`: decode, claim, durable write, answer) and stops when the "
+        "home box's event stream reports the change and its API shows the thing claimed.\n\n"
+        "| measure | median | min | max |\n| --- | --- | --- | --- |\n"
+        f"| scan image on the phone's API to claimed on the home box's API | "
+        f"{statistics.median(times) * 1000:.0f} ms | {min(times) * 1000:.0f} ms | "
+        f"{max(times) * 1000:.0f} ms |\n\n"
+        "Section `things` measures the same path with the devices as nodes in one Python "
+        "process (sharing one interpreter); here each device is a process of its own, as in "
+        "real use, and the figure includes the two HTTP requests and the event stream.\n"
+    )
+    print(body)
+    if write:
+        write_section("things-daemon", ".venv/bin/python bench/bench_things.py --daemons", body)
+
+
 def main() -> None:
     """Run the benchmark and write its section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,7 +250,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--measure-open", help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--daemons", action="store_true",
+                        help="only the scan through two daemons' HTTP APIs (own section)")
     args = parser.parse_args()
+    if args.daemons:
+        run_daemons(args.rounds, not args.no_write)
+        return
     if args.measure_open:
         print(json.dumps(trio.run(measure_open, Path(args.measure_open))))
         return
