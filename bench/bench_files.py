@@ -231,11 +231,10 @@ def main() -> None:
                      f"{r['write_b']:.2f} s | {total:.2f} s | {rate} | {r['fill']:.2f} s |")
     lines += [
         "",
-        "For scale (not this run: peers.md section 3, Syncthing 1.19.2 on loopback, same "
-        "machine class): 10,000 files of this mix took ~20.7 s median (best 10.8 s, A's scan "
-        "~1.4 s); 1 GiB took ~8.0 s median (~127 MiB/s). Our figures exclude the network "
-        "(the node integration carries deltas and chunks); they are the scan and apply work "
-        "that Syncthing's receiver was bound by.",
+        "These figures exclude the network and write B's files from A's through the copy "
+        "path (begin_write); the node receives chunks into part files that are renamed into "
+        "place instead. The whole path, two node processes on loopback against two Syncthing "
+        "instances in the same run, is the \"syncthing\" section (bench/bench_syncthing.py).",
         f"Delta for {n:,} new files: {small['delta_bytes'] / 1024:,.0f} KiB.",
     ]
     body = "\n".join(lines)
