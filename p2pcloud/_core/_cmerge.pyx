@@ -1267,6 +1267,18 @@ cdef inline int _put_imm(_Buf b, int64_t x) except -1:
     return 0
 
 
+cdef inline int32_t _new_register(Doc d, int op, uint64_t ctr, uint64_t hlc,
+                                 object value) except -1:
+    # a local register write's entry: an exact int that fits 64 bits is held unboxed
+    cdef long long x
+    cdef int overflow = 0
+    if PyLong_CheckExact(value):
+        x = PyLong_AsLongLongAndOverflow(value, &overflow)
+        if not overflow:
+            return d.new_ent_imm(op, 0, ctr, hlc, x)
+    return d.new_ent(op, 0, ctr, hlc, value)
+
+
 cdef int _count_live(Doc d, uint64_t* counts) except -1:
     # count the document's entries per replica index
     cdef Py_ssize_t s
@@ -1639,23 +1651,20 @@ cdef class _Decoded:
         cdef Py_ssize_t cap, i, start = self.arena.n, n = pre + k
         cdef bint ascii = self.last_ascii or pre == 0
         cdef unsigned char* q
-        if not ascii:
-            ascii = True
-            q = self.arena.data + self.noff[self.nnames - 1]
-            for i in range(pre):
-                if q[i] >= 0x80:
-                    ascii = False
-                    break
-        if ascii:
-            for i in range(k):
-                if p[i] >= 0x80:
-                    ascii = False
-                    break
-        self.arena.grow(n)
+        cdef unsigned char acc = 0
+        if start + n > self.arena.cap:
+            self.arena.grow(n)
+        q = self.arena.data + start
         if pre:
             # the arena may have moved: copy from the previous name's offset
-            _copy(self.arena.data + start, self.arena.data + self.noff[self.nnames - 1], pre)
-        _copy(self.arena.data + start + pre, p, k)
+            _copy(q, self.arena.data + self.noff[self.nnames - 1], pre)
+            if not ascii:
+                for i in range(pre):
+                    acc |= q[i]
+        for i in range(k):  # copy the suffix and see whether it is ASCII in one pass
+            q[pre + i] = p[i]
+            acc |= p[i]
+        ascii = acc < 0x80
         self.arena.n = start + n
         self.last_ascii = ascii
         if self.nnames >= self.ncap:
@@ -2170,7 +2179,7 @@ cdef class Replica:
             raise
         hv = _str_hash(field, p, n)
         slot = -1 if fresh is d else d.find(p, n, hv)
-        ei = d.new_ent(op, 0, ctr, self._txn_hlc, value)
+        ei = _new_register(d, op, ctr, self._txn_hlc, value)
         if slot < 0:
             head = -1
             d.add(p, n, hv, field, ei, fresh is d)
@@ -2323,7 +2332,7 @@ cdef class Replica:
             kn = PyUnicode_GET_LENGTH(key)
             ctr = self._new_dot()
             hv = hash(key)
-            ei = d.new_ent(OP_LWW, 0, ctr, hlc, value)
+            ei = _new_register(d, OP_LWW, ctr, hlc, value)
             d.add(p, kn, hv, key, ei, True)
             mods = d.mods
             buf.byte(OP_LWW)
