@@ -51,3 +51,30 @@ async def test_members_that_both_moved_find_each_other_by_mdns(tmp_path):
             await wait_for(lambda: field(laptop, phone_dev, "notes", "moved", "text"))
             stats = [phone.cloud.statistics(), laptop.cloud.statistics()]
             assert any(s.get("relink: lan") for s in stats)
+
+
+async def test_a_member_proves_its_membership_to_one_that_never_saw_its_grant(tmp_path):
+    """The founder is away while a second admin pairs a phone; when the phone and the
+    founder meet, neither's cloud sub-cloud knows the other's grant... except the phone's
+    chain, which it sends on the registry channel: the founder checks it and syncs."""
+    kw = {"port": 0, "tcp_port": None}
+    with trio.fail_after(GIVE_UP):
+        async with AsyncExitStack() as stack:
+            (phone,) = await start_nodes(stack, tmp_path, ["phone"])
+            async with open_node(tmp_path / "home", **kw) as home:
+                await home.cloud.found()
+                async with open_node(tmp_path / "admin2", **kw) as admin2:
+                    await admin2.cloud.join(await home.cloud.invite(role="admin"))
+                    await wait_for(lambda: admin2.cloud.subcloud is not None
+                                   and admin2.cloud.membership.is_admin(admin2.hashname))
+            async with open_node(tmp_path / "admin2", **kw) as admin2:
+                await phone.cloud.join(await admin2.cloud.invite())
+                await phone.cloud.device.set("notes", "n", "text", "from the phone")
+            async with open_node(tmp_path / "home", **kw) as home:
+                assert not home.cloud.membership.is_member(phone.hashname)
+                await phone.link(home.link_uri)
+                await wait_for(lambda: home.cloud.membership.is_member(phone.hashname))
+                assert home.cloud.statistics().get("cloud records from peers")
+                await wait_for(lambda: field(home, phone.cloud.device_id, "notes", "n", "text"))
+                await home.cloud.device.set("notes", "h", "text", "from home")
+                await wait_for(lambda: field(phone, home.cloud.device_id, "notes", "h", "text"))
