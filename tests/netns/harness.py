@@ -85,6 +85,10 @@ def sweep_stale() -> None:
             continue
         pid_text = name[len(PREFIX):].split("-", 1)[0]
         if pid_text.isdigit() and not Path(f"/proc/{pid_text}").exists():
+            # daemons a killed run left inside (its own, by pid), then the namespace
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
             _ip("netns", "del", name, check=False)
 
 
