@@ -659,12 +659,18 @@ class Folder:
                 part = self.parts.claim(v.blob)
                 pending = None
                 if part is not None:
+                    adopted = False
                     try:
                         pending = disk.adopt_part(self.root, path, part, mtime_ns=v.mtime_ns,
                                                   mode=v.mode, checked=self._checked)
+                        adopted = True
                     finally:
-                        if pending is None:
+                        if not adopted:
                             self.parts.finished(v.blob, renamed=False)
+                        elif pending is None:
+                            # another file system: copy from the part file (still readable),
+                            # which the successful write below then drops
+                            self.parts.unclaim(v.blob)
                 if pending is None:
                     pending = disk.begin_write(self.root, path, self._chunk_stream(manifest),
                                                mtime_ns=v.mtime_ns, mode=v.mode,

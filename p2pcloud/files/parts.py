@@ -348,6 +348,13 @@ class PartFiles:
             part.claimed = True
             return part.path
 
+    def unclaim(self, blob: bytes) -> None:
+        """Give a claimed part file back (it could not be renamed: it is copied instead)."""
+        with self._lock:
+            part = self._parts.get(blob)
+            if part is not None:
+                part.claimed = False
+
     def finished(self, blob: bytes, *, renamed: bool) -> None:
         """An adoption ended: the part file was renamed into place, or it failed.
 

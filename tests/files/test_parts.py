@@ -8,8 +8,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from p2pcloud.blobs import Manifest, manifest_of
 from p2pcloud.files import FileWritten, Folder
+from p2pcloud.files import disk as disk_mod
 from p2pcloud.files.parts import PART_PREFIX, PartFiles, part_name
 from tests.files.conftest import Device
 
@@ -146,3 +149,22 @@ def test_parallel_writers_fill_many_parts(tmp_path: Path) -> None:
     path = parts.claim(manifests[0].blob_hash)
     assert path is not None and parts.claim(manifests[0].blob_hash) is None
     assert not parts.write(manifests[0], manifests[0].chunks[0].hash, blobs[0][:1])
+
+
+def test_a_part_file_on_another_file_system_is_copied_then_dropped(
+        devices: Make, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = devices(2)
+    data = random.Random(5).randbytes(400_000)
+    a.write("mnt/other-fs.bin", data, mtime_ns=T0)
+    touched = b.receive([a.reconcile().delta])
+    manifest = manifest_of(data)
+    _receiver(b, manifest)
+    b.reconcile(touched)
+    for h, chunk in _chunks_of(data, manifest).items():
+        assert b.folder.write_part(manifest, h, chunk)
+    # what adopt_part answers when the target directory is on another file system
+    monkeypatch.setattr(disk_mod, "adopt_part", lambda *a, **k: None)
+    result = b.reconcile(touched)
+    assert FileWritten("mnt/other-fs.bin", False) in result.events
+    assert b.read("mnt/other-fs.bin") == data
+    assert _parts_on_disk(b.root) == []
