@@ -1,5 +1,5 @@
 """API routes of the cloud capability: found, invite, join, pairing codes, members, revoke,
-policies; and the daemon's share of keeping the cloud's members linked.
+policies, and the ``cloud.members`` events.
 
 Registered into :data:`p2pcloudd.api.REGISTRY` on import. The cloud itself (grants,
 revocations, invites, SPAKE2 pairing, LAN discovery, re-linking through routers) is the
@@ -29,7 +29,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from starlette.requests import Request
@@ -41,6 +41,9 @@ from p2pcloud.errors import JoinFailed, MalformedPacket, UnknownSubCloud
 from p2pcloudd.api import ApiError, json_body, route
 from p2pcloudd.routes_node import PATH_SCHEMA
 from p2pcloudd.runtime import Daemon
+
+if TYPE_CHECKING:
+    from p2pcloud._node.cloud import Cloud, MemberView
 
 log = logging.getLogger("p2pcloudd.cloud")
 
@@ -148,7 +151,7 @@ PARAMS = {"hashname": "a member's hashname"}
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _cloud(daemon: Daemon) -> Any:
+def _cloud(daemon: Daemon) -> Cloud:
     cloud = daemon.node.cloud
     if cloud is None:
         raise ApiError(503, "no_cloud_support", "this node keeps no data dir, so no cloud",
@@ -156,7 +159,7 @@ def _cloud(daemon: Daemon) -> Any:
     return cloud
 
 
-def _in_cloud(daemon: Daemon) -> Any:
+def _in_cloud(daemon: Daemon) -> Cloud:
     cloud = _cloud(daemon)
     if cloud.id is None:
         raise ApiError(409, "no_cloud", "this device is in no cloud yet",
@@ -169,7 +172,7 @@ def _id_text(value: bytes | None) -> str | None:
     return None if value is None else b32encode(bytes(value))
 
 
-def _member_json(view: Any) -> dict[str, Any]:
+def _member_json(view: MemberView) -> dict[str, Any]:
     """A ``MemberView`` as JSON; the path gets ``direct`` as in ``/api/peers``."""
     path = dict(view.path) if view.path is not None else None
     if path is not None:
