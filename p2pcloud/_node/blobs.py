@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
+import blake3
 import trio
 
 from p2pcloud._ids import Hashname
@@ -138,7 +139,8 @@ class BlobEngine:
         self._completions: deque[tuple[int, bytes]] = deque()
         self._wake_writer = trio.Event()
         self._room = trio.Event()
-        self._transfers = BlobTransfers(self._has, self._get, self._get_manifest)
+        self._transfers = BlobTransfers(self._has, self._get, self._get_manifest,
+                                        get_verifies=True)
         self._out: dict[Hashname, trio.MemorySendChannel[bytes]] = {}
         self._waiters: dict[bytes, trio.Event] = {}
         self._backlog: deque[bytes] = deque()  # wanted blobs beyond MAX_ACTIVE_BLOBS
@@ -164,10 +166,16 @@ class BlobEngine:
         return self._extra_chunks is not None and self._extra_chunks(digest) is not None
 
     def _get(self, digest: bytes) -> bytes | None:
+        # verified bytes only (BlobTransfers(get_verifies=True)): pending chunks were
+        # verified on receipt, folders verify what they read, LMDB's are checked here
         held = self._pending.get(digest) or self._flushing.get(digest)
         if held is not None:
             return held[0]
         data = self._store.get_chunk(digest)
+        if data is not None and blake3.blake3(data).digest() != digest:
+            self._stats["corrupt chunks in the store"] += 1
+            log.error("chunk %s in the store does not match its hash", digest.hex()[:16])
+            data = None
         if data is None and self._extra_chunks is not None:
             data = self._extra_chunks(digest)
         return data

@@ -141,6 +141,7 @@ class BlobTransfers:
         *,
         max_in_flight: int = MAX_IN_FLIGHT_PER_PEER,
         request_timeout: float = REQUEST_TIMEOUT,
+        get_verifies: bool = False,
     ) -> None:
         """Create the coordinator.
 
@@ -150,10 +151,13 @@ class BlobTransfers:
             get_manifest: a blob's manifest held locally, or None.
             max_in_flight: chunk requests outstanding per peer and blob.
             request_timeout: seconds before an unanswered request goes to another peer.
+            get_verifies: ``get`` returns only bytes it checked against the hash, so
+                answers need not hash them again.
         """
         self._has = has
         self._get = get
         self._get_manifest = get_manifest
+        self._get_verifies = get_verifies
         self._max_in_flight = max_in_flight
         self._timeout = request_timeout
         self._peers: set[Hashname] = set()
@@ -235,7 +239,8 @@ class BlobTransfers:
             self._drop(peer, f"malformed: {exc}")
             return
         if isinstance(msg, (Want, ManifestWant)):
-            for reply in answer(msg, self._get, self._get_manifest):
+            for reply in answer(msg, self._get, self._get_manifest,
+                                verify=not self._get_verifies):
                 self._send(peer, reply)
         elif isinstance(msg, Have):
             self._on_have(peer, msg)
