@@ -251,3 +251,50 @@ def test_counters_at_the_top_of_their_range_match_reference() -> None:
     got, want = _top(_cmerge), _top(_reference)
     assert got == want
     assert want[0][0] == "ok" and want[1][0] == "error" and want[2][0] == "ok"
+
+
+def _delta_values(values: list[bytes]) -> bytes:
+    """A hand-made delta: one run writing fields v0, v1, ... with these encoded values."""
+    ops = b""
+    for i, enc in enumerate(values):
+        name = f"v{i}".encode()
+        head = bytes([0x31]) + b"\x01\x02kv\x01\x01d" if i == 0 else bytes([0x01])
+        ops += head + b"\x01" + _varint(len(name)) + name + enc
+    rid = b"replicaZ"
+    return (b"\xd7\x01\x01" + _varint(len(rid)) + rid + b"\x00\x01\x00\x01"
+            + _varint(NOW << 16) + _varint(len(values)) + ops)
+
+
+INT_EDGES = [2**63 - 2, 2**63 - 1, 2**63, 2**64 - 1, 127, 128, 0]
+
+
+def _int_edges(impl: Any) -> list[Any]:
+    encs = [b"\x03" + _varint(v) for v in INT_EDGES]  # TAG_UINT, some not canonical
+    encs += [b"\x04" + _varint(v) for v in INT_EDGES]  # TAG_NEGINT: -1 - v
+    out: list[Any] = []
+    r = impl.Replica(b"replicaA")
+    out.append(_outcome(lambda: r.apply([_delta_values(encs)], NOW + 1)))
+    out.append(r.document("kv", "d"))
+    out.append(r.encode_snapshot())
+    loaded = impl.Replica.load(r.encode_snapshot(), b"replicaB", NOW + 1)
+    out.append(loaded.document("kv", "d"))
+    # local writes at the same edges, then a since-delta of them
+    loaded.begin(NOW + 2)
+    for i, v in enumerate(INT_EDGES):
+        loaded.set("kv", "local", f"p{i}", v)
+        loaded.set_mv("kv", "local", f"n{i}", -1 - v)
+    out.append(loaded.commit())
+    out.append(loaded.encode_since({b"replicaZ": 5}))
+    # truncated and overlong varints after an int tag refuse the whole delta
+    for bad in (b"\x03", b"\x03\xff", b"\x04\x80\x80", b"\x03" + b"\xff" * 9 + b"\x02"):
+        fresh = impl.Replica(b"replicaC")
+        out.append(_outcome(lambda bad=bad, fresh=fresh: fresh.apply(
+            [_delta_values([b"\x81", bad])], NOW + 1)))
+        out.append(fresh.encode_snapshot())
+    return out
+
+
+def test_register_ints_at_the_64_bit_edges_match_reference() -> None:
+    got, want = _int_edges(_cmerge), _int_edges(_reference)
+    assert got == want
+    assert want[1] is not None and want[1]["v1"] == 2**63 - 1 and want[1]["v8"] == -(2**63)
