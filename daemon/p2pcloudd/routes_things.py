@@ -60,6 +60,8 @@ MAX_IMAGE_UPLOAD = 16 * 1024 * 1024  # bytes of a scanned photo; a phone JPEG is
 MAX_KEY = 256  # characters of a {thing}/{rule} path parameter; real ones are far shorter
 DEFAULT_LOG_PAGE = 1000  # records per page of a log by default
 MAX_LOG_PAGE = 20_000  # records per page at most: about 2 MB of JSON
+CHANGED_WINDOW = 0.25  # s; thing.changed events of one thing are merged within this window
+MAX_CHANGED_TRACKED = 100_000  # things whose last change time is kept; a bound on memory
 SCAN_TIMEOUT = 40.0  # s a scan may take: it may link the owner's cloud (mesh gives up at 30)
 
 THING_SCHEMA: dict[str, Any] = {
@@ -772,19 +774,73 @@ def event_type(event: Any) -> str:
     return "thing." + snake
 
 
+class _Coalescer:
+    """Rate-limits ``thing.changed`` per thing: the first change is published at once, later
+    ones within :data:`CHANGED_WINDOW` are merged into one event at the window's end (a sync
+    of 10,000 readings must not become 10,000 events that cut every stream off). Other thing
+    events (created, message, notify) are never merged: each is news."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.last: dict[str, float] = {}  # thing -> when its last thing.changed went out
+        self.pending: dict[str, set[str]] = {}  # thing -> collections changed since
+        self.flags: dict[str, dict[str, Any]] = {}  # thing -> other fields (claimed...)
+        self.wake = trio.Event()
+
+    def changed(self, thing: str, data: dict[str, Any]) -> None:
+        now = trio.current_time()
+        if thing not in self.pending and now - self.last.get(thing, -CHANGED_WINDOW) >= (
+                CHANGED_WINDOW):
+            self.last[thing] = now
+            self.daemon.events.publish("thing.changed", {"thing": thing, "data": data})
+            return
+        self.pending.setdefault(thing, set()).update(
+            str(c) for c in data.get("collections", ()) if isinstance(c, str))
+        self.flags.setdefault(thing, {}).update(
+            {k: v for k, v in data.items() if k != "collections"})
+        self.wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake = trio.Event()
+            while self.pending:
+                now = trio.current_time()
+                due = min(self.last.get(h, now) + CHANGED_WINDOW for h in self.pending)
+                if due > now:
+                    await trio.sleep(due - now)
+                    continue
+                now = trio.current_time()
+                for thing in [h for h in self.pending
+                              if self.last.get(h, now) + CHANGED_WINDOW <= now]:
+                    data = {"collections": sorted(self.pending.pop(thing)),
+                            **self.flags.pop(thing, {})}
+                    self.last[thing] = now
+                    self.daemon.events.publish("thing.changed", {"thing": thing, "data": data})
+            if len(self.last) > MAX_CHANGED_TRACKED:
+                self.last.clear()  # forgetting only lets one more change out at once
+
+
 async def background(daemon: Daemon) -> None:
-    """Run for the daemon's lifetime: publish the node's thing events on the event hub."""
+    """Run for the daemon's lifetime: publish the node's thing events on the event hub
+    (``thing.changed`` coalesced per thing, see :class:`_Coalescer`)."""
     things = getattr(daemon.node, "things", None)
     if things is None or not hasattr(things, "add_listener"):
         return
+    coalescer = _Coalescer(daemon)
 
     def publish(event: Any) -> None:
         data = to_json(event)
         if not isinstance(data, dict):
             data = {"value": data}
         kind = event_type(event)
+        if kind == "thing.changed":
+            inner = data.get("data")
+            coalescer.changed(str(data.get("thing", "")), inner if isinstance(inner, dict)
+                              else {})
+            return
         log.info("thing event type=%s thing=%s", kind, str(data.get("thing", ""))[:12])
         daemon.events.publish(kind, data)
 
     things.add_listener(publish)
-    await trio.sleep_forever()
+    await coalescer.run()
