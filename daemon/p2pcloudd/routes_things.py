@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -60,8 +61,9 @@ MAX_IMAGE_UPLOAD = 16 * 1024 * 1024  # bytes of a scanned photo; a phone JPEG is
 MAX_KEY = 256  # characters of a {thing}/{rule} path parameter; real ones are far shorter
 DEFAULT_LOG_PAGE = 1000  # records per page of a log by default
 MAX_LOG_PAGE = 20_000  # records per page at most: about 2 MB of JSON
-CHANGED_WINDOW = 0.25  # s; thing.changed events of one thing are merged within this window
-MAX_CHANGED_TRACKED = 100_000  # things whose last change time is kept; a bound on memory
+CHANGED_BURST = 8  # thing.changed events of one thing published at once per window
+CHANGED_WINDOW = 1.0  # s; beyond the burst, a thing's changes are merged into one a window
+MAX_CHANGED_TRACKED = 100_000  # things whose recent event times are kept; bounds memory
 SCAN_TIMEOUT = 40.0  # s a scan may take: it may link the owner's cloud (mesh gives up at 30)
 
 THING_SCHEMA: dict[str, Any] = {
@@ -775,24 +777,37 @@ def event_type(event: Any) -> str:
 
 
 class _Coalescer:
-    """Rate-limits ``thing.changed`` per thing: the first change is published at once, later
-    ones within :data:`CHANGED_WINDOW` are merged into one event at the window's end (a sync
-    of 10,000 readings must not become 10,000 events that cut every stream off). Other thing
-    events (created, message, notify) are never merged: each is news."""
+    """Rate-limits ``thing.changed`` per thing: up to :data:`CHANGED_BURST` events of one
+    thing go out at once within :data:`CHANGED_WINDOW`; beyond that, its changes are merged
+    into one event when the window allows the next (a sync of 10,000 readings must not
+    become 10,000 events that cut every stream off, while a claim right after a creation is
+    still reported at once). Other thing events (created, message, notify) are never merged:
+    each is news."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.last: dict[str, float] = {}  # thing -> when its last thing.changed went out
+        self.sent: dict[str, deque[float]] = {}  # thing -> times of its last events
         self.pending: dict[str, set[str]] = {}  # thing -> collections changed since
         self.flags: dict[str, dict[str, Any]] = {}  # thing -> other fields (claimed...)
         self.wake = trio.Event()
 
+    def _due(self, thing: str) -> float:
+        """When ``thing`` may publish again (now or earlier: at once)."""
+        times = self.sent.get(thing)
+        if times is None or len(times) < CHANGED_BURST:
+            return float("-inf")
+        return times[0] + CHANGED_WINDOW
+
+    def _publish(self, thing: str, data: dict[str, Any], now: float) -> None:
+        if thing not in self.sent and len(self.sent) >= MAX_CHANGED_TRACKED:
+            self.sent.clear()  # forgetting only lets a few more changes out at once
+        self.sent.setdefault(thing, deque(maxlen=CHANGED_BURST)).append(now)
+        self.daemon.events.publish("thing.changed", {"thing": thing, "data": data})
+
     def changed(self, thing: str, data: dict[str, Any]) -> None:
         now = trio.current_time()
-        if thing not in self.pending and now - self.last.get(thing, -CHANGED_WINDOW) >= (
-                CHANGED_WINDOW):
-            self.last[thing] = now
-            self.daemon.events.publish("thing.changed", {"thing": thing, "data": data})
+        if thing not in self.pending and self._due(thing) <= now:
+            self._publish(thing, data, now)
             return
         self.pending.setdefault(thing, set()).update(
             str(c) for c in data.get("collections", ()) if isinstance(c, str))
@@ -806,19 +821,14 @@ class _Coalescer:
             self.wake = trio.Event()
             while self.pending:
                 now = trio.current_time()
-                due = min(self.last.get(h, now) + CHANGED_WINDOW for h in self.pending)
+                due = min(self._due(h) for h in self.pending)
                 if due > now:
                     await trio.sleep(due - now)
                     continue
-                now = trio.current_time()
-                for thing in [h for h in self.pending
-                              if self.last.get(h, now) + CHANGED_WINDOW <= now]:
+                for thing in [h for h in self.pending if self._due(h) <= now]:
                     data = {"collections": sorted(self.pending.pop(thing)),
                             **self.flags.pop(thing, {})}
-                    self.last[thing] = now
-                    self.daemon.events.publish("thing.changed", {"thing": thing, "data": data})
-            if len(self.last) > MAX_CHANGED_TRACKED:
-                self.last.clear()  # forgetting only lets one more change out at once
+                    self._publish(thing, data, now)
 
 
 async def background(daemon: Daemon) -> None:
