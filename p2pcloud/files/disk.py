@@ -35,7 +35,7 @@ from typing import Final
 from p2pcloud.blobs import Manifest, manifest_of
 from p2pcloud.blobs.chunking import iter_stream_chunks
 from p2pcloud.errors import UnsafePath
-from p2pcloud.files.paths import TEMP_PREFIX, is_internal
+from p2pcloud.files.paths import PART_PREFIX, TEMP_PREFIX, is_internal
 
 __all__ = [
     "DiskStat",
@@ -171,7 +171,8 @@ def stat_path(root: Path, rel: str, checked: set[str] | None = None
     return NotAFile("special file")
 
 
-def walk_files(root: Path, under: str = "") -> Iterable[tuple[str, DiskStat]]:
+def walk_files(root: Path, under: str = "", *, parts: list[str] | None = None
+               ) -> Iterable[tuple[str, DiskStat]]:
     """Every regular file under ``root`` (or its subdirectory ``under``), not following links.
 
     Skips our own names (``.p2pcloud*``), symlinks and special files; leftover temporary
@@ -180,6 +181,7 @@ def walk_files(root: Path, under: str = "") -> Iterable[tuple[str, DiskStat]]:
     Args:
         root: the folder root.
         under: a relative directory to limit the walk to ("" for all).
+        parts: if given, the relative paths of part files (``PART_PREFIX``) are added here.
 
     Yields:
         ``(relative POSIX path, stat)`` pairs.
@@ -201,6 +203,9 @@ def walk_files(root: Path, under: str = "") -> Iterable[tuple[str, DiskStat]]:
                         # a write interrupted by a crash: the rename never happened
                         with contextlib.suppress(OSError):
                             os.unlink(entry.path)
+                    elif (parts is not None and name.startswith(PART_PREFIX)
+                          and entry.is_file(follow_symlinks=False)):
+                        parts.append(rel)  # the folder decides (PartFiles.prune)
                     continue
                 try:
                     st = entry.stat(follow_symlinks=False)

@@ -247,6 +247,7 @@ class Folder:
         self.parts = PartFiles(self.root)
         """Remote content being written straight into the folder as it arrives (parts.py)."""
         self._checked: set[str] = set()
+        self._found_parts: list[str] | None = None  # part files a full walk saw
         self._stats: dict[str, DiskStat] = {}
         self.unsent_deltas: list[bytes] = []
         """Deltas of a reconcile that raised after writing (a bug or a dying disk): the
@@ -360,6 +361,7 @@ class Folder:
             whose data is still missing.
         """
         result = ReconcileResult()
+        self._found_parts = [] if paths is None else None
         self._checked = set()  # directories verified during this pass (disk.resolve)
         self._stats = {}  # the stat each path had when it was looked at
         disk_now = self._collect(paths, result)
@@ -437,9 +439,9 @@ class Folder:
         disk.sync_dirs(dirty_dirs)
         if self.index.dirty:
             self.index.save(self.index_path)
-        if paths is None:
+        if self._found_parts is not None:
             # a full pass knows every blob still missing: other part files are leftovers
-            self.parts.prune(set(result.missing))
+            self.parts.prune(set(result.missing), self._found_parts)
         return result
 
     # -- steps -------------------------------------------------------------------------------
@@ -449,7 +451,7 @@ class Folder:
         """The paths to look at, each with its stat (None: no file); unsafe ones refused."""
         found: dict[str, DiskStat | NotAFile | None] = {}
         if paths is None:
-            for rel, st in disk.walk_files(self.root):
+            for rel, st in disk.walk_files(self.root, parts=self._found_parts):
                 found[rel] = st
             for rel in self.index.entries:
                 found.setdefault(rel, None)
@@ -647,9 +649,12 @@ class Folder:
             absent = self._absent(manifest)
             if absent:
                 try:
-                    self.parts.open(manifest)  # resumes a part file left by an earlier run
+                    self.parts.open(manifest, path)  # resumes one left by an earlier run
                 except OSError as exc:
                     result.events.append(FileSkipped(path, f"disk refused: {exc}"))
+                    continue
+                except UnsafePath as exc:
+                    result.events.append(PathRefused(path, str(exc)))
                     continue
                 absent = self._absent(manifest)
             if absent:
@@ -719,6 +724,6 @@ class Folder:
                      and not self._has_chunk(h))
 
     def _missing(self, event: BlobMissing, result: ReconcileResult) -> None:
-        self.parts.expect(event.blob)
+        self.parts.expect(event.blob, event.path)
         result.events.append(event)
         result.missing[event.blob] = event

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_COMPONENT_BYTES",
     "MAX_PATH_BYTES",
     "TEMP_PREFIX",
+    "PART_PREFIX",
     "ConflictName",
     "conflict_name",
     "is_internal",
@@ -38,6 +39,7 @@ MAX_PATH_BYTES: Final = 1024  # the core's MAX_NAME_BYTES: a document id is at m
 MAX_COMPONENT_BYTES: Final = 255  # NAME_MAX of ext4, APFS, NTFS (in UTF-8 bytes, the strictest)
 INTERNAL_PREFIX: Final = ".p2pcloud"  # our own names inside a folder; never synced
 TEMP_PREFIX: Final = ".p2pcloud-tmp-"  # atomic writes go through files named like this
+PART_PREFIX: Final = ".p2pcloud-part-"  # remote content arriving (parts.py); kept by scans
 MAX_DEVICE_LABEL: Final = 32  # the device part of a conflict-copy name; keeps names short
 
 _WINDOWS_RESERVED: Final = frozenset(

@@ -112,7 +112,7 @@ async def test_kill_9_while_receiving_leaves_no_partial_file(tmp_path: Path) -> 
             r = await start(tmp_path / "receiver", dst, sender, "photos")
             # a random instant while content streams into a part file (or soon after)
             with trio.move_on_after(5.0):
-                while not any(n.startswith(PART_PREFIX) for n in os.listdir(dst)):  # noqa: ASYNC110
+                while not any(dst.rglob(PART_PREFIX + "*")):  # noqa: ASYNC110
                     await trio.sleep(0.005)
             await trio.sleep(rng.uniform(0.0, 0.4))
             r.proc.send_signal(signal.SIGKILL)
@@ -126,7 +126,7 @@ async def test_kill_9_while_receiving_leaves_no_partial_file(tmp_path: Path) -> 
         with trio.fail_after(WAIT):
             while await trio.to_thread.run_sync(user_files, dst) != want:  # noqa: ASYNC110
                 await trio.sleep(0.2)  # polling the disk: there is no event to wait for
-        leftovers = [n for n in os.listdir(dst) if n.startswith(PART_PREFIX)]
+        leftovers = list(dst.rglob(PART_PREFIX + "*"))
         assert r.proc.stdin is not None
         await r.proc.stdin.aclose()
         with trio.fail_after(WAIT):

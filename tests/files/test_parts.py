@@ -38,7 +38,7 @@ def _receiver(b: Device, manifest: Manifest) -> None:
 
 
 def _parts_on_disk(root: Path) -> list[str]:
-    return sorted(n for n in os.listdir(root) if n.startswith(PART_PREFIX))
+    return sorted(str(p.relative_to(root)) for p in root.rglob(PART_PREFIX + "*"))
 
 
 def test_chunks_go_into_a_part_file_that_is_adopted_without_a_copy(devices: Make) -> None:
@@ -51,7 +51,7 @@ def test_chunks_go_into_a_part_file_that_is_adopted_without_a_copy(devices: Make
     _receiver(b, manifest)
     result = b.reconcile(touched)
     assert set(result.missing[manifest.blob_hash].chunks) == set(manifest.unique_chunks())
-    part = b.root / part_name(manifest.blob_hash)
+    part = b.root / "dir" / part_name(manifest.blob_hash)  # beside its path
     assert part.exists() and part.stat().st_size == len(data)  # sparse, full size
     for h, chunk in _chunks_of(data, manifest).items():
         assert b.folder.write_part(manifest, h, chunk)
@@ -82,7 +82,7 @@ def test_a_crash_mid_fill_resumes_from_what_verifies_on_disk(devices: Make) -> N
     # the crash: a torn write leaves garbage where one written chunk was
     torn = written[0]
     offset = manifest.offsets()[[r.hash for r in manifest.chunks].index(torn)]
-    with open(b.root / part_name(manifest.blob_hash), "r+b") as f:
+    with open(b.root / part_name(manifest.blob_hash), "r+b") as f:  # big.bin is at the root
         f.seek(offset + 10)
         f.write(b"\xff" * 100)
     _receiver(b, manifest)  # a new process: a new Folder, nothing in memory
@@ -137,14 +137,15 @@ def test_parallel_writers_fill_many_parts(tmp_path: Path) -> None:
     manifests = [manifest_of(d) for d in blobs]
     work = []
     for d, m in zip(blobs, manifests, strict=True):
-        parts.expect(m.blob_hash)
+        parts.expect(m.blob_hash, f"d{len(work) % 3}/f{m.blob_hash.hex()[:8]}")
         work += [(m, h, c) for h, c in _chunks_of(d, m).items()]
     rng.shuffle(work)
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(lambda w: parts.write(*w), work))
     for d, m in zip(blobs, manifests, strict=True):
         assert parts.complete(m.blob_hash)
-        assert (tmp_path / part_name(m.blob_hash)).read_bytes() == d
+        (path,) = tmp_path.rglob(part_name(m.blob_hash))
+        assert path.read_bytes() == d
         assert parts.read_chunk(m.chunks[0].hash) == d[: m.chunks[0].size]
     path = parts.claim(manifests[0].blob_hash)
     assert path is not None and parts.claim(manifests[0].blob_hash) is None
