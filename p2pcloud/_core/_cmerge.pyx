@@ -1397,14 +1397,13 @@ cdef class _Names:
         free(self.noff)
 
     cdef inline Py_ssize_t new(self, _Buf buf, const unsigned char* raw, Py_ssize_t n) except -1:
-        # names are at most C_MAX_NAME bytes, so both varints take at most two bytes
         cdef Py_ssize_t p = 0, limit, k
         cdef _Buf st = self.store
         cdef const unsigned char* last
         cdef unsigned char* o
         cdef uint64_t v
-        if buf.n + n + 4 > buf.cap:
-            buf.grow(n + 4)
+        if buf.n + n + 20 > buf.cap:  # the suffix and two varints of at most 10 bytes
+            buf.grow(n + 20)
         if st.n + n > st.cap:
             st.grow(n)
         last = st.data + self.last_off
@@ -1414,21 +1413,19 @@ cdef class _Names:
         k = n - p
         o = buf.data + buf.n
         v = ((<uint64_t>p) << 1) | 1
-        if v < 0x80:
-            o[0] = <unsigned char>v
-            o += 1
-        else:
+        while v > 0x7F:
             o[0] = <unsigned char>((v & 0x7F) | 0x80)
-            o[1] = <unsigned char>(v >> 7)
-            o += 2
+            o += 1
+            v >>= 7
+        o[0] = <unsigned char>v
+        o += 1
         v = <uint64_t>k
-        if v < 0x80:
-            o[0] = <unsigned char>v
-            o += 1
-        else:
+        while v > 0x7F:
             o[0] = <unsigned char>((v & 0x7F) | 0x80)
-            o[1] = <unsigned char>(v >> 7)
-            o += 2
+            o += 1
+            v >>= 7
+        o[0] = <unsigned char>v
+        o += 1
         _copy(o, raw + p, k)
         buf.n = (o - buf.data) + k
         self.last_off = st.n
