@@ -181,6 +181,7 @@ def test_finder_reads_the_card_leaves_a_message_and_nothing_else(
     tag = tags.scan_image(png.read_bytes())
     assert tag.kind == "claimed" and tag.hashname == bike["hashname"]
 
+    known_before = {p["hashname"] for p in finder.get("/api/peers")["peers"]}
     seen = cli_json(finder.data_dir, "scan", str(png))
     assert seen["action"] == "finder" and seen["thing"] is None
     assert seen["card"] == {"text": "If found, please call +41 79 000 00 00"}
@@ -217,6 +218,11 @@ def test_finder_reads_the_card_leaves_a_message_and_nothing_else(
     finder_scs = {s["id"] for s in finder.get("/api/subclouds")["subclouds"]}
     assert bike["subcloud"] in owner_scs and not owner_scs & finder_scs
     assert things_on(finder) == {}
+    # ... and knows no endpoint of the owner's but those the tag named (and the thing).
+    named = {str(p.router_hashname) for p in tag.paths if p.router_hashname} | {tag.hashname}
+    peers = {p["hashname"] for p in finder.get("/api/peers")["peers"]} - known_before
+    assert peers <= named, (peers, named)
+    assert tag.hashname in peers | known_before
 
     # Everything else a finder might try is refused, each with its reason.
     answers = trio.run(_finder_attempts, tmp_path / "finder2", tag, other["hashname"])
