@@ -145,7 +145,7 @@ def cmd_thing_new(args: argparse.Namespace) -> int:
 
 
 def cmd_thing_ls(args: argparse.Namespace) -> int:
-    """List the things of your cloud (archived and handed-on ones with --all)."""
+    """List the things of your cloud (archived ones too with --all)."""
     path = "/api/things" + ("?archived=true" if args.all else "")
     things = Client(_data_dir(args)).get(path)["things"]
     if args.json:
@@ -486,7 +486,7 @@ def register(sub: Any, common: argparse.ArgumentParser, shows: argparse.Argument
     new.add_argument("--claim", action="store_true",
                      help="claim it at once (else scanning its fresh tag claims it)")
     ls = leaf(ts, "ls", cmd_thing_ls, "list things")
-    ls.add_argument("--all", action="store_true", help="archived and handed-on ones too")
+    ls.add_argument("--all", action="store_true", help="archived ones too")
     show = leaf(ts, "show", cmd_thing_show, "show a thing")
     note = leaf(ts, "note", cmd_thing_note, "add to a thing's notes")
     rename = leaf(ts, "rename", cmd_thing_rename, "rename a thing")
