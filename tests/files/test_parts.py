@@ -169,3 +169,27 @@ def test_a_part_file_on_another_file_system_is_copied_then_dropped(
     assert FileWritten("mnt/other-fs.bin", False) in result.events
     assert b.read("mnt/other-fs.bin") == data
     assert _parts_on_disk(b.root) == []
+
+
+def test_one_blob_needed_at_two_paths_is_fetched_once_and_written_twice(
+        devices: Make) -> None:
+    a, b = devices(2)
+    data = random.Random(6).randbytes(200_000)
+    a.write("x/copy1.bin", data, mtime_ns=T0)
+    a.write("y/z/copy2.bin", data, mtime_ns=T0 + 1)
+    touched = b.receive([a.reconcile().delta])
+    manifest = manifest_of(data)
+    _receiver(b, manifest)
+    result = b.reconcile(touched)
+    assert list(result.missing) == [manifest.blob_hash]
+    assert len(_parts_on_disk(b.root)) == 1  # one part file for both paths
+    for h, chunk in _chunks_of(data, manifest).items():
+        assert b.folder.write_part(manifest, h, chunk)
+    b.reconcile(touched)
+    assert b.read("x/copy1.bin") == data and b.read("y/z/copy2.bin") == data
+    assert _mtime_ns(b, "y/z/copy2.bin") == T0 + 1
+    assert _parts_on_disk(b.root) == []
+
+
+def _mtime_ns(d: Device, rel: str) -> int:
+    return os.stat(d.root / rel).st_mtime_ns
