@@ -909,8 +909,9 @@ cdef class Doc:
             self.free_ent = self.ents[i].next
         else:
             if self.nents >= self.ents_cap:
-                # small first: most documents hold a handful of fields
-                cap = 4 if self.ents_cap == 0 else self.ents_cap * 2
+                # small first: most documents hold a handful of fields, and bulk writes
+                # and loads size the arrays exactly (reserve)
+                cap = 1 if self.ents_cap == 0 else self.ents_cap * 2
                 if cap > MAX_DOC_ITEMS:
                     cap = MAX_DOC_ITEMS
                     if self.nents >= cap:
@@ -1111,7 +1112,7 @@ cdef class Doc:
         elif not defer and self.nindexed != self.nslots:
             self.index_pending()
         if self.nslots >= self.slots_cap:
-            cap = 4 if self.slots_cap == 0 else self.slots_cap * 2
+            cap = 1 if self.slots_cap == 0 else self.slots_cap * 2
             if cap > MAX_DOC_ITEMS:
                 cap = MAX_DOC_ITEMS
                 if self.nslots >= cap:
@@ -2250,9 +2251,9 @@ cdef class Replica:
                 break
             d = t.cache_d
             if n > 1 and d is not None and d.nlive == 1 and type(items) is dict:
-                # the document held at most the first field: the other keys are new to it
-                if n >= PRESIZE_MIN:
-                    d.reserve(n - 1)  # a bulk write into a new document: presize
+                # the document held at most the first field: the other keys are new to it;
+                # its arrays get exactly the room they need (most documents are small)
+                d.reserve(n - 1)
                 return self._bulk_fresh(t, d, coll, doc, <dict>items, n)
             for field, value in (<dict>items).items():
                 i += 1
@@ -3078,11 +3079,10 @@ cdef class Replica:
                     while upto < run.end and d.ops[upto].coll == doc_coll and \
                             d.ops[upto].doc == doc_doc:
                         upto += 1
-                    if upto - oi >= PRESIZE_MIN:
-                        if use_hint:
-                            doc_obj.reserve_ents(upto - oi)
-                        else:
-                            doc_obj.reserve(upto - oi)
+                    if not use_hint:
+                        doc_obj.reserve(upto - oi)  # exactly: most documents are small
+                    elif upto - oi >= PRESIZE_MIN:
+                        doc_obj.reserve_ents(upto - oi)
                 np = d.arena.data + d.noff[op.field]
                 nn = d.nlen[op.field]
                 # the order hint: a delta often lists a document's fields in the order the
