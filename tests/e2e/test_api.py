@@ -86,7 +86,11 @@ def test_openapi_validates_and_every_route_is_exercised(
     spec = a.get("/api/openapi.json")
     validate(spec)  # OpenAPI 3.1 (openapi-spec-validator)
     api = Checked(a, spec)
-    operations = {(m, p) for p, item in spec["paths"].items() for m in item}
+    # The cloud and things capabilities check their own routes the same way on daemons set
+    # up for them (test_cloud_api.py, test_things_api.py); every other route is checked here.
+    own_tests = {"cloud", "things"}
+    operations = {(m, p) for p, item in spec["paths"].items() for m, op in item.items()
+                  if not own_tests & set(op["tags"])}
     assert ("get", "/api/openapi.json") in operations
     api.call("GET", "/api/openapi.json")
 
