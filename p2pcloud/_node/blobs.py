@@ -128,6 +128,7 @@ class BlobEngine:
         # verified chunks not yet written, with the manifests of the blobs that need them
         self._pending: dict[bytes, tuple[bytes, tuple[Manifest, ...]]] = {}
         self._pending_bytes = 0
+        self._pending_gen: dict[bytes, int] = {}  # when each pending chunk was received
         # received manifests not yet in LMDB. One transaction per batch: a folder of 10,000
         # small files brings 10,000 manifests. The blob records (size, chunk list, manifest
         # pin) are written when a reader opens the blob (Replication.ensure_blob); until
@@ -253,10 +254,11 @@ class BlobEngine:
         manifests: list[Manifest] = []
         for event in events:
             if isinstance(event, ChunkReceived):
+                self._received_gen += 1
                 if event.hash not in self._pending:
                     self._pending[event.hash] = (event.data, event.manifests)
+                    self._pending_gen[event.hash] = self._received_gen
                     self._pending_bytes += len(event.data)
-                self._received_gen += 1
                 self._stats["chunks received"] += 1
             elif isinstance(event, ManifestReceived):
                 manifests.append(event.manifest)
@@ -282,17 +284,22 @@ class BlobEngine:
             await self._wake_writer.wait()
             self._wake_writer = trio.Event()
             while self._pending or self._pending_manifests:
-                gen = self._received_gen
+                # the oldest chunks first (dicts keep insertion order), so once a batch is
+                # written every chunk received up to its newest one is durable: the blobs
+                # completed by then can be released now, not when the queue runs dry
+                gen = self._stored_gen
                 batch: dict[bytes, tuple[bytes, tuple[Manifest, ...]]] = {}
                 size = 0
                 for digest in list(self._pending):
                     if batch and (size >= MAX_WRITE_BATCH_BYTES
                                   or len(batch) >= MAX_WRITE_BATCH_CHUNKS):
-                        gen = -1  # more remain: completions wait for the next batch
                         break
                     held = self._pending.pop(digest)
+                    gen = self._pending_gen.pop(digest)
                     batch[digest] = held
                     size += len(held[0])
+                if not self._pending:
+                    gen = self._received_gen
                 self._flushing = batch
                 manifests: list[Manifest] = []
                 for blob in list(self._pending_manifests)[:MAX_MANIFESTS_PER_BATCH]:
@@ -315,17 +322,21 @@ class BlobEngine:
                     self._pending_bytes -= size
                     self._room.set()
                     self._room = trio.Event()
-                if gen >= 0:
-                    self._stored_gen = gen
+                self._stored_gen = gen
+                await self._release_completions()
             if not self._pending:
                 self._stored_gen = self._received_gen
-            done: list[bytes] = []
-            while self._completions and self._completions[0][0] <= self._stored_gen:
-                done.append(self._completions.popleft()[1])
-            for blob in done:
-                self._complete(blob)
-            if done:
-                await self._feed_backlog()
+            await self._release_completions()
+
+    async def _release_completions(self) -> None:
+        """Report the blobs whose every chunk is durable (see _writer_loop)."""
+        done: list[bytes] = []
+        while self._completions and self._completions[0][0] <= self._stored_gen:
+            done.append(self._completions.popleft()[1])
+        for blob in done:
+            self._complete(blob)
+        if done:
+            await self._feed_backlog()
 
     def _write_parts(self, batch: dict[bytes, tuple[bytes, tuple[Manifest, ...]]]
                      ) -> dict[bytes, bytes]:
