@@ -222,6 +222,7 @@ class Node:
         # sub-clouds (docs/subclouds.md): open_node attaches the engine when there is a data dir
         self.replication: Replication | None = None
         self._link_listeners: list[Callable[[Hashname, bool], None]] = []
+        self._link_event_listeners: list[Callable[[Hashname, str], None]] = []
         # the person's cloud (docs/cloud.md): open_node attaches it when there is a data dir
         self.cloud: Cloud | None = None
         # things and their tags (docs/things.md): open_node attaches them with a data dir
@@ -257,6 +258,19 @@ class Node:
     def link_path(self, hashname: Hashname) -> Path | None:
         """The path the mesh last reported for ``hashname`` (``PathChanged``/``LinkUp``)."""
         return self._link_paths.get(hashname)
+
+    def add_link_listener(self, fn: Callable[[Hashname, str], None]) -> None:
+        """Call ``fn(hashname, what)`` on every link event, so nothing needs to poll.
+
+        ``what`` is ``"up"`` (``LinkUp``), ``"down"`` (``LinkDown``) or ``"path"``
+        (``PathChanged``); :attr:`links` and :meth:`link_path` already show the new state
+        when ``fn`` runs. It runs inside the node's event dispatch: it must return quickly
+        and must not raise (set a ``trio.Event`` or start a task for real work).
+
+        Args:
+            fn: the listener; kept until the node closes.
+        """
+        self._link_event_listeners.append(fn)
 
     # -- start and stop ----------------------------------------------------------------
 
@@ -511,6 +525,8 @@ class Node:
                 waiter.event.set()
             for listener in self._link_listeners:
                 listener(event.hashname, True)
+            for notify in self._link_event_listeners:
+                notify(event.hashname, "up")
         elif isinstance(event, ev.LinkDown):
             self._links_up.discard(event.hashname)
             for waiter in self._link_waiters.pop(event.hashname, []):
@@ -522,10 +538,14 @@ class Node:
                     channel._on_closed("link down")
             for listener in self._link_listeners:
                 listener(event.hashname, False)
+            for notify in self._link_event_listeners:
+                notify(event.hashname, "down")
         elif isinstance(event, ev.PathChanged):
             self._link_paths[event.hashname] = event.path
             self._paths_changed.set()
             self._paths_changed = trio.Event()
+            for notify in self._link_event_listeners:
+                notify(event.hashname, "path")
         elif isinstance(event, ev.PacketDropped):
             self._dropped[event.reason] += 1
 
