@@ -64,12 +64,26 @@ class EventHub:
         self._next_id = 1
         self._history: deque[EventPublished] = deque(maxlen=MAX_HISTORY)
         self._subscribers: set[trio.MemorySendChannel[EventPublished]] = set()
+        self._subscribed = trio.Event()  # set while anyone subscribes (wait_subscribed)
         self.published: dict[str, int] = {}
 
     @property
     def subscribers(self) -> int:
         """Open subscriptions."""
         return len(self._subscribers)
+
+    async def wait_subscribed(self) -> None:
+        """Return once at least one subscription is open (at once if one is).
+
+        Lets periodic publishers (statistics) sleep while nobody listens.
+        """
+        await self._subscribed.wait()
+
+    def _subscribers_changed(self) -> None:
+        if self._subscribers:
+            self._subscribed.set()
+        elif self._subscribed.is_set():
+            self._subscribed = trio.Event()
 
     def publish(self, type: str, data: dict[str, Any]) -> EventPublished:
         """Publish an event to every subscriber now; never blocks.
@@ -92,6 +106,7 @@ class EventHub:
                 # Too slow (or gone): cut it off; it reconnects with Last-Event-ID.
                 self._subscribers.discard(send)
                 send.close()
+                self._subscribers_changed()
         return event
 
     @contextmanager
@@ -125,9 +140,11 @@ class EventHub:
                 missed = [e for e in self._history if e.id > last_id]
         send, receive = trio.open_memory_channel[EventPublished](MAX_SUBSCRIBER_BACKLOG)
         self._subscribers.add(send)
+        self._subscribers_changed()
         try:
             yield missed, receive
         finally:
             self._subscribers.discard(send)
+            self._subscribers_changed()
             send.close()
             receive.close()

@@ -7,20 +7,23 @@ durable (the SubCloud API returns only then).
 Change events: :func:`background` (run by the API app for the daemon's lifetime) keeps one
 task per held sub-cloud, subscribed to its changes, that publishes a ``change`` event
 ``{subcloud, name, collection, document, field, origin}`` on the daemon's event stream for
-every change the subscription reports. The node has no "sub-cloud added" hook, so a
-sub-cloud shared with us by a peer is found by a poll every :data:`SUBCLOUD_POLL_INTERVAL`,
+every change the subscription reports. A sub-cloud shared with us by a peer (or created)
+is followed the moment the replication engine reports it (its ``subcloud_listeners`` hook),
 and also the moment any route names or lists it: the subscription is made synchronously
 there, so a client that has seen a sub-cloud through the API gets an event for every later
-change of it.
+change of it. Nothing polls for new sub-clouds.
 
 ``subcloud.added`` ``{subcloud, name, kind, owner}`` is published when a sub-cloud is
 first followed (created here, shared with us, or already held when the daemon started).
 
 Progress: ``sync.progress`` ``{subcloud, name, peers: [...]}`` is published whenever a
 sub-cloud's per-peer progress (``SubCloud.progress()``: items and bytes still to send and
-receive, blob bytes fetched) differs from the last one published, looked at every
-:data:`PROGRESS_INTERVAL`. Synced folders (``/api/folders``) are added per daemon run: the
-node does not remember them across restarts.
+receive, blob bytes fetched) differs from the last one published. It is looked at every
+:data:`PROGRESS_INTERVAL` while a sync moves (something pending, or within
+:data:`PROGRESS_GRACE` of a change, link event or new sub-cloud, which is what starts one);
+an idle daemon looks only every :data:`IDLE_PROGRESS_INTERVAL` (a safety net), so it stays
+asleep (issue 7). Synced folders (``/api/folders``) are added per daemon run: the node does
+not remember them across restarts.
 """
 
 from __future__ import annotations
@@ -41,13 +44,14 @@ from p2pcloudd.runtime import Daemon
 
 log = logging.getLogger("p2pcloudd.subclouds")
 
-SUBCLOUD_POLL_INTERVAL = 0.5  # s; how late a newly held sub-cloud's change events may start
 MAX_NAME = 200  # characters of a sub-cloud name (the node's own limit)
 MAX_KEY = 512  # characters of a collection/document id in a path; real ids are far shorter
 KINDS = ["device", "thing", "cloud"]
 MAX_PATH = 4096  # characters of a folder path: Linux's PATH_MAX
 FILES_COLLECTION = "files"  # p2pcloud.files.COLLECTION (not imported: that loads watchfiles)
-PROGRESS_INTERVAL = 0.5  # s between looks at sync progress for ``sync.progress`` events
+PROGRESS_INTERVAL = 0.5  # s between looks at sync progress while a sync moves
+PROGRESS_GRACE = 5.0  # s of looking after a wake-up: a sync a change or link starts shows by then
+IDLE_PROGRESS_INTERVAL = 15.0  # s between looks when idle (only a safety net; wakes are events)
 
 SUBCLOUD_SCHEMA: dict[str, Any] = {
     "type": "object", "required": ["id", "name", "kind", "owner"],
@@ -439,35 +443,80 @@ def _ensure_followed(daemon: Daemon, sc: Any) -> None:
         followers.ensure(sc)
 
 
-async def _report_progress(daemon: Daemon) -> None:
+def _moving(peers: list[dict[str, Any]]) -> bool:
+    """Whether a progress picture shows a sync under way (anything left to move)."""
+    return any(p["send_items"] or p["send_bytes"] or p["in_flight_bytes"] or p["receive_items"]
+               or p["receive_bytes"] or p["blob_bytes_done"] != p["blob_bytes_total"]
+               for p in peers)
+
+
+class _Wake:
+    """A wake-up flag the node's hooks set (they run synchronously: only set it here)."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+    def set(self, *_: Any) -> None:
+        self.event.set()
+
+
+async def _report_progress(daemon: Daemon, wake: _Wake) -> None:
     """Publish ``sync.progress`` for a sub-cloud whenever its per-peer progress changed.
 
-    Looked at every :data:`PROGRESS_INTERVAL`; an unchanged picture is not published again,
-    so an idle daemon publishes nothing and the last event of a sync says all is done.
+    An unchanged picture is not published again, so an idle daemon publishes nothing and
+    the last event of a sync says all is done. Looked at every :data:`PROGRESS_INTERVAL`
+    while a sync moves or within :data:`PROGRESS_GRACE` of a wake-up, else every
+    :data:`IDLE_PROGRESS_INTERVAL` or at the next wake-up (see the module docstring).
     """
     last: dict[bytes, list[dict[str, Any]]] = {}
+    busy_until = trio.current_time() + PROGRESS_GRACE
     while True:
+        if wake.event.is_set():
+            wake.event = trio.Event()
+            busy_until = trio.current_time() + PROGRESS_GRACE
+        moving = False
         for sc in daemon.node.subclouds():
             peers = _progress_json(sc)
+            moving = moving or _moving(peers)
             if peers != last.get(sc.id, []):
                 last[sc.id] = peers
                 daemon.events.publish("sync.progress", {
                     "subcloud": sc.id_text, "name": sc.name, "peers": peers})
-        await trio.sleep(PROGRESS_INTERVAL)
+        if moving or trio.current_time() < busy_until:
+            await trio.sleep(PROGRESS_INTERVAL)
+        else:
+            with trio.move_on_after(IDLE_PROGRESS_INTERVAL):
+                await wake.event.wait()
 
 
 async def background(daemon: Daemon) -> None:
     """Run for the daemon's lifetime: follow every held sub-cloud's changes (see the module
-    docstring), and :func:`_report_progress`."""
+    docstring), and :func:`_report_progress`. Woken by the node's hooks only: new
+    sub-clouds (``replication.subcloud_listeners``), changes (``change_listeners``) and
+    link events (``node.add_link_listener``)."""
+    node = daemon.node
+    engine = node.replication
+    wake = _Wake()
     async with trio.open_nursery() as nursery:
         followers = _FOLLOWERS[id(daemon)] = _Followers(daemon, nursery)
-        nursery.start_soon(_report_progress, daemon)
+
+        def added(sc: Any) -> None:
+            followers.ensure(sc)
+            wake.set()
+
+        if engine is not None:
+            engine.subcloud_listeners.append(added)
+            engine.change_listeners.append(wake.set)
+        node.add_link_listener(wake.set)
         try:
-            while True:
-                for sc in daemon.node.subclouds():
-                    followers.ensure(sc)
-                await trio.sleep(SUBCLOUD_POLL_INTERVAL)
+            for sc in node.subclouds():
+                followers.ensure(sc)
+            nursery.start_soon(_report_progress, daemon, wake)
+            await trio.sleep_forever()
         finally:
+            if engine is not None:
+                engine.subcloud_listeners.remove(added)
+                engine.change_listeners.remove(wake.set)
             _FOLLOWERS.pop(id(daemon), None)
 
 

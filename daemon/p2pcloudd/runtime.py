@@ -8,11 +8,14 @@ HTTP server do); it keeps what the daemon knows that the node does not:
 * **known peers** (``state.json``): every peer ever linked, its link URI when we linked to
   it, and when the link was last seen Up. They survive restarts, and ``relink`` links them
   again at start.
-* the **link watcher**: the node has no link event hook yet, so a task compares
-  ``node.links`` and ``node.link_path()`` every :data:`LINK_POLL_INTERVAL` and publishes
-  ``link.up`` / ``link.down`` / ``link.path`` events on the diff (docs/daemon.md; a hook in
-  the node would replace the polling, see the report to NODE).
-* the **statistics ticker** publishing ``statistics`` events for live dashboards.
+* the **link watcher**: a task that sleeps until the node's link hook
+  (``node.add_link_listener``: LinkUp, LinkDown, PathChanged) wakes it, then compares
+  ``node.links`` and ``node.link_path()`` with what it published last and publishes
+  ``link.up`` / ``link.down`` / ``link.path`` events on the diff (docs/daemon.md). Nothing
+  polls: an idle daemon (issue 7: fit for a phone) wakes for real link events only, plus a
+  refresh of known peers' ``last_seen`` every :data:`STATE_SAVE_INTERVAL` while links are up.
+* the **statistics ticker** publishing ``statistics`` events for live dashboards, only
+  while someone follows ``/api/events`` (it sleeps while nobody listens).
 * **goodbyes**: Telehash v3 has no message that ends a link, so a peer that stops would
   look online until the mesh's keepalive gives up (minutes). A stopping daemon opens a
   ``p2pcloud-bye`` channel (our extension) to each linked peer and waits up to
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import math
 import os
 import secrets
 import time
@@ -44,8 +48,9 @@ from p2pcloudd.events import EventHub
 
 log = logging.getLogger("p2pcloudd")
 
-LINK_POLL_INTERVAL = 0.25  # s; how stale a link.up/down event may be (no node hook yet)
-STATE_SAVE_INTERVAL = 60.0  # s; last_seen times are written at most this often (plus on changes)
+STATE_SAVE_INTERVAL = 300.0
+"""s between refreshes of linked peers' last_seen in state.json while links stay up (every
+link change is written at once; this only bounds how stale last_seen is after a kill -9)."""
 LOGIN_CODE_TTL = 300.0  # s a dashboard login code stays valid: long enough to open a browser
 MAX_LOGIN_CODES = 32  # unused codes kept; minting more drops the oldest
 SESSION_TTL = 30 * 24 * 3600.0  # s a dashboard session cookie lives (until the daemon restarts)
@@ -126,7 +131,8 @@ class Daemon:
         self.shutdown_requested = trio.Event()
         self._login_codes: dict[str, float] = {}
         self._sessions: dict[str, float] = {}
-        self._seen_up: dict[str, Any] = {}  # hashname -> path, as of the last poll
+        self._seen_up: dict[str, Any] = {}  # hashname -> path, as published last
+        self._links_changed = trio.Event()  # set by the node's link hook
         self._relinking: set[str] = set()  # peers a _relink_after_down task is after
         self._said_bye: set[str] = set()  # peers that said goodbye since their link was up
         self._relink_nursery: trio.Nursery | None = None
@@ -216,7 +222,7 @@ class Daemon:
         with trio.fail_after(LINK_TIMEOUT + 1.0):
             hashname = await self.node.link(uri)
         self.remember_uri(hashname, uri)
-        self._poll_links()  # publish link.up now rather than at the next poll
+        self._poll_links()  # publish link.up before answering (the watcher may not have run)
         await self.save_state_if_dirty()
         return str(hashname)
 
@@ -258,6 +264,8 @@ class Daemon:
         for gone in list(self._seen_up):
             if gone not in up:
                 del self._seen_up[gone]
+                if gone in self.state.peers:
+                    self.state.peers[gone].last_seen = now  # up until this event
                 self._state_dirty = True
                 log.info("link down peer=%s", gone[:12])
                 self.events.publish("link.down", {"hashname": gone})
@@ -300,20 +308,36 @@ class Daemon:
         finally:
             self._relinking.discard(peer.hashname)
 
+    def _on_link_event(self, hashname: Hashname, what: str) -> None:
+        # The node's link hook runs inside its event dispatch: only wake the watcher.
+        self._links_changed.set()
+
     async def watch_links(self) -> None:
         """Publish link events, keep known peers' last_seen, and link again with known
-        peers whose link went down, until cancelled."""
-        last_save = trio.current_time()
+        peers whose link went down, until cancelled.
+
+        Sleeps until the node reports a link event (or, while links are up, until the next
+        :data:`STATE_SAVE_INTERVAL` refresh of last_seen), so an idle daemon costs nothing.
+        """
         self.node.serve_channel(BYE_CHANNEL, self._on_bye)
+        self.node.add_link_listener(self._on_link_event)
+        last_save = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._relink_nursery = nursery
             while True:
+                # Reset before looking: an event during the save below wakes the next wait.
+                self._links_changed = trio.Event()
                 self._poll_links()
-                if self._state_dirty or trio.current_time() - last_save > STATE_SAVE_INTERVAL:
+                refresh = bool(self._seen_up) and (
+                    trio.current_time() - last_save >= STATE_SAVE_INTERVAL)
+                if self._state_dirty or refresh:
                     self._state_dirty = True
                     await self.save_state_if_dirty()
                     last_save = trio.current_time()
-                await trio.sleep(LINK_POLL_INTERVAL)
+                # No link up: nothing to refresh, sleep until the next link event.
+                wake = last_save + STATE_SAVE_INTERVAL if self._seen_up else math.inf
+                with trio.move_on_at(wake):
+                    await self._links_changed.wait()
 
     async def _on_bye(self, stream: Any) -> None:
         """A peer says it is stopping: acknowledge, then end its link now."""
@@ -324,7 +348,7 @@ class Daemon:
             await stream.send_all(b"ok")
         self._said_bye.add(hashname)
         self.node.unlink(hashname)
-        self._poll_links()  # link.down now, not at the next poll
+        self._poll_links()  # link.down before this handler ends
 
     async def say_bye(self) -> None:
         """Tell every linked peer we are stopping (at most :data:`BYE_TIMEOUT`)."""
@@ -342,10 +366,14 @@ class Daemon:
                     nursery.start_soon(bye, hashname)
 
     async def tick_statistics(self) -> None:
-        """Publish a ``statistics`` event every ``statistics_interval`` seconds."""
+        """Publish a ``statistics`` event every ``statistics_interval`` seconds while any
+        client follows the event stream; with none, sleep until one subscribes (an idle
+        daemon nobody watches does not wake for statistics)."""
         while True:
+            await self.events.wait_subscribed()
             await trio.sleep(self.settings.statistics_interval)
-            self.events.publish("statistics", self.statistics())
+            if self.events.subscribers:
+                self.events.publish("statistics", self.statistics())
 
     async def save_state_if_dirty(self) -> None:
         """Write state.json (in a thread: it fsyncs) if anything changed."""
