@@ -8,7 +8,8 @@ What is measured, for each daemon, ``RUNS`` times (median and best reported):
   config.xml, timed separately), then ``syncthing serve`` until ``/rest/system/ping`` pongs.
 * **restart to ready**: the same daemon started again on its existing data dir.
 * **idle RSS**: resident memory ``IDLE_S`` seconds after ready with nothing to do (p2pcloudd:
-  the one process; Syncthing: its serve process plus the child it runs).
+  the whole process tree, found through every thread's ``children`` list as in
+  bench_idle.py; Syncthing: its serve monitor plus the Syncthing process it runs).
 
 Safety, as in ../shared/bench/syncthing-bench.sh: the script re-executes itself in a fresh
 network namespace (``unshare -n``) that has only ``lo``; Syncthing additionally has global and
@@ -64,18 +65,41 @@ def http_get(host: str, port: int, path: str, headers: dict[str, str]) -> tuple[
 
 
 def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """VmRSS of ``pid`` in KiB (0 once it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
 
 
-def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Syncthing's ``serve`` is a monitor that runs the
+    real Syncthing as a child), as bench_idle.py finds them.
+
+    Every thread's ``children`` file is read: a Go program starts its child from whichever
+    OS thread runs the goroutine, so the main thread's file alone misses it.
+    """
+    found = [pid]
+    for parent in found:  # grows while we walk it: breadth-first over the whole tree
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                found += [int(x) for x in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` and all its descendants, MiB."""
+    return sum(rss_kb(p) for p in tree(pid)) / 1024
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -129,7 +153,7 @@ def bench_p2pcloudd(work: Path) -> dict[str, list[float]]:
         ms, proc = p2pcloudd_start(data_dir)
         out["restart"].append(ms)
         time.sleep(IDLE_S)
-        out["rss"].append(rss_kb(proc.pid) / 1024)
+        out["rss"].append(tree_rss_mib(proc.pid))
         stop(proc)
     return out
 
@@ -207,7 +231,7 @@ def bench_syncthing(work: Path) -> dict[str, list[float]]:
         ms, proc = syncthing_start(home)
         out["restart"].append(ms)
         time.sleep(IDLE_S)
-        out["rss"].append(sum(rss_kb(p) for p in [proc.pid, *children(proc.pid)]) / 1024)
+        out["rss"].append(tree_rss_mib(proc.pid))
         stop(proc)
     return out
 
@@ -250,7 +274,8 @@ def main() -> None:
         "authenticated status request (p2pcloudd `GET /api/status` with the bearer token; "
         "Syncthing `GET /rest/system/ping` with its API key). p2pcloudd's first start creates "
         "its identity; Syncthing's keys and config come from `syncthing generate`, timed "
-        "apart. Syncthing's RSS counts its serve process and the child it runs. p2pcloudd runs "
+        "apart. RSS counts the whole process tree (Syncthing: its `serve` monitor plus the "
+        "Syncthing process it runs, found through every thread's children list). p2pcloudd runs "
         f"under CPython {sys.version.split()[0]} with the {p2pcloud.core_implementation()} "
         f"merge core; most of its start is importing Python modules. Load average "
         f"{' '.join(load_before)} before, {' '.join(load_after)} after, on a shared "
