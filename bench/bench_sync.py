@@ -49,6 +49,7 @@ from p2pcloud.sync import (  # noqa: E402
 from p2pcloud.sync.messages import (  # noqa: E402
     T_RECONCILE,
     T_VECTORS,
+    IdTable,
     VectorOffer,
     Vectors,
     encode_message,
@@ -143,7 +144,7 @@ def _count_types(data: bytes) -> None:
 
     buf = bytearray(data)
     for body in split_frames(buf):
-        t = cbor2.loads(body)["t"]
+        t = cbor2.loads(body)[1]  # [version, type, ...]
         BY_TYPE[t] = BY_TYPE.get(t, 0) + 4 + len(body)
 
 
@@ -255,10 +256,11 @@ def many_subclouds(rng: random.Random, m: int, k: int) -> tuple[list[str], dict[
         b.store(sc, env)
     # the anchor: one vector exchange per sub-cloud (automerge-repo style), same encoding
     naive = 0
+    tables = {a: IdTable(ida.hashname, idb.hashname), b: IdTable(idb.hashname, ida.hashname)}
     for sc in scs:
         for shell in (a, b):
-            offer = VectorOffer(sc, encode_version(shell.catalog.version(sc)), True, 0)
-            naive += len(encode_message(Vectors((offer,))))
+            offer = VectorOffer(sc, shell.catalog.version(sc), True, 0)
+            naive += len(encode_message(Vectors((offer,)), tables[shell]))
     changed = rng.sample(scs, k)
     payload = 0
     for i, sc in enumerate(changed):

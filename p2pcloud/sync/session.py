@@ -48,23 +48,25 @@ session (:class:`SessionFailed`; the shell closes the channel).
 
 from __future__ import annotations
 
+import math
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from p2pcloud._core import decode_version, encode_version
 from p2pcloud._ids import Hashname, SubCloudId
 from p2pcloud.errors import CoreError, DeltaRejected, LocalProtocolError, MalformedPacket
 from p2pcloud.sync.catalog import Catalog
 from p2pcloud.sync.envelope import Envelope, decode_envelope
 from p2pcloud.sync.messages import (
     MAX_BATCH_BYTES,
+    MAX_BYTES_PER_DOT,
     MAX_SNAPSHOT_BYTES,
     MAX_VECTORS_PER_MESSAGE,
     Ack,
     Envelopes,
     FramingError,
+    IdTable,
     Message,
     Reconcile,
     SnapshotChunk,
@@ -111,7 +113,6 @@ SNAPSHOT_CHUNK_BYTES: Final = 64 * 1024  # one chunk per message: fits any windo
 ANTI_ENTROPY_INTERVAL: Final = 60.0
 """Seconds between reconciliation runs on a live session: the fallback that repairs what
 a gap or a lost message left behind; an idle run costs about 60 bytes."""
-MILLI: Final = 1000  # bytes-per-dot estimates travel as integers in thousandths
 
 
 # -- events -----------------------------------------------------------------------------
@@ -245,14 +246,14 @@ class _Batch:
 class _SnapOut:
     subcloud: SubCloudId
     data: bytes
-    version: bytes
+    version: dict[bytes, int]
     offset: int = 0
 
 
 @dataclass(slots=True)
 class _SnapIn:
     total: int
-    version: bytes
+    version: dict[bytes, int]
     buf: bytearray
 
 
@@ -296,6 +297,9 @@ class SyncSession:
         self._view = catalog.view(shares) if shares is not None else None
         self._out = bytearray()
         self._rx = bytearray()
+        # per-session id dictionaries and replica tags (messages.py): must exist before
+        # the first message below is encoded
+        self._ids = IdTable(local, remote)
         self._events: deque[SyncEvent] = deque()
         self._stats: Counter[str] = Counter()
         self._failed = False
@@ -552,7 +556,7 @@ class SyncSession:
             p.stalled.update(self.catalog.version(subcloud))
             self._stats["store had no snapshot"] += 1
         else:
-            self._snap_out = _SnapOut(subcloud, bytes(snapshot), encode_version(version))
+            self._snap_out = _SnapOut(subcloud, bytes(snapshot), dict(version))
             for origin, c in version.items():
                 if c > p.remote.get(origin, 0):
                     p.remote[origin] = c
@@ -658,7 +662,7 @@ class SyncSession:
         for body in frames:
             self._stats["messages in"] += 1
             try:
-                msg = decode_message(body)
+                msg = decode_message(body, self._ids)
                 self._handle(msg, now)
             except (MalformedPacket, RangeError, CoreError) as exc:
                 self._drop(f"{type(exc).__name__}: {exc}")
@@ -712,11 +716,7 @@ class SyncSession:
             self._subs.pop(sc, None)
             self._unknown.append(sc)
             return
-        try:
-            version = decode_version(offer.version)
-        except CoreError as exc:
-            self._drop(f"bad version vector: {exc}")
-            return
+        version = dict(offer.version)  # the codec checked ids (8..32 bytes) and counters
         p = self._subs.setdefault(sc, _Peer())
         remote = dict(version)
         # what is already on its way counts as theirs, unless it sits above a gap
@@ -730,7 +730,7 @@ class SyncSession:
                 remote[origin] = max(remote.get(origin, 0), c)
         p.remote = remote
         p.peer_version = version
-        p.peer_bpd = offer.bytes_per_dot / MILLI
+        p.peer_bpd = float(offer.bytes_per_dot)
         p.stalled.clear()
         p.snapshot_asked = False  # new facts: a later fold may call for a snapshot again
         was_awaiting = p.awaiting
@@ -781,7 +781,7 @@ class SyncSession:
             return
         cur = self._snap_in.get(sc)
         if msg.offset == 0:
-            cur = self._snap_in[sc] = _SnapIn(msg.total, msg.version, bytearray())
+            cur = self._snap_in[sc] = _SnapIn(msg.total, dict(msg.version), bytearray())
         if cur is None or cur.total != msg.total or len(cur.buf) != msg.offset:
             self._snap_in.pop(sc, None)
             self._drop("snapshot chunk out of order")
@@ -792,12 +792,7 @@ class SyncSession:
             self._acks.append(msg.batch)  # held in memory (bounded by MAX_SNAPSHOT_BYTES)
             return
         del self._snap_in[sc]
-        try:
-            version = decode_version(cur.version)
-        except CoreError as exc:
-            self._acks.append(msg.batch)
-            self._drop(f"bad snapshot version: {exc}")
-            return
+        version = cur.version  # checked by the codec
         self._stats["snapshots in"] += 1
         self._rx_unacked[msg.batch] = (sc, len(msg.data))
         self._rx_unacked_bytes += len(msg.data)
@@ -822,7 +817,7 @@ class SyncSession:
         self._events.append(SessionFailed(reason))
 
     def _send(self, msg: Message) -> None:
-        frame = encode_message(msg)
+        frame = encode_message(msg, self._ids)
         self._stats["messages out"] += 1
         self._stats["bytes out"] += len(frame)
         self._out += frame
@@ -849,9 +844,9 @@ class SyncSession:
         p.awaiting = p.awaiting or reply
         self._offers[sc] = VectorOffer(
             sc,
-            encode_version(self.catalog.version(sc)),
+            self.catalog.version(sc),
             reply,
-            int(self.catalog.bytes_per_dot(sc) * MILLI),
+            min(math.ceil(self.catalog.bytes_per_dot(sc)), MAX_BYTES_PER_DOT),
         )
 
     def _start_run(self, now: float) -> None:

@@ -28,6 +28,8 @@ from p2pcloud.sync.catalog import Catalog
 from p2pcloud.sync.messages import (
     MAX_BATCH_BYTES,
     MAX_MESSAGE_BYTES,
+    MAX_TABLE_ENTRIES,
+    PROTOCOL_VERSION,
     Ack,
     Envelopes,
     Reconcile,
@@ -379,6 +381,19 @@ def _session() -> tuple[SyncSession, Catalog]:
     return s, cat
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _frame(body: bytes) -> bytes:
+    return _varint(len(body)) + body
+
+
 def _drain(s: SyncSession) -> list[object]:
     out = []
     while (ev := s.next_event()) is not None:
@@ -388,28 +403,54 @@ def _drain(s: SyncSession) -> list[object]:
 
 def test_malformed_messages_are_dropped_and_counted() -> None:
     s, _cat = _session()
+    sc = bytes(16)
     bad = [
         b"\xff\xff",
-        cbor2.dumps({"v": 2, "t": 1, "p": False, "r": []}),
-        cbor2.dumps({"v": 1, "t": 99}),
-        cbor2.dumps({"v": 1, "t": 1, "p": False, "r": [[40, b"", 0, b""]]}),
-        cbor2.dumps({"v": 1, "t": 1, "p": False, "r": [[1, b"\x01", 0, bytes(16)]]}),
-        cbor2.dumps({"v": 1, "t": 2, "o": [[bytes(16), b"\x05", True, 0]]}),
-        cbor2.dumps({"v": 1, "t": 4, "b": [77]}),
-        cbor2.dumps({"v": 1, "t": 5, "s": bytes(16), "b": 1, "o": 5, "n": 3, "w": b"", "d": b"x"}),
+        cbor2.dumps([3, 1, False, [], b""]),  # a protocol version we do not speak
+        cbor2.dumps({"v": 1, "t": 1, "p": False, "r": []}),  # version 1's map, v2 framing
+        cbor2.dumps([2, 99]),
+        cbor2.dumps([2, 1, False, [40, b"", 0, b""], b""]),  # depth out of range
+        cbor2.dumps([2, 1, False, [1, b"\x01", 0], b""]),  # a truncated range
+        cbor2.dumps([2, 2, [], [sc, [5], True, 0]]),  # a truncated version vector
+        cbor2.dumps([2, 2, [], [7, [], True, 0]]),  # a sub-cloud index never defined
+        cbor2.dumps([2, 2, [], [sc, [-1, 0], True, 0]]),  # a zero counter
+        cbor2.dumps([2, 2, [], [sc, [sc, 1, sc, 2], True, 0]]),  # an origin twice
+        cbor2.dumps([2, 2, [], [sc, [-3, 1], True, 0]]),  # no such replica tag
+        cbor2.dumps([2, 4, [77]]),  # an ack for a batch not in flight
+        cbor2.dumps([2, 5, [], sc, 1, 5, 3, [], b"x"]),  # a chunk past the snapshot's end
+        cbor2.dumps([2, 3, [b"short"], sc, 1, []]),  # a defined id of 5 bytes
+        cbor2.dumps([2, 6, [bytes([i % 256]) * 16 for i in range(MAX_TABLE_ENTRIES + 1)], []]),
         cbor2.dumps([1, 2]),
     ]
     for body in bad:
-        s.receive_data(struct.pack(">I", len(body)) + body, 1.0)
+        s.receive_data(_frame(body), 1.0)
     events = _drain(s)
     assert sum(isinstance(e, MessageDropped) for e in events) == len(bad)
     assert s.statistics()["messages dropped"] == len(bad)
     assert not s.failed
 
 
+def test_a_version_1_peer_fails_the_session_cleanly() -> None:
+    # version 1 framed a CBOR map with a 4-byte big-endian length: its first byte is 0
+    s, _cat = _session()
+    body = cbor2.dumps({"v": 1, "t": 4, "b": []})
+    s.receive_data(struct.pack(">I", len(body)) + body, 1.0)
+    failed = [e for e in _drain(s) if isinstance(e, SessionFailed)]
+    assert s.failed and len(failed) == 1
+    assert f"not sync protocol {PROTOCOL_VERSION}" in failed[0].reason
+
+
+def test_a_length_prefix_longer_than_four_bytes_fails_the_session() -> None:
+    s, _cat = _session()
+    s.receive_data(b"\x80\x80\x80", 1.0)  # an incomplete prefix waits for more bytes
+    assert not s.failed
+    s.receive_data(b"\x80\x01", 1.0)
+    assert s.failed
+
+
 def test_a_broken_frame_fails_the_session_without_raising() -> None:
     s, _cat = _session()
-    s.receive_data(struct.pack(">I", MAX_MESSAGE_BYTES + 1), 1.0)
+    s.receive_data(_varint(MAX_MESSAGE_BYTES + 1), 1.0)
     assert s.failed
     assert any(isinstance(e, SessionFailed) for e in _drain(s))
     s.receive_data(b"more", 2.0)  # still never raises
@@ -421,7 +462,7 @@ def test_a_broken_frame_fails_the_session_without_raising() -> None:
 def test_random_frames_never_raise(bodies: list[bytes]) -> None:
     s, _cat = _session()
     for body in bodies:
-        s.receive_data(struct.pack(">I", len(body)) + body, 1.0)
+        s.receive_data(_frame(body), 1.0)
     _drain(s)
 
 
@@ -511,6 +552,9 @@ def test_a_log_folded_past_the_catalog_floor_still_bootstraps_by_snapshot() -> N
 
 
 _IDS = st.sampled_from([bytes(16), b"\x01" * 16])
+_VERSIONS = st.dictionaries(
+    st.binary(min_size=4, max_size=40), st.integers(0, (1 << 63) + 1), max_size=3
+)
 _RANGES = st.builds(
     lambda depth, mode, payload: Range(depth, bytes((depth + 1) // 2), mode, payload),
     st.integers(0, 32),
@@ -522,7 +566,7 @@ _MESSAGES = st.one_of(
     st.builds(
         Vectors,
         st.lists(
-            st.builds(VectorOffer, _IDS, st.binary(max_size=40), st.booleans(), st.integers(0, 9)),
+            st.builds(VectorOffer, _IDS, _VERSIONS, st.booleans(), st.integers(0, 9)),
             max_size=3,
         ).map(tuple),
     ),
@@ -539,7 +583,7 @@ _MESSAGES = st.one_of(
         st.integers(0, 5),
         st.integers(0, 3),
         st.just(4),
-        st.binary(max_size=12),
+        _VERSIONS,
         st.binary(min_size=1, max_size=1),
     ),
     st.builds(Unknown, st.lists(_IDS, max_size=2).map(tuple)),
