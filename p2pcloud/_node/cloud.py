@@ -25,8 +25,10 @@ outside the cloud). Deltas go through ``accepts_delta``: a revoked author's dot 
 the revocation cutoff are refused wherever they come from. The node's accept hook refuses
 handshakes from revoked endpoints and their links are dropped when the revocation lands.
 
-Re-linking. A keeper task (woken by link changes, discovery and membership changes, and
-every ``KEEP_INTERVAL`` seconds) links every member that is not linked, trying at once the
+Re-linking. A keeper task (woken by link changes, path changes, discovery and membership
+changes, and every ``KEEP_INTERVAL`` seconds or at a backoff's end while some member is
+offline; never on a timer while every member is linked, so an idle phone sleeps) links
+every member that is not linked, trying at once the
 paths seen on the LAN (mDNS), the paths remembered from earlier links, the paths of the
 invite it joined by, and every linked member as a router (telehash v3 ``peer``/``connect``;
 the mesh moves to a direct path when one works). A node whose address changed is found
@@ -875,6 +877,8 @@ class Cloud:
         self.replication.change_listeners.append(self._on_changes)
         self.node.accept_filters.append(self._accept_link)
         self.node._link_listeners.append(self._on_link)
+        # a link moved to a direct path: the keeper remembers it (no polling for it)
+        self.node.add_link_listener(self._on_link_event)
         self.node.serve_channel(CHANNEL_TYPE, self._serve_pair)
         for sc in list(self.replication.subclouds.values()):
             self._on_subcloud(sc)
@@ -954,9 +958,24 @@ class Cloud:
             self._backoff.clear()
         self._keeper_wake.set()
 
+    def _on_link_event(self, hashname: Hashname, what: str) -> None:
+        if what == "path":
+            self._keeper_wake.set()
+
+    def _keeper_deadline(self) -> float:
+        """When the keeper must look again if nothing wakes it: at the first due re-link try
+        of an offline member; never while every member is linked (link and membership
+        changes wake it)."""
+        now = trio.current_time()
+        due = float("inf")
+        for h in self.membership.members():
+            if h != self.hashname and h not in self.node.links:
+                due = min(due, max(self._backoff.get(h, (0, 0.0))[1], now + KEEP_INTERVAL))
+        return due
+
     async def _keeper_loop(self) -> None:
         while True:
-            with trio.move_on_after(KEEP_INTERVAL):
+            with trio.move_on_at(self._keeper_deadline()):
                 await self._keeper_wake.wait()
             self._keeper_wake = trio.Event()
             for h in self.node.links:  # a link through a router moves to a direct path
