@@ -507,7 +507,8 @@ async def background(daemon: Daemon) -> None:
         if engine is not None:
             engine.subcloud_listeners.append(added)
             engine.change_listeners.append(wake.set)
-        node.add_link_listener(wake.set)
+        # a link up or down starts or ends sync sessions (a path change moves nothing)
+        node.add_link_listener(lambda _h, what: wake.set() if what != "path" else None)
         try:
             for sc in node.subclouds():
                 followers.ensure(sc)
