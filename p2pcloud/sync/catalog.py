@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
@@ -33,12 +34,25 @@ from p2pcloud._ids import SubCloudId
 from p2pcloud.errors import LocalProtocolError
 from p2pcloud.sync.reconcile import KEY_SIZE, ReconcileSet
 
-__all__ = ["MAX_PENDING_SPANS", "Catalog", "CatalogView", "fold_point", "version_digest"]
+__all__ = [
+    "EARLIER_VERSIONS",
+    "MAX_PENDING_SPANS",
+    "Catalog",
+    "CatalogView",
+    "fold_point",
+    "version_digest",
+]
 
 MAX_PENDING_SPANS: Final = 1024
 """Out-of-order envelopes remembered per sub-cloud until their gap fills. Gaps come from
 live pushes racing anti-entropy and close within a round trip; past the bound a span is
 simply not counted (anti-entropy re-sends it), so a hostile peer cannot grow this list."""
+
+EARLIER_VERSIONS: Final = 4
+"""Versions a sub-cloud held before its latest changes, remembered (newest first) so a
+session can recognise a peer that is a few transactions behind from the salted item hash
+it lists in reconciliation and send it the difference without waiting for its vector (one
+round trip less). Only sub-clouds that changed since start-up keep any."""
 
 _DIGEST_CONTEXT: Final = b"p2pcloud vv"
 
@@ -78,7 +92,7 @@ def fold_point(versions_of_members: Iterable[Mapping[bytes, int]]) -> dict[bytes
 
 
 class _SubCloud:
-    __slots__ = ("digest", "floor", "log_bytes", "log_dots", "pending", "version")
+    __slots__ = ("digest", "earlier", "floor", "log_bytes", "log_dots", "pending", "version")
 
     def __init__(self) -> None:
         self.version: dict[bytes, int] = {}
@@ -87,6 +101,8 @@ class _SubCloud:
         self.log_bytes = 0
         self.log_dots = 0
         self.digest = version_digest({})
+        # (digest, version) this sub-cloud held before, newest last; None until it changes
+        self.earlier: deque[tuple[bytes, tuple[tuple[bytes, int], ...]]] | None = None
 
 
 class CatalogView:
@@ -253,9 +269,27 @@ class Catalog:
                 have = max(have, pend.pop(f))
         if pend is not None and not pend:
             del sub.pending[origin]
+        if sub.earlier is None:
+            sub.earlier = deque(maxlen=EARLIER_VERSIONS)
+        sub.earlier.append((sub.digest, tuple(sub.version.items())))
         sub.version[origin] = have
         self._update(subcloud, sub)
         return True
+
+    def earlier_versions(self, subcloud: SubCloudId) -> list[tuple[bytes, dict[bytes, int]]]:
+        """Versions this sub-cloud held before its latest changes, newest first.
+
+        Args:
+            subcloud: the id.
+
+        Returns:
+            Up to :data:`EARLIER_VERSIONS` ``(digest, version)`` pairs; empty for a
+            sub-cloud that has not changed since it was set (or an unknown id).
+        """
+        sub = self._subs.get(subcloud)
+        if sub is None or not sub.earlier:
+            return []
+        return [(d, dict(v)) for d, v in reversed(sub.earlier)]
 
     def version(self, subcloud: SubCloudId) -> dict[bytes, int]:
         """The contiguous version held (origin -> counter); ``{}`` for an unknown id."""

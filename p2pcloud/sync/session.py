@@ -60,6 +60,7 @@ from p2pcloud.sync.catalog import Catalog
 from p2pcloud.sync.envelope import Envelope, decode_envelope
 from p2pcloud.sync.messages import (
     MAX_BATCH_BYTES,
+    MAX_BATCHES_PER_ACK,
     MAX_BYTES_PER_DOT,
     MAX_SNAPSHOT_BYTES,
     MAX_VECTORS_PER_MESSAGE,
@@ -79,11 +80,16 @@ from p2pcloud.sync.messages import (
 )
 from p2pcloud.sync.reconcile import (
     DIRECT_THRESHOLD,
+    ITEM_HASH_SIZE,
+    MODE_ITEMS,
+    MODE_OFFERED,
     RangeError,
     ReconcileSet,
     initial_ranges,
+    item_hash,
     respond,
 )
+from p2pcloud.sync.reconcile import _short as short_item_hash  # the salted 4-byte item hash
 
 __all__ = [
     "ANTI_ENTROPY_INTERVAL",
@@ -337,7 +343,15 @@ class SyncSession:
     # -- the shell's side -----------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Bytes to write to the ``sync`` channel now (empties the buffer)."""
+        """Bytes to write to the ``sync`` channel now (empties the buffer).
+
+        Acknowledgements wait here, so every batch the shell stored since the last call
+        travels in one ``Ack`` message.
+        """
+        if not self._failed:
+            for i in range(0, len(self._acks), MAX_BATCHES_PER_ACK):
+                self._send(Ack(tuple(self._acks[i : i + MAX_BATCHES_PER_ACK])))
+        self._acks.clear()
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -698,17 +712,53 @@ class SyncSession:
         if not msg.reply and self._reconciled:
             self._forget_awaiting()  # a new run supersedes offers of the last one
         reply, differ = respond(self._reconcile_set(), msg.ranges)
+        listed = self._listed_items(msg)
         for sc in differ:
             sid = SubCloudId(sc)
             if self._may_share(sid):
                 self._run_found.add(sid)
                 self._offer(sid, reply=True)
+                if listed:
+                    self._infer_peer_version(sid, listed)
         if msg.ranges:
             self._send(Reconcile(True, tuple(reply)))
             if not reply:
                 self._end_run(now)
         else:
             self._end_run(now)
+
+    @staticmethod
+    def _listed_items(msg: Reconcile) -> tuple[bytes, set[bytes]] | None:
+        """The salt and the salted item hashes the peer listed as its own (ITEMS, OFFERED)."""
+        listed: set[bytes] = set()
+        salt = b""
+        for rng in msg.ranges:
+            if rng.mode in (MODE_ITEMS, MODE_OFFERED):
+                salt = rng.salt
+                p = rng.payload
+                listed.update(p[i : i + ITEM_HASH_SIZE] for i in range(0, len(p), ITEM_HASH_SIZE))
+        return (salt, listed) if listed else None
+
+    def _infer_peer_version(self, sc: SubCloudId, listed: tuple[bytes, set[bytes]]) -> None:
+        """Recognise a peer that holds one of our earlier versions of ``sc``; send at once.
+
+        The peer listed the salted hash of its item (sub-cloud id, digest of its version).
+        If that hash is the hash of a version we held a few transactions ago, the peer is
+        behind us by exactly those transactions: stream them now instead of waiting a round
+        trip for its vector (our offer still goes out, and the peer's own vector corrects
+        the guess when it arrives). A false match (2^-32 per earlier version) costs at most
+        envelopes the peer already has or a gap, which its gap-triggered offer repairs.
+        """
+        p = self._subs.get(sc)
+        if p is None or p.remote is not None:
+            return
+        salt, hashes = listed
+        for digest, version in self.catalog.earlier_versions(sc):
+            if short_item_hash(item_hash(sc, digest), salt) in hashes:
+                p.remote = version
+                self._stats["peer versions inferred"] += 1
+                self._work[sc] = None
+                return
 
     def _on_offer(self, offer: VectorOffer) -> None:
         sc = offer.subcloud
@@ -931,7 +981,7 @@ class SyncSession:
             del self._work[sc]
 
     def _flush(self) -> None:
-        """Turn queued offers, acks and unknown-notices into messages."""
+        """Turn queued offers and unknown-notices into messages (acks: data_to_send)."""
         if self._failed:
             self._offers.clear()
             self._acks.clear()
@@ -942,9 +992,6 @@ class SyncSession:
             self._offers.clear()
             for i in range(0, len(offers), MAX_VECTORS_PER_MESSAGE):
                 self._send(Vectors(tuple(offers[i : i + MAX_VECTORS_PER_MESSAGE])))
-        if self._acks:
-            self._send(Ack(tuple(self._acks)))
-            self._acks.clear()
         if self._unknown:
             unknown = list(dict.fromkeys(self._unknown))
             self._unknown.clear()
