@@ -57,3 +57,23 @@ def test_floor_and_misuse() -> None:
         cat.record(SubCloudId(b"\x00" * 16), R1, 1, 1, 1)
     with pytest.raises(LocalProtocolError):
         cat.set_subcloud(SubCloudId(b"short"))
+
+
+def test_earlier_versions_are_remembered_newest_first_and_bounded() -> None:
+    from p2pcloud.sync.catalog import EARLIER_VERSIONS
+
+    cat = Catalog()
+    cat.set_subcloud(SC, {R1: 2})
+    assert cat.earlier_versions(SC) == []  # nothing changed since it was set
+    assert not cat.record(SC, R1, 5, 5, 10)  # past a gap: the version did not move
+    assert cat.earlier_versions(SC) == []
+    for c in range(3, 3 + EARLIER_VERSIONS + 2):
+        if c == 5:
+            continue
+        cat.record(SC, R1, c, c, 10)
+    earlier = cat.earlier_versions(SC)
+    assert len(earlier) == EARLIER_VERSIONS
+    counters = [v[R1] for _d, v in earlier]
+    assert counters == sorted(counters, reverse=True) and counters[0] < cat.version(SC)[R1]
+    assert all(d == version_digest(v) for d, v in earlier)
+    assert cat.earlier_versions(SubCloudId(b"\x01" * 16)) == []
