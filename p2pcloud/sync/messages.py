@@ -373,7 +373,7 @@ def split_frames(buf: bytearray) -> list[bytes]:
         FramingError: a length beyond MAX_MESSAGE_BYTES, a length prefix longer than
             MAX_FRAME_HEADER bytes, or an empty frame (a version-1 peer).
     """
-    out = []
+    out: list[bytes] = []
     pos = 0
     size = len(buf)
     while pos < size:
