@@ -147,7 +147,8 @@ def _count_types(data: bytes) -> None:
     buf = bytearray(data)
     for body in split_frames(buf):
         t = cbor2.loads(body)[1]  # [version, type, ...]
-        BY_TYPE[t] = BY_TYPE.get(t, 0) + 4 + len(body)
+        header = 1 + (len(body).bit_length() - 1) // 7  # the varint length prefix
+        BY_TYPE[t] = BY_TYPE.get(t, 0) + header + len(body)
 
 
 def run(a: Shell, b: Shell, done: Callable[[], bool]) -> tuple[list[int], int | None]:

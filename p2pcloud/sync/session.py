@@ -81,15 +81,20 @@ from p2pcloud.sync.messages import (
 from p2pcloud.sync.reconcile import (
     DIRECT_THRESHOLD,
     ITEM_HASH_SIZE,
+    ITEM_THRESHOLD,
+    MODE_FP,
     MODE_ITEMS,
     MODE_OFFERED,
+    MODE_SPLIT,
+    Range,
     RangeError,
     ReconcileSet,
     initial_ranges,
     item_hash,
     respond,
 )
-from p2pcloud.sync.reconcile import _short as short_item_hash  # the salted 4-byte item hash
+from p2pcloud.sync.reconcile import _fingerprint as range_fingerprint  # inference: same
+from p2pcloud.sync.reconcile import _short as short_item_hash  # hashes as the peer's
 
 __all__ = [
     "ANTI_ENTROPY_INTERVAL",
@@ -116,6 +121,10 @@ DEFAULT_WINDOW_BYTES: Final = 1024 * 1024
 MAX_WINDOW_BYTES: Final = 16 * 1024 * 1024
 """What a receiver holds unacknowledged before it calls the sender abusive and drops data."""
 SNAPSHOT_CHUNK_BYTES: Final = 64 * 1024  # one chunk per message: fits any window, amortises CBOR
+MAX_INFERENCE_CHECKS: Final = 4096
+"""Earlier versions tried against the peer's fingerprints per Reconcile message: a reply
+holds at most a few hundred mismatched ranges of <= ITEM_THRESHOLD items, and each check
+is one SHA-256; past the bound the session simply waits for the peer's vector."""
 ANTI_ENTROPY_INTERVAL: Final = 60.0
 """Seconds between reconciliation runs on a live session: the fallback that repairs what
 a gap or a lost message left behind; an idle run costs about 60 bytes."""
@@ -712,6 +721,7 @@ class SyncSession:
         if not msg.reply and self._reconciled:
             self._forget_awaiting()  # a new run supersedes offers of the last one
         reply, differ = respond(self._reconcile_set(), msg.ranges)
+        self._infer_from_fingerprints(msg)
         listed = self._listed_items(msg)
         for sc in differ:
             sid = SubCloudId(sc)
@@ -759,6 +769,45 @@ class SyncSession:
                 self._stats["peer versions inferred"] += 1
                 self._work[sc] = None
                 return
+
+    def _infer_from_fingerprints(self, msg: Reconcile) -> None:
+        """As :meth:`_infer_peer_version`, from a range fingerprint the peer sent.
+
+        A mismatched range whose fingerprint equals ours with one item replaced by one of
+        its earlier versions tells the peer's version of that sub-cloud (same count, same
+        other items). Bounded by MAX_INFERENCE_CHECKS per message.
+        """
+        rset = self._reconcile_set()
+        checks = 0
+        ranges: list[Range] = []
+        for rng in msg.ranges:
+            if rng.mode == MODE_SPLIT:
+                ranges += (c for c in rng.children() if c.mode == MODE_FP)
+            elif rng.mode == MODE_FP:
+                ranges.append(rng)
+        for rng in ranges:
+            lo, hi = rng.bounds()
+            count, total = rset.sum(lo, hi)
+            if not 0 < count <= ITEM_THRESHOLD or range_fingerprint(total, count, rng.salt) == (
+                rng.payload
+            ):
+                continue
+            for key, h in rset.items(lo, hi):
+                sc = SubCloudId(key)
+                p = self._subs.get(sc)
+                if (p is not None and p.remote is not None) or not self._may_share(sc):
+                    continue
+                for digest, version in self.catalog.earlier_versions(sc):
+                    checks += 1
+                    if checks > MAX_INFERENCE_CHECKS:
+                        return
+                    changed = total - h + item_hash(key, digest)
+                    if range_fingerprint(changed, count, rng.salt) == rng.payload:
+                        self._subs.setdefault(sc, _Peer()).remote = version
+                        self._stats["peer versions inferred"] += 1
+                        self._stats["peer versions inferred from fingerprints"] += 1
+                        self._work[sc] = None
+                        break
 
     def _on_offer(self, offer: VectorOffer) -> None:
         sc = offer.subcloud

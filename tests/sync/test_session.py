@@ -637,3 +637,25 @@ def test_a_peer_listing_an_earlier_version_gets_the_difference_without_a_vector_
     sent = sa.statistics().get("envelopes out", 0) + sb.statistics().get("envelopes out", 0)
     assert sent == fresh, (sent, fresh)
     assert sa.in_sync and sb.in_sync
+
+
+def test_a_range_fingerprint_of_an_earlier_version_also_tells_the_peers_version() -> None:
+    # 200 sub-clouds, one changed on b: a's split fingerprints match b's set with that one
+    # sub-cloud at its earlier version, so b sends the envelope before any vector arrives
+    net = FakeNet(11)
+    a, b = net.add("a"), net.add("b")
+    scs = [net.subcloud(a, b) for _ in range(200)]
+    for i, sc in enumerate(scs):
+        (a if i % 2 else b).write(sc, doc_writer(i))
+    net.connect(a, b)
+    net.run()
+    net.disconnect(a, b)
+    b.write(scs[0], doc_writer(1000))
+    net.reset_counters()
+    net.connect(a, b)
+    net.run()
+    assert same(a, b)
+    sa, sb = a.sessions[b.hashname], b.sessions[a.hashname]
+    assert sb.statistics().get("peer versions inferred from fingerprints") == 1
+    assert sb.statistics()["envelopes out"] == 1 and "envelopes out" not in sa.statistics()
+    assert sa.in_sync and sb.in_sync
