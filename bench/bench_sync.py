@@ -328,8 +328,9 @@ def main() -> None:
         "names the two endpoints' replicas with 1-byte tags and other ids by a per-session "
         "index after their first use), envelope batch framing and acknowledgements "
         "(coalesced per send). A side that "
-        "recognises the peer's listed item hash as one of its own earlier versions sends "
-        "the difference with its first vector, which saves the vector round trip.",
+        "recognises in the peer's listed item hashes or range fingerprints one of its own "
+        "earlier versions of a sub-cloud sends the difference at once, without waiting a "
+        "round trip for the peer's vector.",
     ]
     body = "\n".join(lines)
     print(body)

@@ -29,7 +29,12 @@ The protocol, in the order a new session runs it:
    (``Vectors``, batched, ``reply`` asks for the other's). A side that learns the peer's
    vector streams what the peer lacks: per origin, the envelopes after the peer's counter,
    fetched from the shell in batches of at most ``MAX_BATCH_BYTES``. One round trip, bytes
-   proportional to the difference (crdt-anchors.md section 1, the VV-delta floor).
+   proportional to the difference (crdt-anchors.md section 1, the VV-delta floor). A side
+   that recognises, in the peer's item hashes or range fingerprints, one of its own
+   earlier versions of a differing sub-cloud (the catalog keeps a few) knows the peer's
+   version without its vector and streams at once: that round trip is saved.
+   Vectors are compact (messages.py, protocol version 2): ids are defined once per
+   session and then named by index, and the two endpoints' own replicas by 1-byte tags.
 3. *Snapshots*: if the peer's counter for an origin is below our fold floor (those
    envelopes were folded into the checkpoint), the checkpoint goes first, in chunks, then
    the envelopes after it.
