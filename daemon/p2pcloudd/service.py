@@ -387,6 +387,7 @@ async def _run_locked(args: argparse.Namespace, data_dir: Path, stream: TextIO) 
                         return EXIT_OK
                     nursery.start_soon(daemon.watch_links)
                     nursery.start_soon(daemon.tick_statistics)
+                    nursery.start_soon(daemon.trim_memory)  # idle RSS (a phone)
                     if settings.relink:
                         nursery.start_soon(daemon.relink_known)
                     for uri in settings.link:
