@@ -446,8 +446,9 @@ class Cloud:
             accepted: dict[ReplicaId, int] = {}
             for sc in list(self.replication.subclouds.values()):
                 rid = replica_id_for(sc.id, hashname)
-                async with sc.lock:
-                    counter = sc.replica.version().get(bytes(rid))
+                async with sc.lock:  # an in-flight merge finishes first
+                    # the catalog holds the stored version: no replica load per sub-cloud
+                    counter = self.replication.catalog.counter(sc.id, bytes(rid))
                 if counter:
                     accepted[rid] = counter
             rev = self.membership.revoke(self.identity, hashname, accepted=accepted,
@@ -598,6 +599,31 @@ class Cloud:
             return True
         cut = self.membership.cutoffs(hashname).get(origin)
         return cut is not None and first <= last <= cut
+
+    def accepts_snapshot(self, record: RegistryRecord, peer: Hashname,
+                         version: dict[bytes, int]) -> bool:
+        """Judge a snapshot before it is merged: it carries no author signatures, so a
+        sub-cloud of the cloud takes one only from a member that may write it (any member
+        for the cloud sub-cloud, whose records verify on their own), and never one that
+        holds a revoked author's dots beyond its cutoff (a relay that took a late write
+        before it heard of the revocation, then folded its log, would pass it on this way).
+        """
+        if self.id is None or not self._in_cloud(record):
+            return True
+        m = self.membership
+        if self._barred(peer):
+            return False
+        if record.subcloud == m.subcloud:
+            if not m.is_member(peer):
+                return False
+        elif not self.replication.can_write(record.subcloud, peer):
+            return False
+        for h in m.revoked():
+            rid = replica_id_for(record.subcloud, h)
+            counter = version.get(bytes(rid), 0)
+            if counter and counter > m.cutoffs(h).get(rid, 0):
+                return False
+        return True
 
     def intro_records(self, peer: Hashname) -> list[bytes]:
         """Our membership proof for a member we link with (the registry channel carries it).

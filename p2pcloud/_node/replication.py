@@ -156,6 +156,10 @@ class CloudRules(Protocol):
     def intro_records(self, peer: Hashname) -> list[bytes]:
         """Cloud records to send a peer when the registry channel opens (our chain)."""
 
+    def accepts_snapshot(self, record: RegistryRecord, peer: Hashname,
+                         version: dict[bytes, int]) -> bool:
+        """Whether to merge a snapshot ``peer`` sent (it holds no signatures)."""
+
     def take_record(self, raw: bytes, peer: Hashname) -> bool:
         """Take a cloud record that came on the registry channel; False: not one."""
 
@@ -622,10 +626,20 @@ class Replication:
             self._changed(sc, [Change(c, d, f, peer) for c, d, f in changes])
             await self._after_local_writes(sc, changes)
 
-    async def ingest_snapshot(self, sc_id: SubCloudId, snapshot: bytes, peer: Hashname) -> None:
-        """Merge a checkpoint a peer sent (we were below its fold floor) and checkpoint it."""
+    async def ingest_snapshot(self, sc_id: SubCloudId, snapshot: bytes, peer: Hashname,
+                              *, version: Mapping[bytes, int] | None = None) -> None:
+        """Merge a checkpoint a peer sent (we were below its fold floor) and checkpoint it.
+
+        A snapshot carries no author signatures: the cloud's rules judge the sender and the
+        snapshot's version vector (``CloudRules.accepts_snapshot``) before it is merged.
+        """
         sc = self.subclouds.get(sc_id)
         if sc is None:
+            return
+        if self.rules is not None and not self.rules.accepts_snapshot(
+                sc.record, peer, dict(version or {})):
+            self._reject(peer, "snapshot refused",
+                         f"{sc_id.hex()}: from a non-writer or beyond a revocation cutoff")
             return
         async with sc.lock:
             try:
@@ -815,7 +829,8 @@ class Replication:
                 await self.ingest(event.subcloud, event.envelopes, peer)
                 session.acknowledge(event.batch, trio.current_time())
             elif isinstance(event, SnapshotReceived):
-                await self.ingest_snapshot(event.subcloud, event.snapshot, peer)
+                await self.ingest_snapshot(event.subcloud, event.snapshot, peer,
+                                           version=event.version)
                 session.acknowledge(event.batch, trio.current_time())
             elif isinstance(event, PeerVersionLearned):
                 sc = self.subclouds.get(event.subcloud)
