@@ -80,6 +80,10 @@ async def test_forged_forbidden_and_unknown_deltas_are_rejected(tmp_path: Path) 
         ]
         await stream.send_all(b"".join(encode_message(x) for x in batches))
         await wait_for(lambda: sc.get("c", "good") is not None, "the valid delta")
+        # the replica shows a merge before the store holds it (ingest applies, then appends,
+        # then records it in the catalog): wait for the record before reading the store
+        catalog = b.replication.catalog  # type: ignore[union-attr]
+        await wait_for(lambda: catalog.counter(sc.id, rid_w) == 1, "the valid delta stored")
         reasons = {r for _peer, r, _d in b.replication.rejections}  # type: ignore[union-attr]
         assert {REJECT_BAD_SIGNATURE, REJECT_NO_WRITE_RIGHTS, REJECT_MALFORMED,
                 REJECT_UNKNOWN_SUBCLOUD, REJECT_REPLICA_MISMATCH,
