@@ -181,6 +181,12 @@ def test_finder_reads_the_card_leaves_a_message_and_nothing_else(
     tag = tags.scan_image(png.read_bytes())
     assert tag.kind == "claimed" and tag.hashname == bike["hashname"]
 
+    # An owner device tells of what arrives after it holds the thing (what the thing's logs
+    # held before it arrived there is history): the laptop must hold the new bike first.
+    # (The boots too: the next test compares the laptop's sub-clouds before and after.)
+    for d in owners(home):
+        wait_for(f"the bike and the boots on {d.data_dir.name}",
+                 lambda d=d: {bike["hashname"], other["hashname"]} <= set(things_on(d)))
     known_before = {p["hashname"] for p in finder.get("/api/peers")["peers"]}
     seen = cli_json(finder.data_dir, "scan", str(png))
     assert seen["action"] == "finder" and seen["thing"] is None
