@@ -82,7 +82,6 @@ from p2pcloud.cloud.membership import (
     put_record,
     read_records,
 )
-from p2pcloud.cloud.pairing import PairingHost, PairingJoiner, parse_code
 from p2pcloud.cloud.policy import COLL_POLICY, MODES, ReplicationPolicy, read_policy, set_policy
 from p2pcloud.errors import (
     BadRecord,
@@ -105,6 +104,7 @@ if TYPE_CHECKING:
     from p2pcloud._node.replication import Replication
     from p2pcloud._node.stream import ChannelStream
     from p2pcloud.cloud._join import Joined
+    from p2pcloud.cloud.pairing import PairingHost, PairingJoiner  # SPAKE2: on first pairing
 
 __all__ = [
     "CLOUD_FILE",
@@ -209,7 +209,7 @@ class Cloud:
         self._learned: dict[bytes, None] = {}  # records peers sent as proof (intro_records)
         self._paths: dict[Hashname, list[dict[str, Any]]] = {}
         self._book = InviteBook()
-        self._host = PairingHost(self.identity)
+        self._host: PairingHost | None = None  # made on first use: see _pairing_host
         self._listeners: list[Callable[[], None]] = []
         self._revoking: set[Hashname] = set()
         self._linking: set[Hashname] = set()
@@ -373,9 +373,10 @@ class Cloud:
         self._require_cloud()
         now = time.time()
         self._refresh_now(now)
-        code = self._host.open(self.membership, now=now, entropy=os.urandom, ttl=expires_in)
+        host = self._pairing_host()
+        code = host.open(self.membership, now=now, entropy=os.urandom, ttl=expires_in)
         discovery = await self._ensure_discovery()
-        await discovery.set_pairing(self._host.nameplate(now))
+        await discovery.set_pairing(host.nameplate(now))
         if self._nursery is not None:
             self._nursery.start_soon(self._close_pairing_at, now + expires_in)
         return code
@@ -396,6 +397,8 @@ class Cloud:
             LocalProtocolError: this node is already in a cloud, or has no UDP.
         """
         self._require_no_cloud()
+        from p2pcloud.cloud.pairing import parse_code  # SPAKE2 loads on first use
+
         nameplate, _ = parse_code(code)
         self._joining = True
         try:
@@ -415,6 +418,8 @@ class Cloud:
         if host is None:
             raise JoinFailed(f"no device on this network shows a code numbered {nameplate}; "
                              "check the code and that both devices are on the same network")
+        from p2pcloud.cloud.pairing import PairingJoiner
+
         joiner = PairingJoiner(self.identity, code, peer=host.hashname, entropy=os.urandom)
         info = LinkInfo(host.hashname, dict(host.keys), host.paths())
         remaining = max(1.0, deadline - trio.current_time())
@@ -533,7 +538,8 @@ class Cloud:
         ``relink: router``) and how they succeeded (``relinked``, ``relinked: router``)."""
         out = dict(self._stats)
         out.update({f"invite {k}": v for k, v in self._book.statistics().items()})
-        out.update({f"pairing {k}": v for k, v in self._host.statistics().items()})
+        if self._host is not None:  # a host never made has counted nothing
+            out.update({f"pairing {k}": v for k, v in self._host.statistics().items()})
         return out
 
     # -- the engine's rules (replication.CloudRules) -------------------------------------------
@@ -984,6 +990,19 @@ class Cloud:
             self._backoff.clear()
         self._keeper_wake.set()
 
+    def _pairing_host(self) -> PairingHost:
+        """The short-code pairing host, made on first use: importing SPAKE2 costs about
+        1.5 MiB that an idle daemon which never pairs does not need (issue 7)."""
+        if self._host is None:
+            from p2pcloud.cloud.pairing import PairingHost
+
+            self._host = PairingHost(self.identity)
+        return self._host
+
+    def _pairing_nameplate(self) -> int | None:
+        """The open pairing code's nameplate for discovery (None: no code open)."""
+        return None if self._host is None else self._host.nameplate(time.time())
+
     def _on_link_event(self, hashname: Hashname, what: str) -> None:
         if what == "path":
             self._keeper_wake.set()
@@ -1099,8 +1118,8 @@ class Cloud:
                 await self._save_book()  # burned before anyone hears the answer
                 reply, grant, done = outcome.reply, outcome.grant, True
             else:
-                step = self._host.receive(peer, data, membership=self.membership, now=now,
-                                          entropy=os.urandom)
+                step = self._pairing_host().receive(peer, data, membership=self.membership,
+                                                    now=now, entropy=os.urandom)
                 reply, grant, done = step.reply, step.grant, step.done
                 await self._sync_pairing_flag()
             if grant is not None:
@@ -1145,7 +1164,7 @@ class Cloud:
         from p2pcloud._node.discovery import PeerDiscovered, open_discovery
 
         async with open_discovery(self.identity, port, interfaces=self._interfaces,
-                                  pairing=self._host.nameplate(time.time())) as discovery:
+                                  pairing=self._pairing_nameplate()) as discovery:
             self._discovery = discovery
             task_status.started()
             try:
@@ -1165,7 +1184,7 @@ class Cloud:
     async def _sync_pairing_flag(self) -> None:
         if self._discovery is None:
             return
-        nameplate = self._host.nameplate(time.time())
+        nameplate = self._pairing_nameplate()
         if nameplate != self._discovery.pairing:
             with contextlib.suppress(LocalProtocolError):
                 await self._discovery.set_pairing(nameplate)
