@@ -41,12 +41,13 @@ known to hold (``sync.fold_point``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import mmap
 import os
 import struct
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -58,7 +59,9 @@ from p2pcloud._core import BlobRef, Replica
 from p2pcloud._ids import Hashname, ReplicaId, SubCloudId
 from p2pcloud._node.blobs import BlobEngine, manifest_record_id
 from p2pcloud._node.subcloud import (
+    MAX_LOADED_REPLICAS,
     Change,
+    DerivedCache,
     PeerProgress,
     RegistryRecord,
     SubCloud,
@@ -95,6 +98,7 @@ from p2pcloud.sync import (
     open_envelope,
     replica_id_for,
     seal,
+    version_digest,
 )
 from p2pcloud.sync.envelope import Envelope
 
@@ -133,6 +137,7 @@ MAX_PUT_BATCH_BYTES: Final = 64 * 1024 * 1024  # chunks per store transaction wh
 MAX_PUT_BATCH_CHUNKS: Final = 4096  # the store's MAX_CHUNK_BATCH
 MAX_REJECT_LOG: Final = 1000  # rejected deltas remembered for statistics() (most recent)
 MAX_UNSHARED: Final = 256  # registry records held back until rights arrive (a join's first)
+DERIVED_FILE: Final = "derived.cbor"  # SubCloud.derived() values, beside the store
 
 
 class CloudRules(Protocol):
@@ -222,6 +227,10 @@ class Replication:
         """Called with every batch of changes of any sub-cloud, local or merged (after its
         subscribers); quick synchronous callbacks (``_node/things.py`` wakes its rules)."""
         self._unshared: dict[SubCloudId, RegistryRecord] = {}
+        self.replica_budget = MAX_LOADED_REPLICAS
+        """Unpinned replicas kept in memory (subcloud.py); tests lower it."""
+        self._loaded: OrderedDict[SubCloudId, SubCloud] = OrderedDict()  # LRU, newest last
+        self.derived_cache = DerivedCache()
         # registry records refused because they were not (yet) shared with us; re-checked by
         # refresh_shares() when the cloud's membership changes (a joiner's first records can
         # arrive before its welcome is processed)
@@ -329,15 +338,19 @@ class Replication:
             except BadRecord as exc:
                 log.error("sub-cloud %s has a bad registry record, skipped: %s", sc_id.hex(), exc)
                 continue
-            replica = await trio.to_thread.run_sync(self._load_replica, sc_id, limiter=self.cpu)
-            self.subclouds[sc_id] = SubCloud(self, record, replica)
+            # no replica is loaded here: SubCloud.replica / loaded() load one on first use
+            self.subclouds[sc_id] = sc = SubCloud(self, record)
             s = summaries.get(sc_id)
             if s is not None:
+                sc.log_dots = s.log_dots
                 self.catalog.set_subcloud(sc_id, _plain(s.version), _plain(s.floor),
                                           log_bytes=s.log_bytes,
                                           log_dots=s.log_dots)
             else:
                 self.catalog.set_subcloud(sc_id)
+        if self.node.data_dir is not None:
+            self.derived_cache = await trio.to_thread.run_sync(
+                DerivedCache.load, self.node.data_dir / DERIVED_FILE, limiter=self.readers)
         await nursery.start(self.blobs.run)
         self.node.serve_channel(SYNC_CHANNEL, self._run_sync)
         self.node.serve_channel(BLOB_CHANNEL, self.blobs.run_channel)
@@ -346,6 +359,77 @@ class Replication:
         nursery.start_soon(self._checkpoint_loop)
         for h in self.node.links:
             self._on_link(h, True)
+
+    # -- lazy replicas (subcloud.py, "Lazy replicas") --------------------------------------------
+
+    def _touch(self, sc: SubCloud) -> None:
+        if sc._replica is not None:
+            self._loaded[sc.id] = sc
+            self._loaded.move_to_end(sc.id)
+
+    def _install(self, sc: SubCloud, replica: Replica) -> Replica:
+        """Keep a freshly loaded replica (unless another load won meanwhile), then trim."""
+        if sc._replica is None:
+            sc._replica = replica
+            self._stats["replica loads"] += 1
+        self._touch(sc)
+        self._trim(keep=sc)
+        assert sc._replica is not None
+        return sc._replica
+
+    def _trim(self, keep: SubCloud) -> None:
+        """Drop least recently used unpinned replicas beyond the budget (never ``keep``, the
+        one just loaded); replicas with writes since their checkpoint go last (their next
+        load replays a longer log)."""
+        excess = len(self._loaded) - self.replica_budget
+        if excess <= 0:
+            return
+        for clean_only in (True, False):
+            for sc_id, sc in list(self._loaded.items()):
+                if excess <= 0:
+                    return
+                if sc._replica is None:
+                    del self._loaded[sc_id]
+                    excess -= 1
+                elif (sc is not keep and (not clean_only or sc.since_checkpoint == 0)
+                      and sc._drop()):
+                    del self._loaded[sc_id]
+                    self._stats["replica drops"] += 1
+                    excess -= 1
+
+    def _load_now(self, sc: SubCloud) -> Replica:
+        """Load a replica in the calling thread (a synchronous reader needs it now)."""
+        return self._install(sc, self._load_replica(sc.id))
+
+    async def loaded(self, sc: SubCloud, *, locked: bool = False) -> Replica:
+        """The sub-cloud's replica, loaded in a worker thread if it is not in memory.
+
+        The load runs under the sub-cloud's lock (``locked``: the caller holds it), so no
+        write or merge can land in the store between reading the state and installing it.
+        """
+        if sc._replica is not None:
+            self._touch(sc)
+            return sc._replica
+        if locked:
+            replica = await trio.to_thread.run_sync(self._load_replica, sc.id, limiter=self.cpu)
+            return self._install(sc, replica)
+        async with sc.lock:
+            return await self.loaded(sc, locked=True)
+
+    def fingerprint(self, sc: SubCloud) -> bytes:
+        """The state of a sub-cloud's store, for SubCloud.derived(): version and floor
+        (catalog) and the dots in the log. Within one node a state only grows, and a fold
+        raises the floor, so equal fingerprints mean equal states."""
+        return hashlib.sha256(
+            self.catalog.digest(sc.id) + version_digest(self.catalog.floor(sc.id))
+            + sc.log_dots.to_bytes(8, "big")).digest()[:16]
+
+    def _save_derived(self) -> None:
+        if self.derived_cache.dirty and self.node.data_dir is not None:
+            try:
+                self.derived_cache.save(self.node.data_dir / DERIVED_FILE)
+            except OSError:
+                log.exception("saving derived values failed (they are recomputed)")
 
     def _load_replica(self, sc_id: SubCloudId) -> Replica:
         rid = replica_id_for(sc_id, self.hashname)
@@ -374,11 +458,12 @@ class Replication:
             return
         self._closed = True
         for sc in list(self.subclouds.values()):
-            if sc.since_checkpoint:
+            if sc.since_checkpoint and sc.is_loaded:  # a dropped one replays its log later
                 try:
                     await self.checkpoint(sc)
                 except StoreError:
                     log.exception("checkpoint of %s at close failed", sc.name)
+        await trio.to_thread.run_sync(self._save_derived)
 
     # -- sub-clouds -----------------------------------------------------------------------------
 
@@ -422,8 +507,7 @@ class Replication:
                                       limiter=self.writer)
         sc = self.subclouds.get(record.subcloud)
         if sc is None:
-            rid = replica_id_for(record.subcloud, self.hashname)
-            sc = SubCloud(self, record, Replica(rid))
+            sc = SubCloud(self, record)  # empty, or whatever the store holds: loaded on use
             self.subclouds[record.subcloud] = sc
             self.catalog.set_subcloud(record.subcloud)
             for listener in self.subcloud_listeners:
@@ -475,7 +559,7 @@ class Replication:
         if not self.can_write(sc.id, self.hashname):
             raise AccessDenied(f"{self.hashname[:8]} has no write rights to {sc.name!r}")
         async with sc.lock:
-            replica = sc.replica
+            replica = await self.loaded(sc, locked=True)
             replica.begin(_now_ms())
             try:
                 fn(replica)
@@ -504,6 +588,7 @@ class Replication:
                     folder.replica = sc.replica
             raise
         self.catalog.record(sc.id, env.origin, env.first, env.last, len(env.raw))
+        sc.log_dots += env.last - env.first + 1
         sc.since_checkpoint += 1
         self._stats["local envelopes"] += 1
         self._push(sc.id, [env], exclude=None)
@@ -532,7 +617,7 @@ class Replication:
     async def checkpoint(self, sc: SubCloud) -> None:
         """Store a snapshot of the replica and fold the log every member holds."""
         async with sc.lock:
-            replica = sc.replica
+            replica = await self.loaded(sc, locked=True)
             snapshot = await trio.to_thread.run_sync(replica.encode_snapshot, limiter=self.cpu)
             version = replica.version()
             await trio.to_thread.run_sync(self.store.checkpoint, sc.id, snapshot, _rids(version),
@@ -549,16 +634,18 @@ class Replication:
                     self.catalog.set_subcloud(sc.id, _plain(s.version), _plain(s.floor),
                                               log_bytes=s.log_bytes,
                                               log_dots=s.log_dots)
+                    sc.log_dots = s.log_dots
 
     async def _checkpoint_loop(self) -> None:
         while True:
             await trio.sleep(CHECKPOINT_INTERVAL)
             for sc in list(self.subclouds.values()):
-                if sc.since_checkpoint:
+                if sc.since_checkpoint and sc.is_loaded:
                     try:
                         await self.checkpoint(sc)
                     except StoreError:
                         log.exception("checkpoint of %s failed", sc.name)
+            await trio.to_thread.run_sync(self._save_derived)
 
     # -- receiving envelopes --------------------------------------------------------------------
 
@@ -592,7 +679,7 @@ class Replication:
         if sc is None or not envs:
             return
         async with sc.lock:
-            replica = sc.replica
+            replica = await self.loaded(sc, locked=True)
             # the cutoff again under the lock: a revocation signed while this batch was
             # being verified must not let it in
             fresh = [e for e in envs if self.catalog.counter(sc_id, e.origin) < e.last
@@ -615,6 +702,7 @@ class Replication:
                 if result is AppendResult.STORED:
                     stored.append(env)
                     self.catalog.record(sc_id, env.origin, env.first, env.last, len(env.raw))
+                    sc.log_dots += env.last - env.first + 1
                 elif result is AppendResult.CONFLICT:
                     self._reject(peer, "conflicting counters", f"{env.origin.hex()} "
                                  f"{env.first}..{env.last}")
@@ -642,19 +730,21 @@ class Replication:
                          f"{sc_id.hex()}: from a non-writer or beyond a revocation cutoff")
             return
         async with sc.lock:
+            replica = await self.loaded(sc, locked=True)
             try:
-                changes = await trio.to_thread.run_sync(sc.replica.apply, [snapshot], _now_ms(),
+                changes = await trio.to_thread.run_sync(replica.apply, [snapshot], _now_ms(),
                                                         limiter=self.cpu)
             except (DecodeError, ClockSkewError) as exc:
                 self._reject(peer, "snapshot refused by the core", str(exc))
                 return
-            merged = await trio.to_thread.run_sync(sc.replica.encode_snapshot, limiter=self.cpu)
+            merged = await trio.to_thread.run_sync(replica.encode_snapshot, limiter=self.cpu)
             await trio.to_thread.run_sync(self.store.checkpoint, sc_id, merged,
-                                          _rids(sc.replica.version()), limiter=self.writer)
+                                          _rids(replica.version()), limiter=self.writer)
             s = await trio.to_thread.run_sync(self.store.summary, sc_id)
             self.catalog.set_subcloud(sc_id, _plain(s.version), _plain(s.floor),
                                       log_bytes=s.log_bytes,
                                       log_dots=s.log_dots)
+            sc.log_dots = s.log_dots
         if changes:
             self._changed(sc, [Change(c, d, f, peer) for c, d, f in changes])
             await self._after_local_writes(sc, changes)
@@ -973,6 +1063,7 @@ class Replication:
         from p2pcloud.files import Folder
 
         tag = hashlib.sha256(sc.id + str(root).encode()).hexdigest()[:16]
+        await self.loaded(sc)  # in a worker thread; the folder pins it from here on
         folder = Folder(root, sc.replica, device=self.hashname[:8],
                         index_path=index_dir / f"{tag}.index",
                         chunks=self.store.get_chunk, manifests=self.blobs.manifest,
