@@ -3,9 +3,25 @@
 Theory of operation
 -------------------
 A :class:`SubCloud` is the handle an app gets from ``node.create_subcloud`` /
-``node.subcloud``: reads go straight to the in-memory core ``Replica`` (no I/O), writes go
-through the node's :class:`~p2pcloud._node.replication.Replication` engine, which commits
-them to the store before the call returns (docs/subclouds.md).
+``node.subcloud``: reads go to the core ``Replica`` in memory, writes go through the node's
+:class:`~p2pcloud._node.replication.Replication` engine, which commits them to the store
+before the call returns (docs/subclouds.md).
+
+Lazy replicas. A node may hold far more sub-clouds than it should keep in memory (a home box
+with 10,000 things; a phone). The handle therefore holds its ``Replica`` only while it is
+used: :attr:`SubCloud.replica` loads it from the store (checkpoint + log,
+``Store.load_state``) on first use, and the engine's async paths load it in a worker thread
+first (``Replication.loaded``). The engine keeps at most its budget of replicas loaded
+(``MAX_LOADED_REPLICAS``, least recently used first out) and drops only replicas nobody can
+be writing through: not *pinned* (:meth:`SubCloud.pinned`: its lock held, i.e. a write,
+merge or checkpoint in flight; a synced folder; an open subscription; the cloud sub-cloud).
+The store is the truth, so dropping one loses nothing; the next use loads it again.
+
+Derived facts. What a layer reads of *every* sub-cloud at open (the things index, the list
+of things) must not load every replica: :meth:`SubCloud.derived` caches small values computed
+from the replica, keyed by the sub-cloud's state fingerprint (sync catalog: version digest,
+log dots and bytes), and the engine persists them beside the store (:class:`DerivedCache`),
+so a restart answers from the cache until the sub-cloud changes.
 
 Registry records. Until the cloud/membership layer (``p2pcloud/cloud``) takes over, every
 sub-cloud carries one *registry record*, signed by its owner (our extension, not
@@ -25,12 +41,14 @@ engine's rights check reads.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import math
-from collections.abc import AsyncIterator, Mapping
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import cbor2
 import nacl.bindings as _nb
@@ -43,6 +61,7 @@ from p2pcloud._crypto import verify_signature as _verify
 from p2pcloud._ids import Hashname, ReplicaId, SubCloudId
 from p2pcloud._wire import b32encode
 from p2pcloud.errors import BadRecord, LocalProtocolError
+from p2pcloud.sync import replica_id_for
 
 if TYPE_CHECKING:
     from p2pcloud._node.replication import Replication
@@ -54,8 +73,11 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "MAX_SUBSCRIPTION_BACKLOG",
     "RIGHTS",
+    "MAX_DERIVED_BYTES",
+    "MAX_LOADED_REPLICAS",
     "BlobReader",
     "Change",
+    "DerivedCache",
     "PeerProgress",
     "RegistryRecord",
     "SubCloud",
@@ -67,6 +89,17 @@ __all__ = [
 MAX_SUBSCRIPTION_BACKLOG: Final = 100_000
 """Changes a subscriber may leave unread; past that it is closed with SubscriptionLost
 (its reader must re-read the state), so a stalled reader cannot grow the node's memory."""
+
+MAX_LOADED_REPLICAS: Final = 128
+"""Unpinned replicas a node keeps in memory (least recently used dropped first). A thing's
+replica with a few hundred log records takes ~200 KiB, so 128 of them stay near 25 MiB: fine
+for a phone, while 10,000 held sub-clouds all loaded took 2.7 GiB. A busy set larger than
+this still works; it only loads from the store more often."""
+MAX_DERIVED_BYTES: Final = 64 * 1024 * 1024
+"""Size of the persisted derived-facts file read at open: ~300 bytes per thing view, so
+this is ~200,000 sub-clouds; a larger or damaged file is ignored (everything recomputes)."""
+DERIVED_VERSION: Final = 1
+_T = TypeVar("_T")
 
 RECORD_VERSION: Final = 1
 SIGNING_CONTEXT: Final = b"p2pcloud subcloud v1"  # domain separation from deltas
@@ -371,28 +404,179 @@ class BlobReader:
         await self.aclose()
 
 
+class DerivedCache:
+    """Small values derived from sub-cloud states, each valid for one state fingerprint.
+
+    The engine owns one, loads it at open and saves it at close and with its checkpoints
+    (``derived.cbor`` beside the store). An entry whose fingerprint differs from the
+    sub-cloud's current one is ignored, so a stale or missing file only costs a recompute.
+    Values must be CBOR-able (tuples come back as lists).
+    """
+
+    def __init__(self, entries: dict[bytes, dict[str, tuple[bytes, Any]]] | None = None
+                 ) -> None:
+        """An empty cache (or one with ``entries``: sub-cloud -> name -> (fingerprint, value))."""
+        self.entries: dict[bytes, dict[str, tuple[bytes, Any]]] = entries or {}
+        self.dirty = False
+
+    def get(self, subcloud: bytes, name: str, fingerprint: bytes) -> tuple[bool, Any]:
+        """``(True, value)`` if held for this fingerprint, else ``(False, None)``."""
+        entry = self.entries.get(subcloud, {}).get(name)
+        if entry is None or entry[0] != fingerprint:
+            return False, None
+        return True, entry[1]
+
+    def put(self, subcloud: bytes, name: str, fingerprint: bytes, value: Any) -> None:
+        """Keep a value computed from the state ``fingerprint`` names."""
+        self.entries.setdefault(subcloud, {})[name] = (fingerprint, value)
+        self.dirty = True
+
+    @classmethod
+    def load(cls, path: Path) -> DerivedCache:
+        """Read the file; missing, oversized or damaged gives an empty cache (no error)."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_DERIVED_BYTES + 1)
+        except OSError:
+            return cls()
+        if len(raw) > MAX_DERIVED_BYTES:
+            return cls()
+        try:
+            obj: Any = cbor2.loads(raw)
+        except Exception:  # a cache: any damage (torn write, old format) means recompute
+            return cls()
+        if not isinstance(obj, dict) or obj.get("v") != DERIVED_VERSION:
+            return cls()
+        entries: dict[bytes, dict[str, tuple[bytes, Any]]] = {}
+        held = obj.get("e")
+        if not isinstance(held, dict):
+            return cls()
+        for sc, names in held.items():
+            if not isinstance(sc, bytes) or not isinstance(names, dict):
+                continue
+            out = entries[sc] = {}
+            for name, pair in names.items():
+                if (isinstance(name, str) and isinstance(pair, list) and len(pair) == 2
+                        and isinstance(pair[0], bytes)):
+                    out[name] = (pair[0], pair[1])
+        return cls(entries)
+
+    def save(self, path: Path) -> None:
+        """Write the file atomically (temporary file, fsync, rename); clears ``dirty``."""
+        data = cbor2.dumps({"v": DERIVED_VERSION, "e": {
+            sc: {n: [fp, v] for n, (fp, v) in names.items()}
+            for sc, names in self.entries.items()}})
+        self.dirty = False
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
 class SubCloud:
     """One sub-cloud replicated by this node (from ``node.create_subcloud``/``node.subcloud``).
 
-    Reads are in memory and synchronous; every write is durable when its call returns.
+    Reads are synchronous (the replica is loaded from the store on first use, see the module
+    docstring); every write is durable when its call returns.
 
     Attributes:
         id: the 16-byte id.
         replica_id: this node's replica id of it (bound to our hashname).
     """
 
-    def __init__(self, engine: Replication, record: RegistryRecord, replica: Replica) -> None:
-        """Created by the replication engine."""
+    def __init__(self, engine: Replication, record: RegistryRecord,
+                 replica: Replica | None = None) -> None:
+        """Created by the replication engine; without ``replica`` it loads on first use."""
         self._engine = engine
         self.record = record
         self.id: SubCloudId = record.subcloud
-        self.replica: Replica = replica
-        self.replica_id: ReplicaId = ReplicaId(replica.replica_id)
+        self._replica: Replica | None = replica
+        self.replica_id: ReplicaId = replica_id_for(record.subcloud, engine.hashname)
         self.lock = trio.Lock()  # one user of the replica at a time (writes, merges, folders)
         self._subscribers: set[Subscription] = set()
         self.folders: list[Folder] = []
         self.since_checkpoint = 0  # envelopes stored since the last checkpoint
+        self.log_dots = 0  # dots in the store's log (state fingerprint, see derived())
         self.peer_versions: dict[Hashname, dict[bytes, int]] = {}
+        self._pins = 0
+
+    # -- the replica, loaded on demand ---------------------------------------------------------
+
+    @property
+    def replica(self) -> Replica:
+        """The core replica, loaded from the store now if it is not in memory.
+
+        The load runs in the calling (Trio) thread; async code should ``await
+        engine.loaded(sc)`` first so it happens in a worker thread. Do not keep the object
+        beyond the current step: once unpinned it may be dropped and another loaded later.
+        """
+        replica = self._replica
+        if replica is None:
+            replica = self._engine._load_now(self)
+        else:
+            self._engine._touch(self)
+        return replica
+
+    @replica.setter
+    def replica(self, replica: Replica) -> None:
+        self._replica = replica
+        self._engine._touch(self)
+
+    @property
+    def is_loaded(self) -> bool:
+        """Whether the replica is in memory now."""
+        return self._replica is not None
+
+    def pinned(self) -> bool:
+        """Whether the replica must stay in memory: a write, merge or checkpoint holds the
+        lock, a folder syncs it, a subscriber listens, a caller pinned it (:meth:`pin`),
+        or it is the cloud sub-cloud (read on every membership change)."""
+        return bool(self.lock.locked() or self.folders or self._subscribers or self._pins
+                    or self.record.kind == "cloud")
+
+    @contextlib.contextmanager
+    def pin(self) -> Any:
+        """``with sc.pin():`` keeps the replica in memory for the block."""
+        self._pins += 1
+        try:
+            yield self
+        finally:
+            self._pins -= 1
+
+    def _drop(self) -> bool:
+        """Forget the replica if nothing pins it (the store holds all of it)."""
+        if self._replica is None or self.pinned():
+            return False
+        self._replica = None
+        return True
+
+    def derived(self, name: str, fn: Callable[[Replica], _T]) -> _T:
+        """A small value computed from the replica, cached for the current state.
+
+        The cache is keyed by the state fingerprint (sync catalog version and floor, dots in
+        the log) and persisted by the engine, so at open it answers without loading the
+        replica. While a write or merge holds the lock the replica may be ahead of the
+        catalog, so the value is computed but not kept.
+
+        Args:
+            name: what is derived (one namespace per layer, e.g. ``"things.view"``).
+            fn: computes it from the replica (CBOR-able result; exceptions pass through and
+                nothing is cached).
+
+        Returns:
+            The value.
+        """
+        fp = self._engine.fingerprint(self)
+        cache = self._engine.derived_cache
+        found, value = cache.get(self.id, name, fp)
+        if found:
+            return value  # type: ignore[no-any-return]
+        result = fn(self.replica)
+        if not self.lock.locked():
+            cache.put(self.id, name, fp, result)
+        return result
 
     # -- identity ---------------------------------------------------------------------------
 
