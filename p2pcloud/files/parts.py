@@ -56,6 +56,14 @@ KEEP_FD_CHUNKS: Final = 16
 """A part of at least this many chunks keeps one descriptor open while it fills (an open per
 chunk of a 1 GiB file is ~13,000 opens); smaller ones open per write."""
 MAX_KEPT_FDS: Final = 32  # descriptors kept open at once, far below any ulimit
+WRITEBACK_BYTES: Final = 8 * 1024 * 1024
+"""A large part file asks the kernel to start writing back every this many bytes written
+(``posix_fadvise(DONTNEED)`` on the fresh range starts the writeback of its dirty pages and
+returns; pages not yet written back stay cached). Without it a 1 GiB file sat dirty in the
+page cache and its adoption's fsync wrote it all at the end (~0.3 s of waiting on the
+critical path here); with it that fsync finds a few MiB left. Durability is unchanged: the
+fsync before the rename is still what makes the file safe."""
+_FADV_DONTNEED: Final = getattr(os, "POSIX_FADV_DONTNEED", None)
 
 _O_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _O_BINARY: Final = getattr(os, "O_BINARY", 0)
@@ -69,8 +77,8 @@ def part_name(blob: bytes) -> str:
 class _Part:
     """One blob being written: where each chunk goes, which are in."""
 
-    __slots__ = ("claimed", "fd", "fd_users", "held", "lock", "manifest", "offsets", "path",
-                 "ready", "rel", "sizes")
+    __slots__ = ("claimed", "dirty_hi", "dirty_lo", "fd", "fd_users", "held", "lock",
+                 "manifest", "offsets", "path", "ready", "rel", "sizes", "unflushed")
 
     def __init__(self, manifest: Manifest, rel: str) -> None:
         self.manifest = manifest
@@ -89,6 +97,10 @@ class _Part:
         self.lock = threading.Lock()  # creation and resume of the file, its shared fd
         self.fd: int | None = None  # kept open while a large part fills (KEEP_FD_CHUNKS)
         self.fd_users = 0
+        # bytes written through the kept fd since the last writeback hint, and their range
+        self.unflushed = 0
+        self.dirty_lo = 0
+        self.dirty_hi = 0
 
     def complete(self) -> bool:
         return len(self.held) == len(self.offsets)
@@ -256,6 +268,8 @@ class PartFiles:
             return False
         try:
             _pwrite_all(fd, data, offsets)
+            if shared:
+                self._start_writeback(part, fd, offsets, len(data))
         except OSError:
             return False
         finally:
@@ -270,6 +284,24 @@ class PartFiles:
         if done:
             self._release_fd(part, use=False)
         return True
+
+    @staticmethod
+    def _start_writeback(part: _Part, fd: int, offsets: list[int], size: int) -> None:
+        """Every WRITEBACK_BYTES written to a large part, start the kernel's writeback of them."""
+        if _FADV_DONTNEED is None:
+            return  # not a POSIX system with fadvise: the adoption's fsync writes it all
+        with part.lock:
+            lo, hi = min(offsets), max(offsets) + size
+            if part.unflushed:
+                lo, hi = min(lo, part.dirty_lo), max(hi, part.dirty_hi)
+            part.unflushed += size * len(offsets)
+            if part.unflushed < WRITEBACK_BYTES:
+                part.dirty_lo, part.dirty_hi = lo, hi
+                return
+            part.unflushed = 0
+        # outside the lock: it submits I/O. Only a hint, so a refusal changes nothing.
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, lo, hi - lo, _FADV_DONTNEED)
 
     def _acquire_fd(self, part: _Part) -> tuple[int, bool]:
         """A descriptor to write ``part``: its kept one (shared) or a fresh one."""
