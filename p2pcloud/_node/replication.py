@@ -214,6 +214,7 @@ class Replication:
         self._openers: set[Hashname] = set()
         self._nursery: trio.Nursery | None = None
         self._folder_wake: dict[int, tuple[trio.Event, set[str]]] = {}
+        self._folder_woken_other: set[int] = set()  # woken by more than blob completions
         self._blob_paths: dict[bytes, list[tuple[Folder, str]]] = {}
         self._stats: Counter[str] = Counter()
         self.rejections: list[tuple[str, str, str]] = []
@@ -1048,6 +1049,10 @@ class Replication:
                 entry[1].add(path)
                 entry[0].set()
 
+    def _folder_waits(self, folder: Folder) -> bool:
+        """True while ``folder`` still waits for a blob (more completions are coming)."""
+        return any(f is folder for waits in self._blob_paths.values() for f, _ in waits)
+
     # -- folders -------------------------------------------------------------------------------
 
     async def add_folder(self, sc: SubCloud, root: Path) -> Folder:
@@ -1081,6 +1086,7 @@ class Replication:
             if entry is not None:
                 entry[1].update(paths)
                 entry[0].set()
+                self._folder_woken_other.add(id(folder))
 
     async def _folder_loop(self, sc: SubCloud, folder: Folder, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1096,14 +1102,19 @@ class Replication:
                     entry = self._folder_wake[id(folder)]
                     entry[1].update(changed)
                     entry[0].set()
+                    self._folder_woken_other.add(id(folder))
 
             nursery.start_soon(watch)
             task_status.started()
             while True:
                 await self._folder_wake[id(folder)][0].wait()
                 # gather what arrives meanwhile: a reconcile rewrites the folder's index, so
-                # 10,000 blobs completing one by one must not mean 10,000 reconciles
-                await trio.sleep(FOLDER_BATCH_DELAY)
+                # 10,000 blobs completing one by one must not mean 10,000 reconciles. When
+                # only completions woke us and the folder waits for no other blob (the
+                # last of a burst, or one large file), nothing more is coming: go at once.
+                if id(folder) in self._folder_woken_other or self._folder_waits(folder):
+                    await trio.sleep(FOLDER_BATCH_DELAY)
+                self._folder_woken_other.discard(id(folder))
                 entry = self._folder_wake[id(folder)]
                 paths = set(entry[1])
                 self._folder_wake[id(folder)] = (trio.Event(), set())
