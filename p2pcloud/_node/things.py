@@ -33,14 +33,17 @@ other; this module only adds what the pure layers leave to the shell:
   access (``end_access``). The new owner verifies (``accept_transfer``) and stores the
   thing's envelopes as received deltas of the new sub-cloud.
 
-Scale: nothing here runs per thing at open. The index (hashname -> sub-cloud) is built from
-the in-memory replicas; runners exist only for things with rules; endpoints are started on
-demand and bounded (thinghost.py).
+Scale: nothing here runs per thing at open. The index (hashname -> sub-cloud) and the views
+``list()`` returns are read through ``SubCloud.derived`` (values cached per sub-cloud state
+and persisted by the engine), so neither loads a replica that has not changed since it was
+last read (replicas load lazily, subcloud.py); runners exist only for things with rules;
+endpoints are started on demand and bounded (thinghost.py).
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import hmac
 import inspect
@@ -135,6 +138,8 @@ SAME_CLOUD_WAIT: Final = 30.0  # seconds a claim by a fellow device waits for th
 READING_FIELDS: Final = frozenset({"value", "unit", "kind"})
 CARD_LABEL: Final = "text"  # the card field ``set_card(text)`` writes
 HISTORY_ALL: Final = "all"
+_HEAD: Final = "things.head"  # SubCloud.derived names (cached per sub-cloud state)
+_VIEW: Final = "things.view"
 
 
 def _now_ms() -> int:
@@ -370,7 +375,7 @@ class Things:
         for sc in self._thing_subclouds():
             self._index_one(sc)
             self._note_logs(sc)
-            if sc.replica.documents(_t.RULES):
+            if _head(sc)["rules"]:
                 self._dirty.add(sc.id)
         await nursery.start(self.host.run)
         self.node.serve_channel(HOST_CHANNEL, self._serve_wake)
@@ -441,15 +446,15 @@ class Things:
         return [sc for sc in self._repl.subclouds.values() if sc.kind == "thing"]
 
     def _index_one(self, sc: SubCloud) -> None:
-        hn = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")
-        if not is_hashname(hn):
+        head = _head(sc)
+        if head["hn"] is None:
             return
-        hn = Hashname(str(hn))
+        hn = Hashname(head["hn"])
         held = self._index.get(hn)
         if held is not None and held != sc.id:
             other = self._repl.subclouds.get(held)
             # the live sub-cloud wins over an ended one (an old owner's archive)
-            if other is not None and not _ended(other.replica) and _ended(sc.replica):
+            if other is not None and not _head(other)["ended"] and head["ended"]:
                 return
         self._index[hn] = sc.id
 
@@ -467,7 +472,7 @@ class Things:
                 self._index_one(sc)
             sc_id = self._index.get(hashname)
         held = self._repl.subclouds.get(sc_id) if sc_id is not None else None
-        if held is None or _ended(held.replica):
+        if held is None or _head(held)["ended"]:
             return None
         return held
 
@@ -484,7 +489,7 @@ class Things:
         named = []
         for sc in scs:
             try:
-                info = _t.thing_info(sc.replica)
+                info = self._view(sc)
             except ThingError:
                 continue
             if live and info.ended:
@@ -497,16 +502,16 @@ class Things:
         return named[0]
 
     def _view(self, sc: SubCloud) -> ThingView:
-        info = _t.thing_info(sc.replica)
-        created = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "created_ms", 0)
+        fields = sc.derived(_VIEW, _view_fields)  # no replica load while unchanged
+        if "error" in fields:
+            raise ThingError(str(fields["error"]))
         return ThingView(
-            hashname=info.hashname, subcloud=sc.id_text, name=info.name, make=info.make,
-            model=info.model, serial=info.serial, archived=info.archived, claimed=info.claimed,
-            ended=info.ended,
-            owner_cloud=b32encode(info.owner_cloud) if info.owner_cloud else None,
-            card=_t.card(sc.replica), created_ms=created if isinstance(created, int) else 0,
-            smart=sc.owner == info.hashname and sc.replica.get(
-                _t.PROFILE, _t.PROFILE_DOC, "smart", False) is True)
+            hashname=Hashname(fields["hashname"]), subcloud=sc.id_text, name=fields["name"],
+            make=fields["make"], model=fields["model"], serial=fields["serial"],
+            archived=fields["archived"], claimed=fields["claimed"], ended=fields["ended"],
+            owner_cloud=fields["owner_cloud"], card=dict(fields["card"]),
+            created_ms=fields["created_ms"],
+            smart=sc.owner == fields["hashname"] and fields["smart"])
 
     def list(self, *, include_archived: bool = False) -> builtins.list[ThingView]:
         """The things this node holds, sorted by name (handed-on things are not listed).
@@ -1373,6 +1378,10 @@ class Things:
         if sc.kind != "thing":
             return
         self._index_one(sc)
+        # keep list()'s cached view current, so the next open lists without loading (a
+        # thing whose profile has not arrived yet has no view)
+        with contextlib.suppress(ThingError):
+            self._view(sc)
         hn = sc.replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")
         if not is_hashname(hn):
             return
@@ -1415,8 +1424,9 @@ class Things:
         # at start, inbox and notices already held are old news: notify only what arrives
         self._seen_logs[(sc.id, "__seen")] = 0
         self._announced.add(sc.id)
+        head = _head(sc)
         for log_name in (_t.INBOX, NOTICES):
-            n = len(sc.replica.log(log_name))
+            n = head["logs"].get(log_name, 0)
             if n:
                 self._seen_logs[(sc.id, log_name)] = n
 
@@ -1691,6 +1701,36 @@ def _at(record: Mapping[str, Any]) -> int:
 
 def _ended(replica: Replica) -> bool:
     return bool(replica.get(_t.ACCESS, _t.ACCESS_DOC, "ended", False))
+
+
+def _head_fields(replica: Replica) -> dict[str, Any]:
+    hn = replica.get(_t.PROFILE, _t.PROFILE_DOC, "hashname")
+    return {"hn": str(hn) if is_hashname(hn) else None, "ended": _ended(replica),
+            "rules": bool(replica.documents(_t.RULES)),
+            "logs": {n: len(replica.log(n)) for n in (_t.INBOX, NOTICES)}}
+
+
+def _head(sc: SubCloud) -> dict[str, Any]:
+    """What the index and start() read of a thing: hashname, ended, has rules, log sizes
+    (cached per sub-cloud state: no replica load at open)."""
+    return sc.derived(_HEAD, _head_fields)
+
+
+def _view_fields(replica: Replica) -> dict[str, Any]:
+    """A :class:`ThingView`'s fields (CBOR-able, cached), or ``{"error": ...}``."""
+    try:
+        info = _t.thing_info(replica)
+    except ThingError as exc:
+        return {"error": str(exc)}
+    created = replica.get(_t.PROFILE, _t.PROFILE_DOC, "created_ms", 0)
+    return {
+        "hashname": str(info.hashname), "name": info.name, "make": info.make,
+        "model": info.model, "serial": info.serial, "archived": info.archived,
+        "claimed": info.claimed, "ended": info.ended,
+        "owner_cloud": b32encode(info.owner_cloud) if info.owner_cloud else None,
+        "card": dict(_t.card(replica)),
+        "created_ms": created if isinstance(created, int) else 0,
+        "smart": replica.get(_t.PROFILE, _t.PROFILE_DOC, "smart", False) is True}
 
 
 def _card_text(text: str) -> str:
