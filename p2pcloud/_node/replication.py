@@ -215,6 +215,7 @@ class Replication:
         self._nursery: trio.Nursery | None = None
         self._folder_wake: dict[int, tuple[trio.Event, set[str]]] = {}
         self._folder_woken_other: set[int] = set()  # woken by more than blob completions
+        self._folder_woken_local: set[int] = set()  # woken by the watcher (local edits)
         self._blob_paths: dict[bytes, list[tuple[Folder, str]]] = {}
         self._stats: Counter[str] = Counter()
         self.rejections: list[tuple[str, str, str]] = []
@@ -425,12 +426,16 @@ class Replication:
             self.catalog.digest(sc.id) + version_digest(self.catalog.floor(sc.id))
             + sc.log_dots.to_bytes(8, "big")).digest()[:16]
 
-    def _save_derived(self) -> None:
-        if self.derived_cache.dirty and self.node.data_dir is not None:
-            try:
-                self.derived_cache.save(self.node.data_dir / DERIVED_FILE)
-            except OSError:
-                log.exception("saving derived values failed (they are recomputed)")
+    async def _save_derived(self) -> None:
+        if not self.derived_cache.dirty or self.node.data_dir is None:
+            return
+        copy = self.derived_cache.copy()  # the Trio thread keeps changing the original
+        try:
+            await trio.to_thread.run_sync(copy.save, self.node.data_dir / DERIVED_FILE,
+                                          limiter=self.writer)
+        except OSError:
+            self.derived_cache.dirty = True
+            log.exception("saving derived values failed (they are recomputed)")
 
     def _load_replica(self, sc_id: SubCloudId) -> Replica:
         rid = replica_id_for(sc_id, self.hashname)
@@ -464,7 +469,7 @@ class Replication:
                     await self.checkpoint(sc)
                 except StoreError:
                     log.exception("checkpoint of %s at close failed", sc.name)
-        await trio.to_thread.run_sync(self._save_derived)
+        await self._save_derived()
 
     # -- sub-clouds -----------------------------------------------------------------------------
 
@@ -646,7 +651,7 @@ class Replication:
                         await self.checkpoint(sc)
                     except StoreError:
                         log.exception("checkpoint of %s failed", sc.name)
-            await trio.to_thread.run_sync(self._save_derived)
+            await self._save_derived()
 
     # -- receiving envelopes --------------------------------------------------------------------
 
@@ -1103,22 +1108,33 @@ class Replication:
                     entry[1].update(changed)
                     entry[0].set()
                     self._folder_woken_other.add(id(folder))
+                    self._folder_woken_local.add(id(folder))
 
             nursery.start_soon(watch)
             task_status.started()
+            last = -math.inf  # when the last reconcile of this loop ended
+            fid = id(folder)
             while True:
-                await self._folder_wake[id(folder)][0].wait()
+                await self._folder_wake[fid][0].wait()
                 # gather what arrives meanwhile: a reconcile rewrites the folder's index, so
-                # 10,000 blobs completing one by one must not mean 10,000 reconciles. When
-                # only completions woke us and the folder waits for no other blob (the
-                # last of a burst, or one large file), nothing more is coming: go at once.
-                if id(folder) in self._folder_woken_other or self._folder_waits(folder):
-                    await trio.sleep(FOLDER_BATCH_DELAY)
-                self._folder_woken_other.discard(id(folder))
+                # 10,000 blobs completing one by one must not mean 10,000 reconciles.
+                if fid in self._folder_woken_local:
+                    await trio.sleep(FOLDER_BATCH_DELAY)  # local edits: let them settle
+                elif fid in self._folder_woken_other:
+                    # remote changes: the first after a quiet spell goes at once (its blobs
+                    # are wanted sooner), a burst is batched at most every FOLDER_BATCH_DELAY
+                    await trio.sleep_until(last + FOLDER_BATCH_DELAY)
+                elif self._folder_waits(folder):
+                    await trio.sleep(FOLDER_BATCH_DELAY)  # more completions are coming
+                # (only completions, and the folder waits for no other blob: the last of a
+                # burst, or one large file; nothing more is coming: go at once)
+                self._folder_woken_other.discard(fid)
+                self._folder_woken_local.discard(fid)
                 entry = self._folder_wake[id(folder)]
                 paths = set(entry[1])
                 self._folder_wake[id(folder)] = (trio.Event(), set())
                 await self._reconcile(sc, folder, None if "" in paths else sorted(paths))
+                last = trio.current_time()
 
     async def _reconcile(self, sc: SubCloud, folder: Folder, paths: list[str] | None) -> None:
         async with sc.lock:

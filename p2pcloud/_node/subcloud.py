@@ -461,8 +461,17 @@ class DerivedCache:
                     out[name] = (pair[0], pair[1])
         return cls(entries)
 
+    def copy(self) -> DerivedCache:
+        """A copy to save from a worker thread while this one keeps changing (clears
+        ``dirty`` here; values are never mutated in place, so they are shared)."""
+        self.dirty = False
+        return DerivedCache({sc: dict(names) for sc, names in self.entries.items()})
+
     def save(self, path: Path) -> None:
-        """Write the file atomically (temporary file, fsync, rename); clears ``dirty``."""
+        """Write the file atomically (temporary file, fsync, rename); clears ``dirty``.
+
+        Not thread-safe against changes: save a :meth:`copy` from a worker thread.
+        """
         data = cbor2.dumps({"v": DERIVED_VERSION, "e": {
             sc: {n: [fp, v] for n, (fp, v) in names.items()}
             for sc, names in self.entries.items()}})
