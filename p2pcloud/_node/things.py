@@ -1481,6 +1481,7 @@ class Things:
                 self._rules_wake.set()
 
     async def _run_rules(self, sc: SubCloud) -> None:
+        await self._repl.loaded(sc)  # in a worker thread, not in the rules loop's step
         runner = self._runner(sc)
         if runner is None:
             return
@@ -1580,6 +1581,7 @@ class Things:
         return membership is not None and membership.is_member(self.node.hashname)
 
     async def _refresh_one(self, sc: SubCloud) -> int:
+        await self._repl.loaded(sc)  # in a worker thread: a pass may visit every thing
         if _ended(sc.replica):
             return 0
         me = self.node.hashname
