@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Daemon parts call :meth:`EventHub.publish` (synchronous, never blocks) with an event type
 (``link.up``, ``link.down``, ``link.path``, ``statistics`` from the runtime; ``change``,
-``change.lost``, ``subcloud.added`` and ``sync.progress`` from the sub-cloud routes; the
+``subcloud.added`` and ``sync.progress`` from the sub-cloud routes; the
 capabilities' own, e.g. things and cloud) and a JSON-able dict. Each event gets the next id
 and goes into a bounded history ring and into every subscriber's bounded queue.
 

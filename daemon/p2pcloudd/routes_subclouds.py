@@ -4,14 +4,15 @@ Registered into :data:`p2pcloudd.api.REGISTRY` on import. A sub-cloud in a path 
 is its base32 id or its name (``node.subcloud(id_or_name)``). Writes answer once they are
 durable (the SubCloud API returns only then).
 
-Change events: :func:`background` (run by the API app for the daemon's lifetime) keeps one
-task per held sub-cloud, subscribed to its changes, that publishes a ``change`` event
-``{subcloud, name, collection, document, field, origin}`` on the daemon's event stream for
-every change the subscription reports. A sub-cloud shared with us by a peer (or created)
-is followed the moment the replication engine reports it (its ``subcloud_listeners`` hook),
-and also the moment any route names or lists it: the subscription is made synchronously
-there, so a client that has seen a sub-cloud through the API gets an event for every later
-change of it. Nothing polls for new sub-clouds.
+Change events: :func:`background` (run by the API app for the daemon's lifetime) registers
+one listener on the replication engine's ``change_listeners`` that publishes a ``change``
+event ``{subcloud, name, collection, document, field, origin}`` on the daemon's event stream
+for every change of any held sub-cloud, as the engine reports it (publishing never blocks;
+a slow stream client is cut off by the hub and reconnects). No per-sub-cloud subscription
+is held, so the engine stays free to unload idle replicas (a subscription pins one). A
+sub-cloud shared with us by a peer (or created) is announced (``subcloud.added``) the moment
+the engine reports it (its ``subcloud_listeners`` hook), or before its first change, or when
+a route first names or lists it. Nothing polls.
 
 ``subcloud.added`` ``{subcloud, name, kind, owner}`` is published when a sub-cloud is
 first followed (created here, shared with us, or already held when the daemon started).
@@ -38,7 +39,7 @@ from starlette.requests import Request
 
 import p2pcloud
 from p2pcloud._core import BlobRef
-from p2pcloud.errors import AccessDenied, SubscriptionLost, UnknownSubCloud
+from p2pcloud.errors import AccessDenied, UnknownSubCloud
 from p2pcloudd.api import ApiError, json_body, route
 from p2pcloudd.runtime import Daemon
 
@@ -399,42 +400,31 @@ async def _add_folder(daemon: Daemon, request: Request) -> Any:
 # -- change events ------------------------------------------------------------------------
 
 
-async def _follow(daemon: Daemon, sc: Any, subscription: Any) -> None:
-    """Publish a ``change`` event for every change of ``sc``; resubscribe when lost."""
-    while True:
-        try:
-            async with subscription as changes:
-                async for change in changes:
-                    daemon.events.publish("change", {
-                        "subcloud": sc.id_text, "name": sc.name,
-                        "collection": change.collection, "document": change.document,
-                        "field": change.field, "origin": change.origin,
-                    })
-            return
-        except SubscriptionLost:
-            # We fell behind: readers re-read the state on this event.
-            log.warning("change events lost subcloud=%s", sc.id_text)
-            daemon.events.publish("change.lost", {"subcloud": sc.id_text, "name": sc.name})
-            subscription = sc.subscribe()
-
-
 class _Followers:
-    """The :func:`_follow` tasks of one daemon, one per held sub-cloud."""
+    """The sub-clouds one daemon announced (``subcloud.added``) and publishes changes of."""
 
-    def __init__(self, daemon: Daemon, nursery: trio.Nursery) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.nursery = nursery
         self.following: set[bytes] = set()
 
     def ensure(self, sc: Any) -> None:
-        """Follow ``sc`` from now on. The subscription is made here, synchronously, so
-        every change after this call gets its event (the task only forwards them)."""
+        """Announce ``sc`` once (``subcloud.added``); its changes are published from then on
+        (every held sub-cloud's are: see :meth:`changed`)."""
         if sc.id in self.following:
             return
         self.following.add(sc.id)
-        self.nursery.start_soon(_follow, self.daemon, sc, sc.subscribe())
         self.daemon.events.publish("subcloud.added", {
             "subcloud": sc.id_text, "name": sc.name, "kind": sc.kind, "owner": sc.owner})
+
+    def changed(self, sc: Any, changes: list[Any]) -> None:
+        """The engine's change listener: one ``change`` event per change, in order."""
+        self.ensure(sc)  # announced before its first change event
+        for change in changes:
+            self.daemon.events.publish("change", {
+                "subcloud": sc.id_text, "name": sc.name,
+                "collection": change.collection, "document": change.document,
+                "field": change.field, "origin": change.origin,
+            })
 
 
 def _ensure_followed(daemon: Daemon, sc: Any) -> None:
@@ -498,15 +488,19 @@ async def background(daemon: Daemon) -> None:
     engine = node.replication
     wake = _Wake()
     async with trio.open_nursery() as nursery:
-        followers = _FOLLOWERS[id(daemon)] = _Followers(daemon, nursery)
+        followers = _FOLLOWERS[id(daemon)] = _Followers(daemon)
 
         def added(sc: Any) -> None:
             followers.ensure(sc)
             wake.set()
 
+        def changed(sc: Any, changes: list[Any]) -> None:
+            followers.changed(sc, changes)
+            wake.set()
+
         if engine is not None:
             engine.subcloud_listeners.append(added)
-            engine.change_listeners.append(wake.set)
+            engine.change_listeners.append(changed)
         # a link up or down starts or ends sync sessions (a path change moves nothing)
         node.add_link_listener(lambda _h, what: wake.set() if what != "path" else None)
         try:
@@ -517,7 +511,7 @@ async def background(daemon: Daemon) -> None:
         finally:
             if engine is not None:
                 engine.subcloud_listeners.remove(added)
-                engine.change_listeners.remove(wake.set)
+                engine.change_listeners.remove(changed)
             _FOLLOWERS.pop(id(daemon), None)
 
 
