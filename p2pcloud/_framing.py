@@ -302,7 +302,7 @@ CHUNKED_READ = 16 * 1024  # least room offered to a read in v3 chunking (v3 pack
 BUFFER_FRAMES = 4  # the receive buffer in frames mode holds this many largest frames. Frames
 # are handed out as views of it; the partial frame at the end is moved to the front only when
 # less than one frame of room is left, so at most about one byte in three (typically far
-# fewer) is copied once more, and the buffer never grows: 4 x 128 KiB per connection
+# fewer) is copied once more, and the buffer never grows: 4 x 512 KiB per connection
 MAX_HELD_PACKETS = 256  # initiator: packets held while negotiating; a few handshakes at most
 # arrive in that time, so more means the application is flooding a connection not yet ready
 
