@@ -43,6 +43,7 @@ always returns bytes.
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 from enum import Enum
 
@@ -303,8 +304,19 @@ BUFFER_FRAMES = 4  # the receive buffer in frames mode holds this many largest f
 # are handed out as views of it; the partial frame at the end is moved to the front only when
 # less than one frame of room is left, so at most about one byte in three (typically far
 # fewer) is copied once more, and the buffer never grows: 4 x 512 KiB per connection
+LAZY_BUFFER = 256 * 1024  # receive buffers this large are anonymous mappings, whose pages the
+# kernel only makes resident when written: a bytearray is zero-filled (every page touched) at
+# once, so an idle frames-mode connection, which only ever writes keepalives at the front of
+# its 4 x 512 KiB buffer, would hold 2 MiB resident per peer.
 MAX_HELD_PACKETS = 256  # initiator: packets held while negotiating; a few handshakes at most
 # arrive in that time, so more means the application is flooding a connection not yet ready
+
+
+def _new_buffer(size: int) -> bytearray | mmap.mmap:
+    """A zeroed, writable receive buffer of ``size`` bytes (see :data:`LAZY_BUFFER`)."""
+    if size < LAZY_BUFFER:
+        return bytearray(size)
+    return mmap.mmap(-1, size)  # anonymous and private: memory, not I/O
 
 
 class StreamFraming:
@@ -337,7 +349,7 @@ class StreamFraming:
         self.max_frame: int | None = None
         # The receive buffer: bytes ``[_pos, _end)`` are read and not yet decoded. It is
         # replaced (never resized: views of it may be alive) when it must grow.
-        self._buf = bytearray(CHUNKED_BUFFER)
+        self._buf: bytearray | mmap.mmap = bytearray(CHUNKED_BUFFER)
         self._view = memoryview(self._buf)
         self._pos = 0
         self._end = 0
@@ -422,9 +434,10 @@ class StreamFraming:
             # Move the partial packet to the front (overlapping copies are safe: memmove).
             self._view[:pending] = self._view[self._pos : self._end]
         else:
-            buf = bytearray(max(self._want, pending + room))
-            buf[:pending] = self._view[self._pos : self._end]
-            self._buf, self._view = buf, memoryview(buf)
+            buf = _new_buffer(max(self._want, pending + room))
+            view = memoryview(buf)
+            view[:pending] = self._view[self._pos : self._end]
+            self._buf, self._view = buf, view
         self._pos, self._end = 0, pending
 
     @property
