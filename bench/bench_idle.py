@@ -45,6 +45,7 @@ from bench_daemon import (  # noqa: E402
     stop,
     syncthing_generate,
     syncthing_start,
+    tree,
 )
 
 PEERS = 5
@@ -68,27 +69,6 @@ def hwm_kb(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (Syncthing's ``serve`` is a monitor that runs the
-    real Syncthing as a child).
-
-    Every thread's ``children`` file is read: a Go program starts its child from whichever
-    OS thread runs the goroutine, so the main thread's file alone misses it.
-    """
-    found = [pid]
-    for parent in found:  # grows while we walk it: breadth-first over the whole tree
-        try:
-            tasks = list(Path(f"/proc/{parent}/task").iterdir())
-        except OSError:
-            continue
-        for task in tasks:
-            try:
-                found += [int(x) for x in (task / "children").read_text().split()]
-            except OSError:
-                continue
-    return found
 
 
 # -- p2pcloudd ------------------------------------------------------------------------------
