@@ -359,17 +359,8 @@ class PartFiles:
             path = part.path
             offset = part.offsets[chunk_hash][0]
             size = part.sizes[chunk_hash]
-        try:
-            fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_BINARY)
-        except OSError:
-            return None
-        try:
-            data = os.pread(fd, size, offset)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        if len(data) != size or blake3.blake3(data).digest() != chunk_hash:
+        data = disk.read_range(path, offset, size)
+        if data is None or blake3.blake3(data).digest() != chunk_hash:
             return None
         return data
 
