@@ -9,6 +9,7 @@ Layout (docs/daemon.md "Data dir"):
 | ``state.json`` | the daemon | 0600 | ports it chose, known peers (with their link URIs) |
 | ``api-token`` | the daemon or ``p2pcloud init`` | 0600 | the bearer token of the HTTP API |
 | ``api.json`` | the daemon, while running | 0600 | where the API listens, the daemon's pid |
+| ``folders.json`` | the daemon | 0600 | synced folders (sub-cloud id, path), re-added at start |
 | ``p2pcloudd.lock`` | the daemon, while running | 0600 | ``fcntl.flock``: one daemon per data dir |
 | ``p2pcloudd.log`` | ``p2pcloud up`` | 0600 | the background daemon's log lines |
 
@@ -34,6 +35,8 @@ API_FILE = "api.json"
 LOCK_FILE = "p2pcloudd.lock"
 LOG_FILE = "p2pcloudd.log"
 CONFIG_FILE = "config.toml"
+FOLDERS_FILE = "folders.json"
+MAX_FOLDERS = 10_000  # synced folders remembered; far beyond any one person's use
 TOKEN_BYTES = 32  # 256 bits from the OS CSPRNG: not guessable, not brute-forceable
 MAX_STATE_BYTES = 4 * 1024 * 1024  # a state file larger than this is not ours: refuse to parse
 MAX_KNOWN_PEERS = 1000  # peers remembered in state.json; the least recently seen go first
@@ -328,6 +331,68 @@ def save_state(data_dir: Path, state: State) -> None:
     """Write ``state.json`` atomically (mode 0600)."""
     text = json.dumps(state.to_json(), indent=1) + "\n"
     write_atomic(data_dir / STATE_FILE, text.encode())
+
+
+# -- folders.json -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedFolder:
+    """A directory synced with a sub-cloud, remembered so a restart syncs it again.
+
+    Attributes:
+        subcloud: the sub-cloud's base32 id.
+        path: the directory's absolute, resolved path.
+    """
+
+    subcloud: str
+    path: str
+
+
+def load_folders(data_dir: Path) -> list[SyncedFolder]:
+    """Read ``folders.json`` (empty if there is none).
+
+    Raises:
+        DataDirError: the file exists but cannot be read or is not a folders file we wrote.
+    """
+    path = data_dir / FOLDERS_FILE
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_STATE_BYTES + 1)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise DataDirError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        if len(raw) > MAX_STATE_BYTES:
+            raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+        data = json.loads(raw)
+        if not isinstance(data, dict) or not isinstance(data.get("folders"), list):
+            raise ValueError("not a JSON object with a folders list")
+        folders: list[SyncedFolder] = []
+        for item in data["folders"][:MAX_FOLDERS]:
+            if not isinstance(item, dict):
+                raise ValueError("a folder entry is not an object")
+            subcloud, where = item.get("subcloud"), item.get("path")
+            if not isinstance(subcloud, str) or not isinstance(where, str):
+                raise ValueError("a folder entry lacks its subcloud or path")
+            if not Path(where).is_absolute():
+                raise ValueError(f"folder path {where!r} is not absolute")
+            folders.append(SyncedFolder(subcloud, where))
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataDirError(f"{path} is damaged ({exc})") from exc
+    return folders
+
+
+def save_folders(data_dir: Path, folders: list[SyncedFolder]) -> None:
+    """Write ``folders.json`` atomically (mode 0600).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    data = {"version": 1, "folders": [{"subcloud": f.subcloud, "path": f.path}
+                                      for f in folders[:MAX_FOLDERS]]}
+    write_atomic(data_dir / FOLDERS_FILE, (json.dumps(data, indent=1) + "\n").encode())
 
 
 # -- api.json -----------------------------------------------------------------------------

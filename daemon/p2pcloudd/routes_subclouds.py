@@ -23,8 +23,17 @@ receive, blob bytes fetched) differs from the last one published. It is looked a
 :data:`PROGRESS_INTERVAL` while a sync moves (something pending, or within
 :data:`PROGRESS_GRACE` of a change, link event or new sub-cloud, which is what starts one);
 an idle daemon looks only every :data:`IDLE_PROGRESS_INTERVAL` (a safety net), so it stays
-asleep (issue 7). Synced folders (``/api/folders``) are added per daemon run: the node does
-not remember them across restarts.
+asleep (issue 7).
+
+Synced folders (``/api/folders``) are remembered in the data dir (``folders.json``:
+sub-cloud id and absolute path, written atomically when one is added) and re-added by
+:func:`background` at start, so a restart (or a crash) does not stop a folder syncing; the
+first reconcile picks up whatever changed on disk while the daemon was down. A remembered
+folder that cannot be re-added (its directory is gone, its sub-cloud is no longer held) is
+logged with a warning, listed under ``unavailable`` by ``GET /api/folders`` with the reason,
+and kept in the file (the disk may only be unmounted); it never stops the daemon starting.
+A damaged ``folders.json`` is logged as an error, moved aside (``folders.json.damaged``) and
+a fresh one started.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from starlette.requests import Request
 import p2pcloud
 from p2pcloud._core import BlobRef
 from p2pcloud.errors import AccessDenied, UnknownSubCloud
+from p2pcloudd import datadir
 from p2pcloudd.api import ApiError, json_body, route
 from p2pcloudd.runtime import Daemon
 
@@ -101,6 +111,13 @@ FOLDER_SCHEMA: dict[str, Any] = {
             "type": "object", "required": ["path", "copy", "device"],
             "properties": {"path": {"type": "string"}, "copy": {"type": ["string", "null"]},
                            "device": {"type": "string"}}}},
+    },
+}
+UNAVAILABLE_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["subcloud", "path", "reason"],
+    "properties": {
+        "subcloud": {"type": "string"}, "path": {"type": "string"},
+        "reason": {"type": "string", "description": "why it is not synced now"},
     },
 }
 DETAIL_SCHEMA: dict[str, Any] = {
@@ -353,11 +370,15 @@ async def _delete_document(daemon: Daemon, request: Request) -> Any:
 
 @route("GET", "/api/folders", summary="The synced folders", tag="folders",
        response={"type": "object", "required": ["folders"],
-                 "properties": {"folders": {"type": "array", "items": FOLDER_SCHEMA}}})
+                 "properties": {"folders": {"type": "array", "items": FOLDER_SCHEMA},
+                                "unavailable": {"type": "array", "items": UNAVAILABLE_SCHEMA}}})
 async def _list_folders(daemon: Daemon, request: Request) -> Any:
-    """Every folder synced this daemon run, with its conflicts."""
+    """Every synced folder, with its conflicts; and the remembered folders that could not
+    be re-added at start, with the reason (``unavailable``)."""
     return {"folders": [_folder_json(sc, f) for sc in daemon.node.subclouds()
-                        for f in sc.folders]}
+                        for f in sc.folders],
+            "unavailable": [{"subcloud": e.subcloud, "path": e.path, "reason": why}
+                            for e, why in _remembered(daemon).unavailable.items()]}
 
 
 @route("POST", "/api/folders", summary="Sync a directory with a sub-cloud", tag="folders",
@@ -382,19 +403,97 @@ async def _add_folder(daemon: Daemon, request: Request) -> Any:
     if not await trio.to_thread.run_sync(resolved.is_dir):
         raise ApiError(400, "bad_folder", f"{root} is not a directory",
                        "create it first (`mkdir -p`), then add it")
-    if any(f.root == resolved for f in sc.folders):
-        raise ApiError(409, "folder_exists", f"{resolved} already syncs with {sc.name!r}",
-                       "see `p2pcloud files ls`")
     if sc.rights(daemon.node.hashname) != "write":
         raise ApiError(403, "access_denied", f"no write rights to {sc.name!r}",
                        "ask the sub-cloud's owner for write rights (`p2pcloud share`)")
-    try:
-        folder = await sc.add_folder(resolved)
-    except (OSError, p2pcloud.LocalProtocolError) as exc:
-        raise ApiError(400, "bad_folder", f"cannot sync {resolved}: {exc}",
-                       "check the directory and its permissions") from exc
-    log.info("folder added subcloud=%s path=%s", sc.id_text, resolved)
+    remembered = _remembered(daemon)
+    async with remembered.lock:  # one add at a time: no folder is added twice
+        if any(f.root == resolved for f in sc.folders):
+            raise ApiError(409, "folder_exists", f"{resolved} already syncs with {sc.name!r}",
+                           "see `p2pcloud files ls`")
+        try:
+            folder = await sc.add_folder(resolved)
+        except (OSError, p2pcloud.LocalProtocolError) as exc:
+            raise ApiError(400, "bad_folder", f"cannot sync {resolved}: {exc}",
+                           "check the directory and its permissions") from exc
+        log.info("folder added subcloud=%s path=%s", sc.id_text, resolved)
+        await remembered.remember(daemon, datadir.SyncedFolder(sc.id_text, str(resolved)))
     return _folder_json(sc, folder)
+
+
+class _Remembered:
+    """The synced folders one daemon keeps in ``folders.json`` (module docstring)."""
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()  # held while a folder is added or re-added
+        self.entries: list[datadir.SyncedFolder] = []  # as in the file
+        self.unavailable: dict[datadir.SyncedFolder, str] = {}  # not re-added -> why
+
+    async def remember(self, daemon: Daemon, entry: datadir.SyncedFolder) -> None:
+        """Add ``entry`` to ``folders.json`` (durable before this returns)."""
+        self.unavailable.pop(entry, None)
+        if entry in self.entries:
+            return
+        self.entries.append(entry)
+        try:
+            await trio.to_thread.run_sync(datadir.save_folders, daemon.data_dir,
+                                          list(self.entries))
+        except OSError as exc:
+            log.error("cannot save synced folders file=%s error=%r: this folder is synced "
+                      "now but not after a restart", datadir.FOLDERS_FILE, str(exc))
+
+    async def restore(self, daemon: Daemon) -> None:
+        """Re-add every remembered folder; one that cannot be is logged and kept."""
+        async with self.lock:
+            try:
+                self.entries = await trio.to_thread.run_sync(datadir.load_folders,
+                                                             daemon.data_dir)
+            except datadir.DataDirError as exc:
+                path = daemon.data_dir / datadir.FOLDERS_FILE
+                aside = path.with_name(path.name + ".damaged")
+                try:
+                    await trio.to_thread.run_sync(path.replace, aside)
+                except OSError as move_exc:
+                    log.error("synced folders not restored: %s; and it cannot be moved "
+                              "aside (%s): folders added now are not remembered", exc,
+                              move_exc.strerror)
+                    return
+                log.error("synced folders not restored: %s; moved aside to %s (add the "
+                          "folders again with `p2pcloud files add`)", exc, aside)
+                return
+            for entry in self.entries:
+                why = await self._readd(daemon, entry)
+                if why is not None:
+                    self.unavailable[entry] = why
+                    log.warning("synced folder not re-added subcloud=%s path=%s reason=%r "
+                                "(kept in %s)", entry.subcloud, entry.path, why,
+                                datadir.FOLDERS_FILE)
+
+    async def _readd(self, daemon: Daemon, entry: datadir.SyncedFolder) -> str | None:
+        """Re-add one folder; returns why it could not be (None: it syncs again)."""
+        try:
+            sc = daemon.node.subcloud(entry.subcloud)
+        except UnknownSubCloud:
+            return "the sub-cloud is no longer held here"
+        root = Path(entry.path)
+        if not await trio.to_thread.run_sync(root.is_dir):
+            return "the directory no longer exists"
+        if any(f.root == root for f in sc.folders):
+            return None
+        _ensure_followed(daemon, sc)
+        try:
+            await sc.add_folder(root)
+        except (OSError, p2pcloud.P2PCloudError) as exc:
+            return f"cannot sync it: {exc}"
+        log.info("folder re-added subcloud=%s path=%s", entry.subcloud, entry.path)
+        return None
+
+
+def _remembered(daemon: Daemon) -> _Remembered:
+    remembered = _REMEMBERED.get(id(daemon))
+    if remembered is None:
+        remembered = _REMEMBERED[id(daemon)] = _Remembered()
+    return remembered
 
 
 # -- change events ------------------------------------------------------------------------
@@ -507,12 +606,15 @@ async def background(daemon: Daemon) -> None:
             for sc in node.subclouds():
                 followers.ensure(sc)
             nursery.start_soon(_report_progress, daemon, wake)
+            nursery.start_soon(_remembered(daemon).restore, daemon)
             await trio.sleep_forever()
         finally:
             if engine is not None:
                 engine.subcloud_listeners.remove(added)
                 engine.change_listeners.remove(changed)
             _FOLLOWERS.pop(id(daemon), None)
+            _REMEMBERED.pop(id(daemon), None)
 
 
 _FOLLOWERS: dict[int, _Followers] = {}  # id(daemon) -> its followers, while the app runs
+_REMEMBERED: dict[int, _Remembered] = {}  # id(daemon) -> its remembered synced folders
