@@ -2,8 +2,8 @@
 conflicts; ``p2pcloud progress``: what is still moving, as progress bars.
 
 Talks to the daemon's ``/api/folders`` (routes in ``routes_subclouds.py``). A folder syncs
-with the sub-cloud's ``files`` collection from the moment it is added until the daemon stops
-(the daemon does not remember folders across restarts yet: add them again after ``up``).
+with the sub-cloud's ``files`` collection from the moment it is added; the daemon remembers it
+(``folders.json`` in the data dir) and adds it again at every start.
 ``progress`` reads ``GET /api/subclouds/{sc}`` and then follows ``sync.progress`` events.
 """
 
