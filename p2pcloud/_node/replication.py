@@ -574,6 +574,10 @@ class Replication:
             if not delta:
                 return
             await self._commit_delta(sc, delta)
+        # Loads trim to the budget, but a replica a write pinned (its lock) could not be
+        # dropped then: without this, a burst of writes on many sub-clouds would leave them
+        # all in memory until the next load.
+        self._trim(keep=sc)
         self._changed(sc, [Change(c, d, f, "local") for c, d, f in places])
         await self._after_local_writes(sc, places)
 
