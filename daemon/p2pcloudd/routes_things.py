@@ -231,6 +231,17 @@ def _hashname(view: Any) -> str:
     return str(getattr(view, "hashname", view))
 
 
+async def _edit(daemon: Daemon, request: Request, schema: dict[str, Any], what: str,
+                op: Callable[[Any, Any, dict[str, Any]], Awaitable[Any]]) -> Any:
+    """The shape of every simple edit route: find the thing, read the body, run
+    ``op(things, view, body)`` through :func:`call`, answer the thing as it is now."""
+    view = _find(daemon, request)
+    body = await json_body(request, schema)
+    things = _things(daemon)
+    await call(what, lambda: op(things, view, body))
+    return thing_json(things.get(_hashname(view)))
+
+
 async def call(what: str, fn: Callable[[], Awaitable[Any]], *,
                limit: float = SCAN_TIMEOUT) -> Any:
     """Run a node call and translate its errors into API errors.
@@ -374,11 +385,8 @@ async def _show_thing(daemon: Daemon, request: Request) -> Any:
        tag="things", request=RENAME_REQUEST, response=THING_SCHEMA, errors=SIMPLE_THING_ERRORS)
 async def _rename_thing(daemon: Daemon, request: Request) -> Any:
     """Answers the renamed thing."""
-    view = _find(daemon, request)
-    body = await json_body(request, RENAME_REQUEST)
-    things = _things(daemon)
-    await call("rename", lambda: things.rename(view, body["name"]))
-    return thing_json(things.get(_hashname(view)))
+    return await _edit(daemon, request, RENAME_REQUEST, "rename",
+                       lambda things, view, body: things.rename(view, body["name"]))
 
 
 @route("POST", "/api/things/{thing}/archive", params=THING_PARAMS,
@@ -386,22 +394,16 @@ async def _rename_thing(daemon: Daemon, request: Request) -> Any:
        response=THING_SCHEMA, errors=SIMPLE_THING_ERRORS)
 async def _archive_thing(daemon: Daemon, request: Request) -> Any:
     """An archived thing is left out of the default listing; its tag keeps working."""
-    view = _find(daemon, request)
-    body = await json_body(request, ARCHIVE_REQUEST)
-    things = _things(daemon)
-    await call("archive", lambda: things.archive(view, body.get("archived", True)))
-    return thing_json(things.get(_hashname(view)))
+    return await _edit(daemon, request, ARCHIVE_REQUEST, "archive",
+                       lambda things, view, body: things.archive(view, body.get("archived", True)))
 
 
 @route("POST", "/api/things/{thing}/notes", params=THING_PARAMS, summary="Add to the notes",
        tag="things", request=NOTE_REQUEST, response=THING_SCHEMA, errors=SIMPLE_THING_ERRORS)
 async def _note(daemon: Daemon, request: Request) -> Any:
     """The text is added to the thing's collaborative notes."""
-    view = _find(daemon, request)
-    body = await json_body(request, NOTE_REQUEST)
-    things = _things(daemon)
-    await call("note", lambda: things.note(view, body["text"]))
-    return thing_json(things.get(_hashname(view)))
+    return await _edit(daemon, request, NOTE_REQUEST, "note",
+                       lambda things, view, body: things.note(view, body["text"]))
 
 
 @route("POST", "/api/things/{thing}/readings", params=THING_PARAMS,
@@ -423,11 +425,8 @@ async def _reading(daemon: Daemon, request: Request) -> Any:
        response=THING_SCHEMA, errors=SIMPLE_THING_ERRORS)
 async def _card(daemon: Daemon, request: Request) -> Any:
     """Empty text: a finder who scans the tag sees nothing but can still leave a message."""
-    view = _find(daemon, request)
-    body = await json_body(request, CARD_REQUEST)
-    things = _things(daemon)
-    await call("card", lambda: things.set_card(view, body["text"]))
-    return thing_json(things.get(_hashname(view)))
+    return await _edit(daemon, request, CARD_REQUEST, "card",
+                       lambda things, view, body: things.set_card(view, body["text"]))
 
 
 # -- tags ---------------------------------------------------------------------------------
